@@ -1,0 +1,30 @@
+"""flask-tenant-jobs: multi-tenant Flask, Flask-SQLAlchemy and Celery, end to end."""
+
+from __future__ import annotations
+
+from .errors import (
+    ConfigurationError,
+    InvalidTenantNameError,
+    NoTenantError,
+    SchemaNotFoundError,
+    TenantError,
+    TenantImmutableError,
+    TenantMismatchError,
+    TenantNotFoundError,
+)
+from .extension import TenantJobs, current_tenant
+from .scoping.column import TenantScoped
+
+__all__ = [
+    "ConfigurationError",
+    "InvalidTenantNameError",
+    "NoTenantError",
+    "SchemaNotFoundError",
+    "TenantError",
+    "TenantImmutableError",
+    "TenantJobs",
+    "TenantMismatchError",
+    "TenantNotFoundError",
+    "TenantScoped",
+    "current_tenant",
+]

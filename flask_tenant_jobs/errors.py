@@ -1,0 +1,88 @@
+"""Exceptions raised by flask-tenant-jobs.
+
+Every error says what went wrong and what to do about it, and carries the
+tenant name (``.tenant``) where there is one.
+"""
+
+from __future__ import annotations
+
+
+class TenantError(Exception):
+    """Base class of every flask-tenant-jobs error."""
+
+    def __init__(self, message: str, tenant: str | None = None) -> None:
+        super().__init__(message)
+        self.tenant = tenant
+
+
+class ConfigurationError(TenantError):
+    """A ``TENANT_JOBS_*`` setting is missing or invalid."""
+
+
+class InvalidTenantNameError(TenantError, ValueError):
+    """A tenant name does not follow the naming rule (a DNS label)."""
+
+    def __init__(self, tenant: object) -> None:
+        shown = repr(tenant) if len(repr(tenant)) <= 80 else repr(tenant)[:77] + "..."
+        super().__init__(
+            f"Invalid tenant name {shown}: use 1-63 lower-case letters, digits and "
+            "inner hyphens (a DNS label, e.g. 'acme' or 'acme-eu').",
+            tenant if isinstance(tenant, str) else None,
+        )
+
+
+class TenantNotFoundError(TenantError, LookupError):
+    """The tenant name is well-formed but no such tenant exists."""
+
+    def __init__(self, tenant: str) -> None:
+        super().__init__(
+            f"Unknown tenant {tenant!r}: add it to 'TENANT_JOBS_TENANTS' (or to the source "
+            "it reads) or create it with 'flask tenant-jobs create'.",
+            tenant,
+        )
+
+
+class NoTenantError(TenantError, RuntimeError):
+    """Tenant-scoped work was attempted while no tenant is current."""
+
+    def __init__(self, action: str = "This operation") -> None:
+        super().__init__(
+            f"{action} needs a current tenant, but none is set: run it inside "
+            "'tenant_jobs.switch(name)' or a tenant request, or use "
+            "'tenant_jobs.without_tenant()' for deliberate cross-tenant work.",
+        )
+
+
+class TenantMismatchError(TenantError):
+    """An object or statement names a tenant other than the current one."""
+
+    def __init__(self, tenant: str | None, current: str | None, what: str) -> None:
+        super().__init__(
+            f"{what} belongs to tenant {tenant!r} but the current tenant is {current!r}: "
+            "switch to that tenant first, or leave 'tenant_id' unset so it is assigned.",
+            tenant,
+        )
+        self.current = current
+
+
+class TenantImmutableError(TenantError):
+    """A persisted object's ``tenant_id`` was changed."""
+
+    def __init__(self, tenant: str | None, new_tenant: object, what: str) -> None:
+        super().__init__(
+            f"{what} belongs to tenant {tenant!r}; its 'tenant_id' cannot change to "
+            f"{new_tenant!r}. Copy the data into a new object inside the other tenant instead.",
+            tenant,
+        )
+
+
+class SchemaNotFoundError(TenantError, LookupError):
+    """The tenant's PostgreSQL schema does not exist."""
+
+    def __init__(self, tenant: str, schema: str) -> None:
+        super().__init__(
+            f"The schema {schema!r} of tenant {tenant!r} does not exist: create it with "
+            f"'tenant_jobs.create({tenant!r})' or 'flask tenant-jobs create {tenant}'.",
+            tenant,
+        )
+        self.schema = schema

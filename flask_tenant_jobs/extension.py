@@ -1,0 +1,215 @@
+"""The ``TenantJobs`` Flask extension: wires settings, registry, resolver and strategy."""
+
+from __future__ import annotations
+
+import typing as t
+from contextlib import contextmanager
+from contextvars import Token
+from dataclasses import dataclass
+from weakref import WeakKeyDictionary
+
+from flask import Flask, abort, current_app, g, has_app_context, request
+from flask_sqlalchemy import SQLAlchemy
+
+from . import context, signals
+from .errors import ConfigurationError, NoTenantError, TenantError
+from .registry import TenantRegistry
+from .resolvers import Resolver, is_excluded_path, make_resolver
+from .scoping import Strategy, make_strategy
+from .settings import Settings
+
+_REQUEST_TOKEN = "_tenant_jobs_token"
+
+
+@dataclass(frozen=True)
+class _AppState:
+    """What ``init_app`` builds for one Flask app."""
+
+    settings: Settings
+    registry: TenantRegistry
+    resolver: Resolver
+    strategy: Strategy
+    db: SQLAlchemy
+
+
+class TenantJobs:
+    """Multi-tenancy for a Flask + Flask-SQLAlchemy (+ Celery) app.
+
+    Use ``TenantJobs(app, db=db)`` or, with an app factory, ``TenantJobs()``
+    followed by ``init_app(app, db=db)``. The extension is stored as
+    ``app.extensions["tenant_jobs"]``.
+    """
+
+    def __init__(self, app: Flask | None = None, *, db: SQLAlchemy | None = None) -> None:
+        self.db = db
+        self._states: WeakKeyDictionary[Flask, _AppState] = WeakKeyDictionary()
+        if app is not None:
+            self.init_app(app, db=db)
+
+    def init_app(self, app: Flask, *, db: SQLAlchemy | None = None) -> None:
+        """Read the ``TENANT_JOBS_*`` settings and hook tenancy into ``app`` and ``db``."""
+        db = db or self.db or app.extensions.get("sqlalchemy")
+        if db is None:
+            raise ConfigurationError(
+                "TenantJobs needs Flask-SQLAlchemy: call 'db.init_app(app)' first or pass "
+                "'init_app(app, db=db)'."
+            )
+        settings = Settings.from_app(app)
+        state = _AppState(
+            settings=settings,
+            registry=TenantRegistry(settings.tenants, settings.cache_seconds),
+            resolver=make_resolver(settings),
+            strategy=make_strategy(settings),
+            db=db,
+        )
+        self._states[app] = state
+        app.extensions["tenant_jobs"] = self
+        state.strategy.install(app, db)
+        app.before_request_funcs.setdefault(None, []).insert(0, self._resolve_request)
+        app.teardown_request(self._end_request)
+        app.register_error_handler(NoTenantError, _no_tenant_response)
+        if settings.resolver == "path":
+            _route_tenant_segment(app)
+
+    # -- the current tenant ---------------------------------------------------------
+
+    @property
+    def current(self) -> str | None:
+        """The current tenant name, or ``None``."""
+        return context.get_tenant()
+
+    @property
+    def settings(self) -> Settings:
+        """The ``TENANT_JOBS_*`` settings of the current app."""
+        return self._state().settings
+
+    @contextmanager
+    def switch(self, name: str | None) -> t.Iterator[str | None]:
+        """Run the block as tenant ``name`` (``None``: no tenant), then restore the previous one.
+
+        Raises ``InvalidTenantNameError`` for a malformed name and
+        ``TenantNotFoundError`` for an unknown tenant, before anything changes.
+        """
+        if name is not None:
+            state = self._state()
+            name = state.registry.require(name)
+            state.strategy.check_tenant(name)
+        token = self._enter(name)
+        try:
+            yield name
+        finally:
+            context.leave(token)
+
+    def reset(self) -> None:
+        """Clear the current tenant in this context."""
+        context.clear()
+
+    def without_tenant(self) -> t.ContextManager[None]:
+        """Context manager for deliberate cross-tenant work: scoped queries are not filtered."""
+        return context.unscoped()
+
+    def each(self) -> t.Iterator[str]:
+        """Iterate over all tenants, switched into each in turn.
+
+        The previous tenant comes back when the loop ends, breaks or raises.
+        """
+        for name in self.tenant_names():
+            with self.switch(name):
+                yield name
+
+    # -- the tenants ----------------------------------------------------------------
+
+    def tenant_names(self) -> list[str]:
+        """All tenant names, sorted."""
+        return list(self._state().registry.names())
+
+    def exists(self, name: object) -> bool:
+        """Whether ``name`` is a known tenant (``False`` for malformed names)."""
+        return self._state().registry.exists(name)
+
+    def refresh(self) -> None:
+        """Forget the cached tenant names so the next lookup reads ``TENANT_JOBS_TENANTS``."""
+        self._state().registry.invalidate()
+
+    # -- internals --------------------------------------------------------------------
+
+    def _state(self) -> _AppState:
+        """The state of the current app, or of the only app when no app context is pushed."""
+        if has_app_context():
+            app = t.cast(Flask, current_app._get_current_object())  # type: ignore[attr-defined]
+            try:
+                return self._states[app]
+            except KeyError:
+                raise ConfigurationError(
+                    f"TenantJobs is not set up on app {app.name!r}: call "
+                    "'tenant_jobs.init_app(app, db=db)'."
+                ) from None
+        if len(self._states) == 1:
+            return next(iter(self._states.values()))
+        raise RuntimeError(
+            "No Flask app context: run this inside 'with app.app_context():'."
+        )
+
+    def _enter(self, name: str | None) -> Token[str | None]:
+        """Make ``name`` current and announce it; return the token that restores the previous."""
+        previous = context.get_tenant()
+        token = context.enter(name)
+        if signals.tenant_switched.receivers and has_app_context():
+            signals.tenant_switched.send(
+                current_app._get_current_object(),  # type: ignore[attr-defined]
+                tenant=name,
+                previous=previous,
+            )
+        return token
+
+    def _resolve_request(self) -> None:
+        """Before each request: resolve the tenant onto ``g.tenant``, or answer 404."""
+        g.tenant = None
+        state = self._state()
+        if is_excluded_path(request.path, state.settings.excluded_paths):
+            return
+        candidate = state.resolver(request)
+        if candidate is None:
+            return
+        app = current_app._get_current_object()  # type: ignore[attr-defined]
+        if not state.registry.exists(candidate):
+            signals.tenant_not_found.send(app, tenant=candidate, source="request")
+            abort(404, description="No such tenant.")
+        try:
+            state.strategy.check_tenant(candidate)
+        except TenantError:
+            signals.tenant_not_found.send(app, tenant=candidate, source="request")
+            abort(404, description="No such tenant.")
+        setattr(g, _REQUEST_TOKEN, self._enter(candidate))
+        g.tenant = candidate
+        signals.tenant_resolved.send(app, tenant=candidate)
+
+    def _end_request(self, exc: BaseException | None) -> None:
+        """After each request, also a failed one: restore the tenant that was current before."""
+        token = g.pop(_REQUEST_TOKEN, None)
+        if token is not None:
+            context.leave(token)
+
+
+def current_tenant() -> str | None:
+    """The current tenant name, or ``None``: in a request, inside ``switch`` and in a task."""
+    return context.get_tenant()
+
+
+def _no_tenant_response(error: NoTenantError) -> tuple[str, int]:
+    """A request without a tenant that reached tenant-scoped data is not found, not a 500."""
+    return "This page belongs to a tenant: use a tenant's address.", 404
+
+
+def _route_tenant_segment(app: Flask) -> None:
+    """With the path resolver, views need no ``tenant`` argument and ``url_for`` fills it in."""
+
+    @app.url_value_preprocessor
+    def drop_tenant_argument(endpoint: str | None, values: dict[str, t.Any] | None) -> None:
+        if values:
+            values.pop("tenant", None)
+
+    @app.url_defaults
+    def add_tenant_argument(endpoint: str, values: dict[str, t.Any]) -> None:
+        if "tenant" not in values and app.url_map.is_endpoint_expecting(endpoint, "tenant"):
+            values["tenant"] = context.get_tenant()

@@ -1,0 +1,103 @@
+"""Request -> tenant name.
+
+A resolver returns the candidate tenant name of a request, or ``None`` when
+the request deliberately has no tenant (the apex domain, an excluded
+subdomain, no tenant header). The candidate is validated and looked up by the
+extension, so a resolver never needs to check it: anything that is not a
+well-formed, known tenant answers 404.
+"""
+
+from __future__ import annotations
+
+import typing as t
+
+from flask import Request
+
+from .settings import Settings
+
+Resolver = t.Callable[[Request], t.Optional[str]]
+
+
+def request_host(request: Request) -> str:
+    """The request's host, lower-cased, without port or trailing dot ('' if unusable)."""
+    host = request.host.lower()
+    if host.startswith("["):  # an IPv6 literal is never a tenant host
+        return host
+    return host.rsplit(":", 1)[0].rstrip(".")
+
+
+def subdomain_resolver(settings: Settings) -> Resolver:
+    """``acme.example.test`` -> ``"acme"``; the base domain and excluded subdomains -> None."""
+    base = t.cast(str, settings.base_domain)
+    suffix = "." + base
+    excluded = settings.excluded_subdomains
+
+    def resolve(request: Request) -> str | None:
+        host = request_host(request)
+        if host == base:
+            return None
+        if not host.endswith(suffix):
+            return host or ""  # a foreign host: never a tenant name
+        label = host[: -len(suffix)]
+        return None if label in excluded else label
+
+    return resolve
+
+
+def domain_resolver(settings: Settings) -> Resolver:
+    """A full host mapped to a tenant (custom domains); the base domain -> None."""
+    domains = settings.domains
+    lookup = domains if callable(domains) else {k.lower(): v for k, v in domains.items()}.get
+    base = settings.base_domain
+
+    def resolve(request: Request) -> str | None:
+        host = request_host(request)
+        if base and (host == base or host == f"www.{base}"):
+            return None
+        return lookup(host) or ""
+
+    return resolve
+
+
+def header_resolver(settings: Settings) -> Resolver:
+    """The tenant named by a request header (``TENANT_JOBS_REQUEST_HEADER``); absent -> None."""
+    header = settings.request_header
+
+    def resolve(request: Request) -> str | None:
+        return request.headers.get(header)
+
+    return resolve
+
+
+def path_resolver(settings: Settings) -> Resolver:
+    """The first path segment: ``/acme/orders`` -> ``"acme"``; ``/`` -> None."""
+
+    def resolve(request: Request) -> str | None:
+        segment = request.path.lstrip("/").split("/", 1)[0]
+        return segment or None
+
+    return resolve
+
+
+BUILTIN_RESOLVERS: dict[str, t.Callable[[Settings], Resolver]] = {
+    "subdomain": subdomain_resolver,
+    "domain": domain_resolver,
+    "header": header_resolver,
+    "path": path_resolver,
+}
+
+
+def make_resolver(settings: Settings) -> Resolver:
+    """The resolver that ``TENANT_JOBS_RESOLVER`` names, or the user's callable."""
+    if callable(settings.resolver):
+        return settings.resolver
+    return BUILTIN_RESOLVERS[settings.resolver](settings)
+
+
+def is_excluded_path(path: str, excluded: t.Iterable[str]) -> bool:
+    """Whether ``path`` is one of ``excluded`` or below it (``/health`` covers ``/health/db``)."""
+    for prefix in excluded:
+        stripped = prefix.rstrip("/")
+        if path == stripped or path.startswith(stripped + "/"):
+            return True
+    return False

@@ -1,0 +1,37 @@
+"""The scoping strategies: how the current tenant reaches the database.
+
+Both strategies sit behind :class:`Strategy`, so the request and Celery code
+never need to know which one is in use.
+"""
+
+from __future__ import annotations
+
+import typing as t
+
+from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
+
+from ..settings import Settings
+
+
+class Strategy(t.Protocol):
+    """What the extension asks of a scoping strategy."""
+
+    def install(self, app: Flask, db: SQLAlchemy) -> None:
+        """Hook the strategy into ``db``'s sessions and engines for ``app``."""
+
+    def check_tenant(self, name: str) -> None:
+        """Raise if the tenant cannot be entered (e.g. its schema is missing)."""
+
+    def create(self, name: str) -> None:
+        """Make the storage of a new tenant."""
+
+    def drop(self, name: str) -> None:
+        """Remove the storage of a tenant."""
+
+
+def make_strategy(settings: Settings) -> Strategy:
+    """The strategy that ``TENANT_JOBS_STRATEGY`` names."""
+    from .column import ColumnStrategy
+
+    return ColumnStrategy()

@@ -1,0 +1,65 @@
+"""Shared fixtures: the real services and two small apps (SQLite and PostgreSQL).
+
+Service URLs come from the environment (``TEST_POSTGRES_URL``, ``TEST_REDIS_URL``,
+``TEST_RABBITMQ_URL``). A test that needs an unreachable service is skipped
+with the reason, unless ``TENANT_JOBS_DEMAND_SERVICES=1`` (set by ``.ci/run``),
+which turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import typing as t
+from urllib.parse import urlsplit
+
+import pytest
+
+POSTGRES_URL = os.environ.get(
+    "TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
+DEMANDED = os.environ.get("TENANT_JOBS_DEMAND_SERVICES") == "1"
+
+
+def _reachable(url: str, default_port: int) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port), 2):
+            return True
+    except OSError:
+        return False
+
+
+def require_service(name: str, url: str, default_port: int) -> str:
+    """Return ``url`` if the service answers; else skip (or fail when services are demanded)."""
+    if _reachable(url, default_port):
+        return url
+    message = f"{name} is not reachable at {url} (set the URL's environment variable)"
+    if DEMANDED:
+        pytest.fail(message + "; TENANT_JOBS_DEMAND_SERVICES=1 demands it", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    return require_service("PostgreSQL", POSTGRES_URL, 5432)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    return require_service("Redis", REDIS_URL, 6379)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> str:
+    return require_service("RabbitMQ", RABBITMQ_URL, 5672)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: t.Any) -> str:
+    """Each test using it runs on SQLite and on the real PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'test.db'}"
+    return t.cast(str, request.getfixturevalue("postgres_url"))
