@@ -14,6 +14,7 @@ from .errors import (
 )
 from .extension import TenantJobs, current_tenant
 from .scoping.column import TenantScoped
+from .tasks import TenantTask, tenant_task
 
 __all__ = [
     "ConfigurationError",
@@ -26,5 +27,7 @@ __all__ = [
     "TenantMismatchError",
     "TenantNotFoundError",
     "TenantScoped",
+    "TenantTask",
     "current_tenant",
+    "tenant_task",
 ]

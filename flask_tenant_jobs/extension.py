@@ -17,6 +17,7 @@ from .registry import TenantRegistry
 from .resolvers import Resolver, is_excluded_path, make_resolver
 from .scoping import Strategy, make_strategy
 from .settings import Settings
+from .worker import TenantCelery, make_celery
 
 _REQUEST_TOKEN = "_tenant_jobs_token"
 
@@ -30,6 +31,7 @@ class _AppState:
     resolver: Resolver
     strategy: Strategy
     db: SQLAlchemy
+    celery: TenantCelery | None
 
 
 class TenantJobs:
@@ -61,6 +63,7 @@ class TenantJobs:
             resolver=make_resolver(settings),
             strategy=make_strategy(settings),
             db=db,
+            celery=make_celery(app, settings.header) if "CELERY" in app.config else None,
         )
         self._states[app] = state
         app.extensions["tenant_jobs"] = self
@@ -83,6 +86,28 @@ class TenantJobs:
         """The ``TENANT_JOBS_*`` settings of the current app."""
         return self._state().settings
 
+    @property
+    def celery(self) -> TenantCelery:
+        """The Celery app of the current app, built from ``app.config["CELERY"]``."""
+        celery_app = self._state().celery
+        if celery_app is None:
+            raise ConfigurationError(
+                "No Celery app: set app.config['CELERY'] to a dict of Celery settings, e.g. "
+                "{'broker_url': 'redis://127.0.0.1:6379/0'}, before 'init_app'."
+            )
+        return celery_app
+
+    def validate(self, name: object) -> str:
+        """Return ``name`` if it is a tenant that can be entered now, else raise why not.
+
+        Raises ``InvalidTenantNameError``, ``TenantNotFoundError`` or, with the
+        schema strategy, ``SchemaNotFoundError``.
+        """
+        state = self._state()
+        tenant = state.registry.require(name)
+        state.strategy.check_tenant(tenant)
+        return tenant
+
     @contextmanager
     def switch(self, name: str | None) -> t.Iterator[str | None]:
         """Run the block as tenant ``name`` (``None``: no tenant), then restore the previous one.
@@ -91,9 +116,7 @@ class TenantJobs:
         ``TenantNotFoundError`` for an unknown tenant, before anything changes.
         """
         if name is not None:
-            state = self._state()
-            name = state.registry.require(name)
-            state.strategy.check_tenant(name)
+            name = self.validate(name)
         token = self._enter(name)
         try:
             yield name
