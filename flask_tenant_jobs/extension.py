@@ -12,6 +12,7 @@ from flask import Flask, abort, current_app, g, has_app_context, request
 from flask_sqlalchemy import SQLAlchemy
 
 from . import context, signals
+from .cli import tenant_jobs_cli
 from .errors import ConfigurationError, NoTenantError, TenantError
 from .registry import TenantRegistry
 from .resolvers import Resolver, is_excluded_path, make_resolver
@@ -71,6 +72,7 @@ class TenantJobs:
         app.before_request_funcs.setdefault(None, []).insert(0, self._resolve_request)
         app.teardown_request(self._end_request)
         app.register_error_handler(NoTenantError, _no_tenant_response)
+        app.cli.add_command(tenant_jobs_cli)
         if settings.resolver == "path":
             _route_tenant_segment(app)
 

@@ -15,7 +15,7 @@ from flask import Request
 
 from .settings import Settings
 
-Resolver = t.Callable[[Request], t.Optional[str]]
+Resolver = t.Callable[[Request], str | None]
 
 
 def request_host(request: Request) -> str:

@@ -13,8 +13,8 @@ STRATEGIES = ("column", "schema")
 RESOLVERS = ("subdomain", "domain", "header", "path")
 
 TenantSource = t.Union[t.Iterable[str], t.Callable[[], t.Iterable[str]]]
-ResolverSetting = t.Union[str, t.Callable[[Request], t.Optional[str]]]
-DomainSetting = t.Union[t.Mapping[str, str], t.Callable[[str], t.Optional[str]]]
+ResolverSetting = t.Union[str, t.Callable[[Request], str | None]]
+DomainSetting = t.Union[t.Mapping[str, str], t.Callable[[str], str | None]]
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,9 @@ class TenantCelery(Celery):  # type: ignore[misc]
     flask_app: Flask
     tenant_header: str
 
-    def send_task(self, name: str, args: t.Any = None, kwargs: t.Any = None, **options: t.Any) -> t.Any:
+    def send_task(
+        self, name: str, args: t.Any = None, kwargs: t.Any = None, **options: t.Any
+    ) -> t.Any:
         """Send a task by name; a registered tenant task carries the current tenant."""
         task = self.tasks.get(name)
         headers = options.get("headers") or {}
@@ -85,7 +87,6 @@ def tenant_of_request(request: t.Any, header: str = DEFAULT_HEADER) -> object:
     return value
 
 
-@task_prerun.connect
 def _restore_tenant(sender: Task | None = None, task: Task | None = None, **_: t.Any) -> None:
     """Push the app context and enter the task's tenant (none for plain tasks)."""
     task = task or sender
@@ -106,7 +107,6 @@ def _restore_tenant(sender: Task | None = None, task: Task | None = None, **_: t
         signals.task_tenant_restored.send(celery_app.flask_app, task=task.name, tenant=tenant)
 
 
-@task_postrun.connect
 def _reset_tenant(sender: Task | None = None, task: Task | None = None, **_: t.Any) -> None:
     """Restore the previous tenant and pop the app context, whatever the task did."""
     task = task or sender
@@ -134,7 +134,6 @@ def _restorable_tenant(task: TenantTask, celery_app: TenantCelery) -> str:
     return tenant
 
 
-@worker_process_init.connect
 def _dispose_engines_after_fork(**_: t.Any) -> None:
     """In a forked worker child, drop the pooled connections inherited from the parent."""
     for app in list(_FLASK_APPS):
@@ -145,10 +144,15 @@ def _dispose_engines_after_fork(**_: t.Any) -> None:
                     engine.dispose(close=False)
 
 
-@after_setup_logger.connect
-@after_setup_task_logger.connect
 def _add_tenant_to_worker_logs(logger: logging.Logger | None = None, **_: t.Any) -> None:
     """Let worker log formats use ``%(tenant)s``."""
     for handler in logger.handlers if logger is not None else ():
         if not any(isinstance(f, TenantLogFilter) for f in handler.filters):
             handler.addFilter(TenantLogFilter())
+
+
+task_prerun.connect(_restore_tenant)
+task_postrun.connect(_reset_tenant)
+worker_process_init.connect(_dispose_engines_after_fork)
+after_setup_logger.connect(_add_tenant_to_worker_logs)
+after_setup_task_logger.connect(_add_tenant_to_worker_logs)

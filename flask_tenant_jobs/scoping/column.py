@@ -28,7 +28,7 @@ from sqlalchemy.orm import (
     mapped_column,
     with_loader_criteria,
 )
-from sqlalchemy.orm.interfaces import LoaderOption
+from sqlalchemy.orm.util import LoaderCriteriaOption
 
 from .. import context
 from ..errors import NoTenantError, TenantImmutableError, TenantMismatchError
@@ -118,7 +118,7 @@ def _filter_tenant(action: str = "Querying a tenant-scoped model") -> str | None
 
 
 @lru_cache(maxsize=4096)
-def _tenant_criteria(tenant: str) -> LoaderOption:
+def _tenant_criteria(tenant: str) -> LoaderCriteriaOption:
     """The loader option filtering every ``TenantScoped`` entity to ``tenant``.
 
     Built once per tenant; the lambda turns ``tenant`` into a bound parameter, so
@@ -143,7 +143,9 @@ def _scope_bulk_parameters(state: ORMExecuteState, tenant: str) -> None:
     if mapper is None or not issubclass(mapper.class_, TenantScoped):
         return
     params = state.parameters
-    rows = params if isinstance(params, list) else [params] if params else []
+    rows: list[t.Mapping[str, t.Any]] = (
+        list(params) if isinstance(params, list) else [params] if params else []  # type: ignore[list-item]
+    )
     for row in rows:
         given = row.get("tenant_id")
         if given is not None and given != tenant:
