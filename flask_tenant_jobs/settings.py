@@ -12,9 +12,9 @@ from .errors import ConfigurationError
 STRATEGIES = ("column", "schema")
 RESOLVERS = ("subdomain", "domain", "header", "path")
 
-TenantSource = t.Union[t.Iterable[str], t.Callable[[], t.Iterable[str]]]
-ResolverSetting = t.Union[str, t.Callable[[Request], str | None]]
-DomainSetting = t.Union[t.Mapping[str, str], t.Callable[[str], str | None]]
+TenantSource = t.Iterable[str] | t.Callable[[], t.Iterable[str]]
+ResolverSetting = str | t.Callable[[Request], str | None]
+DomainSetting = t.Mapping[str, str] | t.Callable[[str], str | None]
 
 
 @dataclass(frozen=True)
