@@ -15,7 +15,7 @@ from contextlib import nullcontext
 
 from celery import Celery, Task, shared_task
 from celery.canvas import Signature
-from celery.result import AsyncResult
+from celery.result import AsyncResult, allow_join_result
 from flask import Flask, current_app, has_app_context
 
 from . import context, signals
@@ -61,6 +61,13 @@ class TenantTask(Task):  # type: ignore[misc]
     def apply(self, args: t.Any = None, kwargs: t.Any = None, **options: t.Any) -> t.Any:
         """Run the task here and now, exactly as a worker would (tenant restored and reset)."""
         return super().apply(args, kwargs, **self._with_tenant(options))
+
+    def on_replace(self, sig: Signature) -> t.Any:
+        """Replace the task; in eager mode too (Celery's eager replace would refuse to join)."""
+        if self.request.is_eager:
+            with allow_join_result():
+                return super().on_replace(sig)
+        return super().on_replace(sig)
 
     def apply_for_each_tenant(
         self,

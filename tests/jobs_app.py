@@ -1,0 +1,171 @@
+"""The app the Celery tests run: tenant tasks that report what tenant they saw.
+
+Importable by worker subprocesses (``flask --app tests.jobs_app tenant-jobs worker``),
+so everything is configured from environment variables:
+
+* ``JOBS_BROKER_URL`` (default: the in-memory broker), ``JOBS_BACKEND_URL``
+  (default: ``cache+memory://``), ``JOBS_DATABASE_URL`` (default: SQLite file),
+  ``JOBS_EAGER=1`` for ``task_always_eager``.
+
+Each task returns an observation dict ``{"task", "tenant", "header", "label"}``
+and, where it touches the database, writes a ``Seen`` row (tenant-scoped) so
+cross-tenant writes and reads can be counted afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import typing as t
+
+from celery import Task, shared_task
+from celery.exceptions import Ignore, Reject
+from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
+
+from flask_tenant_jobs import TenantJobs, TenantScoped, TenantTask, current_tenant, tenant_task
+
+db = SQLAlchemy()
+tenant_jobs = TenantJobs()
+TENANTS = ["acme", "globex", "initech"]
+
+#: Failure/retry/success handler observations (in-process workers only).
+HANDLER_CALLS: list[tuple[str, str | None]] = []
+
+
+class Seen(TenantScoped, db.Model):  # type: ignore[name-defined,misc]
+    """A row a task wrote in its tenant, recording the tenant it believed it had."""
+
+    id = db.Column(db.Integer, primary_key=True)
+    label = db.Column(db.String(80), nullable=False)
+    believed = db.Column(db.String(63))
+
+
+def observe(task: Task, label: t.Any = None) -> dict[str, t.Any]:
+    """What a running task sees: its name, current tenant, request header and label."""
+    return {
+        "task": task.name.rsplit(".", 1)[-1],
+        "tenant": current_tenant(),
+        "header": getattr(task.request, "tenant_for_job", None),
+        "label": label,
+    }
+
+
+class RecordingTask(TenantTask):
+    """A TenantTask subclass whose handlers record the tenant they ran in."""
+
+    def on_success(self, retval: t.Any, task_id: str, args: t.Any, kwargs: t.Any) -> None:
+        HANDLER_CALLS.append(("on_success", current_tenant()))
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: t.Any, kwargs: t.Any, einfo: t.Any
+    ) -> None:
+        HANDLER_CALLS.append(("on_failure", current_tenant()))
+
+    def on_retry(
+        self, exc: BaseException, task_id: str, args: t.Any, kwargs: t.Any, einfo: t.Any
+    ) -> None:
+        HANDLER_CALLS.append(("on_retry", current_tenant()))
+
+
+@tenant_task(bind=True)
+def observe_task(self: Task, label: t.Any = None) -> dict[str, t.Any]:
+    """Report the tenant; chains pass the previous observation in as ``label``."""
+    return observe(self, label)
+
+
+@tenant_task(bind=True)
+def write_seen(self: Task, label: str) -> dict[str, t.Any]:
+    """Write a row in the task's tenant and report every tenant_id it can read back."""
+    db.session.add(Seen(label=label, believed=current_tenant()))
+    db.session.commit()
+    visible = sorted({row.tenant_id for row in Seen.query.all()})
+    return {**observe(self, label), "visible": visible}
+
+
+@tenant_task(bind=True, base=RecordingTask, max_retries=2, default_retry_delay=0)
+def retry_then_observe(self: Task, label: t.Any = None) -> dict[str, t.Any]:
+    """Retry twice (recording the tenant each time), then report."""
+    if self.request.retries < 2:
+        raise self.retry(countdown=0)
+    return {**observe(self, label), "retries": self.request.retries}
+
+
+@tenant_task(bind=True, autoretry_for=(ValueError,), max_retries=1, default_retry_delay=0)
+def autoretry_observe(self: Task, label: t.Any = None) -> dict[str, t.Any]:
+    """Fail once with ValueError (autoretried), then report."""
+    if self.request.retries < 1:
+        raise ValueError("first attempt fails")
+    return observe(self, label)
+
+
+@tenant_task(bind=True, base=RecordingTask)
+def fail(self: Task, label: t.Any = None) -> None:
+    """Always fail, so that on_failure and errbacks run."""
+    raise RuntimeError(f"failing in {current_tenant()}")
+
+
+@tenant_task(bind=True)
+def reject(self: Task, label: t.Any = None) -> None:
+    """Reject the message without requeue."""
+    raise Reject("rejected on purpose", requeue=False)
+
+
+@tenant_task(bind=True)
+def ignore(self: Task, label: t.Any = None) -> None:
+    """Ignore the task."""
+    raise Ignore()
+
+
+@tenant_task(bind=True)
+def errback_observe(self: Task, *args: t.Any) -> dict[str, t.Any]:
+    """A link_error target: reports the tenant the errback runs in."""
+    return observe(self, "errback")
+
+
+@tenant_task(bind=True)
+def spawn_child(self: Task, label: t.Any = None) -> str:
+    """Enqueue ``observe_task`` from inside a task; return the child's id."""
+    return str(observe_task.delay(label).id)
+
+
+@tenant_task(bind=True)
+def replace_with_observe(self: Task, label: t.Any = None) -> t.Any:
+    """Replace itself with ``observe_task``."""
+    return self.replace(observe_task.s(label))
+
+
+@shared_task(bind=True)
+def plain_observe(self: Task, label: t.Any = None) -> dict[str, t.Any]:
+    """A plain (cross-tenant) task: it must run with no tenant."""
+    return observe(self, label)
+
+
+@shared_task
+def each_tenant_maintenance() -> list[str]:
+    """A cross-tenant task visiting every tenant with ``each()``."""
+    return [current_tenant() or "-" for _ in tenant_jobs.each()]
+
+
+def create_app(**overrides: t.Any) -> Flask:
+    """The test app; ``overrides`` update ``app.config`` (``CELERY`` merges)."""
+    app = Flask(__name__)
+    celery_config = {
+        "broker_url": os.environ.get("JOBS_BROKER_URL", "memory://"),
+        "result_backend": os.environ.get("JOBS_BACKEND_URL", "cache+memory://"),
+        "task_always_eager": os.environ.get("JOBS_EAGER") == "1",
+        "task_store_eager_result": True,
+        "broker_connection_retry_on_startup": True,
+    }
+    celery_config.update(overrides.pop("CELERY", {}))
+    app.config.update(
+        SERVER_NAME="example.test",
+        SQLALCHEMY_DATABASE_URI=os.environ.get(
+            "JOBS_DATABASE_URL", f"sqlite:///{os.path.abspath('jobs_app.sqlite3')}"
+        ),
+        TENANT_JOBS_TENANTS=TENANTS,
+        CELERY=celery_config,
+    )
+    app.config.update(overrides)
+    db.init_app(app)
+    tenant_jobs.init_app(app, db=db)
+    return app
