@@ -22,10 +22,11 @@ class ConfigurationError(TenantError):
 class InvalidTenantNameError(TenantError, ValueError):
     """A tenant name does not follow the naming rule (a DNS label)."""
 
-    def __init__(self, tenant: object) -> None:
+    def __init__(self, tenant: object, reason: str = "") -> None:
         shown = repr(tenant) if len(repr(tenant)) <= 80 else repr(tenant)[:77] + "..."
+        why = f" ({reason})" if reason else ""
         super().__init__(
-            f"Invalid tenant name {shown}: use 1-63 lower-case letters, digits and "
+            f"Invalid tenant name {shown}{why}: use 1-63 lower-case letters, digits and "
             "inner hyphens (a DNS label, e.g. 'acme' or 'acme-eu').",
             tenant if isinstance(tenant, str) else None,
         )

@@ -14,7 +14,7 @@ from flask_sqlalchemy import SQLAlchemy
 from . import context, signals
 from .cli import tenant_jobs_cli
 from .errors import ConfigurationError, NoTenantError, TenantError
-from .registry import TenantRegistry
+from .registry import TenantRegistry, validate_name
 from .resolvers import Resolver, is_excluded_path, make_resolver
 from .scoping import Strategy, make_strategy
 from .settings import Settings
@@ -62,7 +62,7 @@ class TenantJobs:
             settings=settings,
             registry=TenantRegistry(settings.tenants, settings.cache_seconds),
             resolver=make_resolver(settings),
-            strategy=make_strategy(settings),
+            strategy=make_strategy(settings, db),
             db=db,
             celery=make_celery(app, settings.header) if "CELERY" in app.config else None,
         )
@@ -152,6 +152,35 @@ class TenantJobs:
         """Whether ``name`` is a known tenant (``False`` for malformed names)."""
         return self._state().registry.exists(name)
 
+    def create(self, name: str) -> None:
+        """Create tenant ``name``'s storage (schema strategy: its schema and tables).
+
+        Add the name to the ``TENANT_JOBS_TENANTS`` source too; the cache is
+        refreshed so that it is seen at once. Sends ``tenant_created``.
+        """
+        state = self._state()
+        tenant = validate_name(name)
+        state.strategy.create(tenant)
+        state.registry.invalidate()
+        signals.tenant_created.send(self._app(), tenant=tenant)
+
+    def drop(self, name: str) -> None:
+        """Remove tenant ``name``'s storage (schema strategy: its schema); sends a signal."""
+        state = self._state()
+        tenant = validate_name(name)
+        state.strategy.drop(tenant)
+        state.registry.invalidate()
+        signals.tenant_dropped.send(self._app(), tenant=tenant)
+
+    def migrate(self, name: str) -> None:
+        """Bring tenant ``name``'s storage up to date (schema strategy: create missing tables)."""
+        state = self._state()
+        state.strategy.migrate(state.registry.require(name))
+
+    def describe(self, name: str) -> dict[str, str]:
+        """Facts about tenant ``name``'s storage (schema strategy: schema, whether it exists)."""
+        return self._state().strategy.describe(validate_name(name))
+
     def refresh(self) -> None:
         """Forget the cached tenant names so the next lookup reads ``TENANT_JOBS_TENANTS``."""
         self._state().registry.invalidate()
@@ -174,6 +203,12 @@ class TenantJobs:
         raise RuntimeError(
             "No Flask app context: run this inside 'with app.app_context():'."
         )
+
+    def _app(self) -> Flask:
+        """The current app, or the only app when no app context is pushed."""
+        if has_app_context():
+            return t.cast(Flask, current_app._get_current_object())  # type: ignore[attr-defined]
+        return next(iter(self._states))
 
     def _enter(self, name: str | None) -> Token[str | None]:
         """Make ``name`` current and announce it; return the token that restores the previous."""

@@ -33,6 +33,7 @@ class Settings:
     domains: DomainSetting
     cache_seconds: float
     schema_format: str
+    shared_schema: str
 
     @classmethod
     def from_app(cls, app: Flask) -> Settings:
@@ -60,6 +61,7 @@ class Settings:
             domains=config.get("TENANT_JOBS_DOMAINS", {}),
             cache_seconds=float(config.get("TENANT_JOBS_CACHE_SECONDS", 60.0)),
             schema_format=config.get("TENANT_JOBS_SCHEMA_FORMAT", "tenant_{tenant}"),
+            shared_schema=config.get("TENANT_JOBS_SHARED_SCHEMA", "public"),
         )
         settings._check()
         return settings

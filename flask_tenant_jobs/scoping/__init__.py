@@ -29,9 +29,18 @@ class Strategy(t.Protocol):
     def drop(self, name: str) -> None:
         """Remove the storage of a tenant."""
 
+    def migrate(self, name: str) -> None:
+        """Bring the storage of an existing tenant up to date."""
 
-def make_strategy(settings: Settings) -> Strategy:
+    def describe(self, name: str) -> dict[str, str]:
+        """Facts about the tenant's storage, for ``flask tenant-jobs list``."""
+
+
+def make_strategy(settings: Settings, db: SQLAlchemy) -> Strategy:
     """The strategy that ``TENANT_JOBS_STRATEGY`` names."""
     from .column import ColumnStrategy
+    from .schema import SchemaStrategy
 
+    if settings.strategy == "schema":
+        return SchemaStrategy(settings, db)
     return ColumnStrategy()

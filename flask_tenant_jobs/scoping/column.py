@@ -69,6 +69,13 @@ class ColumnStrategy:
     def drop(self, name: str) -> None:
         """Nothing to remove from the schema; the tenant's rows stay until deleted."""
 
+    def migrate(self, name: str) -> None:
+        """Nothing per tenant: all tenants share the tables."""
+
+    def describe(self, name: str) -> dict[str, str]:
+        """All tenants share the tables: nothing to add."""
+        return {}
+
 
 def scope_orm_execute(state: ORMExecuteState) -> None:
     """Filter an ORM statement to the current tenant, or refuse it with no tenant."""
