@@ -1,14 +1,17 @@
-"""``flask tenant-jobs ...``: run the Celery worker and beat of this app, list tenants."""
+"""``flask tenant-jobs ...``: the Celery worker and beat of this app, and tenant lifecycle."""
 
 from __future__ import annotations
 
 import typing as t
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 
 import click
-from flask import Flask
+from flask import Flask, current_app
 from flask.cli import AppGroup, ScriptInfo
 
 from .errors import TenantError
+from .registry import validate_name
 
 tenant_jobs_cli = AppGroup("tenant-jobs", help="Tenants, and the Celery worker and beat.")
 
@@ -25,10 +28,8 @@ def _extension(app: Flask) -> t.Any:
 
 def _run_celery(ctx: click.Context, command: str, celery_args: tuple[str, ...]) -> None:
     """Start a Celery sub-command on this app's Celery app; errors become one line."""
-    try:
+    with _one_line_errors():
         celery_app = _extension(_load_app(ctx)).celery
-    except TenantError as error:
-        raise click.ClickException(str(error)) from None
     celery_app.start(argv=[command, *celery_args])
 
 
@@ -50,12 +51,71 @@ def beat_command(ctx: click.Context, celery_args: tuple[str, ...]) -> None:
 
 @tenant_jobs_cli.command("list")
 def list_command() -> None:
-    """List the tenants, one per line."""
-    from flask import current_app
+    """List the tenants, one per line, with their storage (schema, whether it exists)."""
+    extension = _extension(current_app)
+    with _one_line_errors():
+        for name in extension.tenant_names():
+            facts = extension.describe(name)
+            click.echo("  ".join([name, *(f"{k}={v}" for k, v in facts.items())]))
 
+
+@tenant_jobs_cli.command("create")
+@click.argument("name")
+def create_command(name: str) -> None:
+    """Create tenant NAME's storage (schema strategy: its schema and tables)."""
+    with _one_line_errors():
+        _extension(current_app).create(name)
+    click.echo(f"created {name}")
+
+
+@tenant_jobs_cli.command("drop")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def drop_command(name: str, yes: bool) -> None:
+    """Drop tenant NAME's storage (schema strategy: its schema and all its data)."""
+    with _one_line_errors():
+        validate_name(name)
+        if not yes:
+            click.confirm(f"Drop tenant {name!r} and all its data?", abort=True)
+        _extension(current_app).drop(name)
+    click.echo(f"dropped {name}")
+
+
+@tenant_jobs_cli.command("migrate")
+@click.option("--tenant", "only", metavar="NAME", help="Migrate this tenant only.")
+@click.option("--jobs", default=1, show_default=True, help="Tenants migrated in parallel.")
+def migrate_command(only: str | None, jobs: int) -> None:
+    """Bring every tenant's storage up to date; a failed tenant does not stop the others."""
+    extension = _extension(current_app)
+    with _one_line_errors():
+        names = [extension.validate(only)] if only else extension.tenant_names()
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+
+    def migrate_one(name: str) -> str | None:
+        with app.app_context():
+            try:
+                extension.migrate(name)
+            except Exception as error:  # reported per tenant, then summed up
+                return f"{type(error).__name__}: {error}"
+        return None
+
+    failed = []
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {pool.submit(migrate_one, name): name for name in names}
+        for future in as_completed(futures):
+            name, error = futures[future], future.result()
+            click.echo(f"{name}: {'failed: ' + error if error else 'ok'}")
+            if error:
+                failed.append(name)
+    click.echo(f"migrated {len(names) - len(failed)} of {len(names)} tenants")
+    if failed:
+        raise click.ClickException(f"failed tenants: {', '.join(sorted(failed))}")
+
+
+@contextmanager
+def _one_line_errors() -> t.Iterator[None]:
+    """Turn a tenant error into one clear line and a non-zero exit."""
     try:
-        names = _extension(current_app).tenant_names()
+        yield
     except TenantError as error:
         raise click.ClickException(str(error)) from None
-    for name in names:
-        click.echo(name)

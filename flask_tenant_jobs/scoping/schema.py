@@ -72,10 +72,7 @@ class SchemaStrategy:
     def check_tenant(self, name: str) -> None:
         """Raise ``SchemaNotFoundError`` unless the tenant's schema exists."""
         schema = self.schema_for(name)
-        if schema in self._known_schemas:
-            return
-        self._load_schemas()
-        if schema not in self._known_schemas:
+        if not self._schema_exists(schema):
             raise SchemaNotFoundError(name, schema)
 
     def create(self, name: str) -> None:
@@ -103,7 +100,7 @@ class SchemaStrategy:
     def describe(self, name: str) -> dict[str, str]:
         """The tenant's schema and whether it exists (for ``flask tenant-jobs list``)."""
         schema = self.schema_for(name)
-        return {"schema": schema, "exists": "yes" if schema in self._known_schemas else "no"}
+        return {"schema": schema, "exists": "yes" if self._schema_exists(schema) else "no"}
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -137,6 +134,12 @@ class SchemaStrategy:
     def _create_tables(self, connection: Connection, schema: str) -> None:
         translated = connection.execution_options(schema_translate_map={None: schema})
         self.db.metadata.create_all(translated, tables=self.tenant_tables())
+
+    def _schema_exists(self, schema: str) -> bool:
+        """Whether ``schema`` exists; a miss reads ``pg_namespace`` again before answering."""
+        if schema not in self._known_schemas:
+            self._load_schemas()
+        return schema in self._known_schemas
 
     def _load_schemas(self) -> None:
         with self._lock, self.db.engine.connect() as connection:
