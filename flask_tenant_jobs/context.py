@@ -60,3 +60,15 @@ def unscoped() -> t.Iterator[None]:
         yield
     finally:
         _unscoped.reset(token)
+
+
+@contextmanager
+def isolated() -> t.Iterator[None]:
+    """Run the block, then restore the tenant and the unscoped flag, whatever it left set."""
+    tenant_token = _tenant.set(_tenant.get())
+    unscoped_token = _unscoped.set(_unscoped.get())
+    try:
+        yield
+    finally:
+        _unscoped.reset(unscoped_token)
+        _tenant.reset(tenant_token)

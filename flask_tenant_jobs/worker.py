@@ -47,11 +47,15 @@ class TenantCelery(Celery):  # type: ignore[misc]
         self, name: str, args: t.Any = None, kwargs: t.Any = None, **options: t.Any
     ) -> t.Any:
         """Send a task by name; a registered tenant task carries the current tenant."""
+        return super().send_task(name, args, kwargs, **self.stamp_tenant(name, options))
+
+    def stamp_tenant(self, name: str, options: dict[str, t.Any]) -> dict[str, t.Any]:
+        """``options`` for sending task ``name``: a tenant task's headers name its tenant."""
         task = self.tasks.get(name)
         headers = options.get("headers") or {}
         if isinstance(task, TenantTask) and self.tenant_header not in headers:
-            options = task._with_tenant(options)
-        return super().send_task(name, args, kwargs, **options)
+            return task._with_tenant(options)
+        return options
 
 
 def make_celery(app: Flask, header: str) -> TenantCelery:

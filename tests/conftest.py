@@ -15,6 +15,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
+pytest_plugins = ["pytester"]
+collect_ignore = ["plugin_project"]
+
 POSTGRES_URL = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
