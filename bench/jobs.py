@@ -1,0 +1,185 @@
+"""Tenant tasks vs plain Celery tasks, through the same real worker and Redis broker.
+
+* Throughput: a worker subprocess (``flask tenant-jobs worker -P solo``) drains
+  batches of no-op tasks, tenant and plain batches interleaved; the time from the
+  first publish to the last result is compared (throughput target >= 0.90x,
+  i.e. time <= 1.11x).
+* Publish cost: ``apply_async`` of a tenant task vs a plain task to Redis.
+* Worker-side overhead: Celery's tracer (what a worker runs per message) for a
+  tenant task vs a plain task of a plain Celery app, in-process, in µs (target
+  <= 50 µs), with 10 and with 10,000 tenants.
+* Fan-out: ``delay_for_each_tenant`` over 10,000 tenants (seconds).
+
+``BENCH_REDIS_URL`` names the Redis database (default ``redis://127.0.0.1:6379/9``);
+it is flushed. Without Redis only the in-process rows run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import typing as t
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from celery import Celery
+from celery.app.trace import build_tracer
+
+from . import Row, compare
+
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/9")
+BATCH = int(os.environ.get("BENCH_TASKS", "2000"))
+ROOT = Path(__file__).resolve().parent.parent
+THROUGHPUT_TARGET = 1 / 0.90
+OVERHEAD_TARGET_US = 50.0
+
+
+def _redis_reachable() -> bool:
+    parts = urlsplit(REDIS_URL)
+    try:
+        socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), 2).close()
+    except OSError:
+        return False
+    return True
+
+
+def _tracer_rows() -> list[Row]:
+    """Per-message worker work: tenant task vs a plain task of a plain Celery app."""
+    from bench import jobs_app
+
+    plain_celery = Celery("plain", set_as_current=False)
+
+    @plain_celery.task(name="bench.plain_noop")
+    def plain_noop() -> None:
+        return None
+
+    def tracer(task: t.Any, request: dict[str, t.Any]) -> t.Callable[[], object]:
+        trace = build_tracer(task.name, task, app=task.app, eager=False, propagate=False)
+
+        def run() -> object:
+            return trace("id", (), {}, dict(request))
+
+        return run
+
+    base = {"id": "id", "delivery_info": {}, "ignore_result": True}
+    baseline = tracer(plain_noop, base)
+    rows = []
+    for tenants in (10, 10_000):
+        app = jobs_app.create_app(tenants=tenants, broker_url="memory://")
+        task = app.extensions["celery"].tasks["bench.jobs_app.tenant_noop"]
+        measured = tracer(task, {**base, "tenant_for_job": jobs_app.tenant_name(tenants // 2)})
+        row = compare(f"worker-side per task, {tenants:,} tenants", baseline, measured,
+                      number=5000)
+        overhead = row.measured_us - row.baseline_us
+        verdict = "met" if overhead <= OVERHEAD_TARGET_US else "MISSED"
+        name = f"{row.name}: +{overhead:.1f} µs (target <= {OVERHEAD_TARGET_US:.0f} µs, {verdict})"
+        rows.append(Row(name, row.baseline_us, row.measured_us, row.ratio, None))
+    return rows
+
+
+class _Worker:
+    """A ``flask tenant-jobs worker`` subprocess on the bench app."""
+
+    def __init__(self) -> None:
+        env = {**os.environ, "BENCH_BROKER_URL": REDIS_URL, "PYTHONPATH": str(ROOT)}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "flask", "--app", "bench.jobs_app:create_app()",
+             "tenant-jobs", "worker", "-P", "solo", "-l", "warning", "--without-gossip",
+             "--without-mingle", "--without-heartbeat", "-Q", "bench"],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def _redis_rows() -> list[Row]:
+    """Throughput through one worker, publish cost, and fan-out over 10,000 tenants."""
+    from bench import jobs_app
+
+    app = jobs_app.create_app(tenants=10_000, broker_url=REDIS_URL)
+    celery_app = app.extensions["celery"]
+    tenant_jobs = app.extensions["tenant_jobs"]
+    with celery_app.connection_for_write() as connection:
+        connection.default_channel.client.flushdb()
+    tenant_noop = celery_app.tasks["bench.jobs_app.tenant_noop"]
+    plain_noop = celery_app.tasks["bench.jobs_app.plain_noop"]
+    worker = _Worker()
+    rows = []
+    try:
+        with app.app_context(), tenant_jobs.switch(jobs_app.tenant_name(42)):
+            plain_noop.apply_async(queue="bench").get(timeout=60)  # the worker is up
+
+            def drain(task: t.Any) -> t.Callable[[], object]:
+                def run() -> object:
+                    with celery_app.producer_or_acquire() as producer:
+                        for _ in range(BATCH):
+                            task.apply_async(queue="bench", ignore_result=True,
+                                             producer=producer)
+                    return task.apply_async(queue="bench").get(timeout=120)
+
+                return run
+
+            timed = compare(f"throughput: {BATCH:,} no-op tasks through one worker",
+                            drain(plain_noop), drain(tenant_noop), number=1, repeat=5,
+                            target=THROUGHPUT_TARGET)
+            rows.append(_per_task(timed, BATCH + 1))
+
+            def publish(task: t.Any) -> t.Callable[[], object]:
+                def run() -> object:
+                    return task.apply_async(queue="bench-publish", ignore_result=True)
+
+                return run
+
+            rows.append(compare("publish: apply_async to Redis", publish(plain_noop),
+                                publish(tenant_noop), number=2000, target=None))
+            with celery_app.connection_for_write() as connection:
+                connection.default_channel.queue_delete("bench-publish")
+
+        with app.app_context():
+
+            def publish_plain_10k() -> object:
+                with celery_app.producer_or_acquire() as producer:
+                    for _ in range(10_000):
+                        plain_noop.apply_async(queue="bench-publish", ignore_result=True,
+                                               producer=producer)
+                return None
+
+            def fan_out_10k() -> object:
+                results = tenant_noop.apply_for_each_tenant(queue="bench-publish",
+                                                            ignore_result=True)
+                assert len(results) == 10_000
+                return None
+
+            rows.append(compare("fan-out: apply_for_each_tenant over 10,000 tenants "
+                                "vs 10,000 plain sends (µs per batch)",
+                                publish_plain_10k, fan_out_10k, number=1, repeat=3))
+            with celery_app.connection_for_write() as connection:
+                connection.default_channel.queue_delete("bench-publish")
+    finally:
+        worker.stop()
+    return rows
+
+
+def _per_task(row: Row, tasks: int) -> Row:
+    """A batch row expressed per task."""
+    return Row(row.name, row.baseline_us / tasks, row.measured_us / tasks, row.ratio, row.target)
+
+
+def run() -> list[Row]:
+    """All job benchmarks (about a minute with Redis)."""
+    rows = _tracer_rows()
+    if _redis_reachable():
+        rows += _redis_rows()
+    else:
+        print(f"Redis not reachable at {REDIS_URL}: throughput rows skipped", flush=True)
+    return rows
