@@ -1,0 +1,58 @@
+"""A small multi-tenant shop: tenants ``acme`` and ``globex`` keep their own orders.
+
+Run ``python -m example_app demo`` for a self-checking tour, or
+``flask --app example_app run`` to serve it. ``DATABASE_URL`` switches from the
+default SQLite file (in the instance folder) to another database, e.g.
+``postgresql+psycopg://postgres@127.0.0.1:5432/test``.
+"""
+
+from __future__ import annotations
+
+import os
+import typing as t
+
+from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
+
+from flask_tenant_jobs import TenantJobs
+
+db = SQLAlchemy()
+tenant_jobs = TenantJobs()
+
+TENANTS = ["acme", "globex"]
+
+
+def create_app(config: t.Mapping[str, t.Any] | None = None) -> Flask:
+    """Build the app; ``config`` overrides the defaults (and ``FLASK_*`` variables)."""
+    app = Flask(__name__)
+    app.config.from_mapping(
+        SERVER_NAME="example.test",
+        SQLALCHEMY_DATABASE_URI=database_url(app.instance_path),
+        TENANT_JOBS_TENANTS=TENANTS,
+    )
+    app.config.from_prefixed_env()  # e.g. FLASK_SERVER_NAME=localhost:5000
+    if config:
+        app.config.update(config)
+
+    db.init_app(app)
+    tenant_jobs.init_app(app, db=db)
+
+    from . import models, views
+
+    app.register_blueprint(views.bp)
+    app.cli.add_command(models.init_db_command)
+    with app.app_context():
+        db.create_all()
+    return app
+
+
+def database_url(instance_path: str) -> str:
+    """``DATABASE_URL`` (``postgres://`` URLs use psycopg 3), else a SQLite file."""
+    url = os.environ.get("DATABASE_URL")
+    if not url:
+        os.makedirs(instance_path, exist_ok=True)
+        return "sqlite:///" + os.path.join(instance_path, "example.sqlite3")
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
