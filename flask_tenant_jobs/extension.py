@@ -223,8 +223,14 @@ class TenantJobs:
         return token
 
     def _resolve_request(self) -> None:
-        """Before each request: resolve the tenant onto ``g.tenant``, or answer 404."""
+        """Before each request: resolve the tenant onto ``g.tenant``, or answer 404.
+
+        The request starts with no tenant, whatever the caller had (a test inside
+        ``switch``), so ``current_tenant()`` is ``g.tenant`` throughout; the token
+        taken here restores the caller's tenant when the request ends.
+        """
         g.tenant = None
+        setattr(g, _REQUEST_TOKEN, context.enter(None))
         state = self._state()
         if is_excluded_path(request.path, state.settings.excluded_paths):
             return
@@ -240,7 +246,7 @@ class TenantJobs:
         except TenantError:
             signals.tenant_not_found.send(app, tenant=candidate, source="request")
             abort(404, description="No such tenant.")
-        setattr(g, _REQUEST_TOKEN, self._enter(candidate))
+        self._enter(candidate)
         g.tenant = candidate
         signals.tenant_resolved.send(app, tenant=candidate)
 

@@ -1,14 +1,21 @@
 """Column strategy: every tenant's rows in shared tables, told apart by ``tenant_id``.
 
-``TenantScoped`` adds the column; two session hooks do the rest:
+``TenantScoped`` adds the column; the session hooks do the rest:
 
 * ``do_orm_execute`` adds ``tenant_id = <current>`` to every ORM SELECT,
   UPDATE and DELETE (joins, aliases and relationship loads included), fills
-  and checks ``tenant_id`` in ORM bulk INSERT/UPDATE parameters, and loads
-  objects under an identity token naming the tenant, so that after a switch
-  the identity map never hands back another tenant's object;
+  and checks ``tenant_id`` in ORM INSERTs, refuses ORM UPDATEs that would move
+  rows to another tenant or reach another tenant's rows by primary key, and
+  loads objects under an identity token naming the tenant;
+* the session class looks objects up in the identity map under the same
+  token, so after a switch ``session.get()`` and many-to-one loads never hand
+  back an object (or a shared object's collection) loaded for another tenant;
 * ``before_flush`` assigns ``tenant_id`` to new objects and refuses writes to
   objects of another tenant.
+
+With no current tenant (and ``TENANT_JOBS_REQUIRE_TENANT`` on), a statement
+that reaches a ``TenantScoped`` table raises ``NoTenantError``; statements on
+shared models only run as usual.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import event
 from sqlalchemy.orm import (
     Mapped,
+    Mapper,
     ORMExecuteState,
     Session,
     UOWTransaction,
@@ -34,9 +42,17 @@ from .. import context
 from ..errors import NoTenantError, TenantImmutableError, TenantMismatchError
 from ..settings import current_settings
 
-#: Identity token of objects loaded while no filter applies (``without_tenant``).
-#: It is not a valid tenant name, so such objects never answer a tenant's lookups.
+#: Identity token of objects loaded while no tenant filter applies (``without_tenant``,
+#: or no tenant with ``TENANT_JOBS_REQUIRE_TENANT`` off). It is not a valid tenant
+#: name, so such objects never answer a tenant's lookups.
 UNSCOPED_TOKEN = "*"
+
+#: Stands in for a tenant when checking whether a statement reaches scoped tables;
+#: it is never sent to the database.
+_PROBE = "\x00tenant-probe"
+
+#: How many primary keys one bulk UPDATE ownership check looks up at a time.
+_PK_CHUNK = 500
 
 
 class TenantScoped:
@@ -51,11 +67,40 @@ class TenantScoped:
     )
 
 
+class TenantSession(Session):
+    """Mixed into the session class of ``db``: identity-map lookups use the tenant's token.
+
+    ``Session.get()`` and many-to-one lazy loads consult the identity map before
+    any SQL runs; the token makes them see only objects loaded for the current
+    tenant (``Session._identity_lookup`` is SQLAlchemy's documented hook for
+    this, as used by its horizontal sharding extension).
+    """
+
+    def _identity_lookup(  # type: ignore[override]
+        self,
+        mapper: Mapper[t.Any],
+        primary_key_identity: t.Any,
+        identity_token: t.Any = None,
+        **kwargs: t.Any,
+    ) -> t.Any:
+        if identity_token is None:
+            if _is_scoped(mapper):
+                identity_token = _filter_tenant() or UNSCOPED_TOKEN
+            else:
+                identity_token = _shared_token()
+        return super()._identity_lookup(
+            mapper, primary_key_identity, identity_token=identity_token, **kwargs
+        )
+
+
 class ColumnStrategy:
     """Scopes ``TenantScoped`` models by their ``tenant_id`` column."""
 
     def install(self, app: Flask, db: SQLAlchemy) -> None:
-        """Listen on ``db.session``'s session class (once per ``db``)."""
+        """Hook into ``db.session``'s session class (once per ``db``)."""
+        factory = db.session.session_factory
+        if not issubclass(factory.class_, TenantSession):
+            factory.class_ = type(factory.class_.__name__, (TenantSession, factory.class_), {})
         if not event.contains(db.session, "do_orm_execute", scope_orm_execute):
             event.listen(db.session, "do_orm_execute", scope_orm_execute)
             event.listen(db.session, "before_flush", check_flush)
@@ -81,18 +126,29 @@ def scope_orm_execute(state: ORMExecuteState) -> None:
     """Filter an ORM statement to the current tenant, or refuse it with no tenant."""
     if not (state.is_select or state.is_update or state.is_delete or state.is_insert):
         return
-    tenant = _filter_tenant()
+    if context.is_unscoped():
+        tenant = None
+    else:
+        tenant = context.get_tenant()
+        if tenant is None and current_settings().require_tenant and _reaches_scoped(state):
+            raise NoTenantError("Querying a tenant-scoped model")
+    if state.is_select:
+        token = tenant or (UNSCOPED_TOKEN if _loads_scoped_entity(state) else None)
+        if token is not None:
+            state.update_execution_options(identity_token=token)
+        _drop_stale_criteria(state)
     if tenant is None:
-        if state.is_select and _loads_scoped_entity(state):
-            state.update_execution_options(identity_token=UNSCOPED_TOKEN)
         return
-    if state.is_insert or (state.is_update and state.parameters):
-        _scope_bulk_parameters(state, tenant)
-    if state.is_insert:
-        return
+    if state.is_column_load:
+        _check_refresh(state, tenant)
+    mapper = state.bind_mapper
+    if mapper is not None and _is_scoped(mapper) and not state.is_select:
+        if state.is_insert:
+            _scope_insert(state, mapper, tenant)
+            return
+        if state.is_update:
+            _check_update(state, mapper, tenant)
     state.statement = state.statement.options(_tenant_criteria(tenant))
-    if state.is_select and _loads_scoped_entity(state):
-        state.update_execution_options(identity_token=tenant)
 
 
 def check_flush(session: Session, flush_context: UOWTransaction, instances: object) -> None:
@@ -100,6 +156,11 @@ def check_flush(session: Session, flush_context: UOWTransaction, instances: obje
     new = [obj for obj in session.new if isinstance(obj, TenantScoped)]
     changed = [obj for obj in session.dirty if isinstance(obj, TenantScoped)]
     deleted = [obj for obj in session.deleted if isinstance(obj, TenantScoped)]
+    shared_token = _shared_token()
+    if shared_token is not None:  # new shared objects: keyed like this tenant's loads
+        for obj in session.new:
+            if not isinstance(obj, TenantScoped):
+                sa.inspect(obj).identity_token = shared_token
     if not (new or changed or deleted):
         return
     tenant = _filter_tenant("Saving a tenant-scoped object")
@@ -114,6 +175,10 @@ def check_flush(session: Session, flush_context: UOWTransaction, instances: obje
             _check_owner(obj, tenant, "Deleting")
 
 
+def _is_scoped(mapper: Mapper[t.Any]) -> bool:
+    return issubclass(mapper.class_, TenantScoped)
+
+
 def _filter_tenant(action: str = "Querying a tenant-scoped model") -> str | None:
     """The tenant to filter by; ``None`` means no filter (or raises with none required)."""
     if context.is_unscoped():
@@ -122,6 +187,20 @@ def _filter_tenant(action: str = "Querying a tenant-scoped model") -> str | None
     if tenant is None and current_settings().require_tenant:
         raise NoTenantError(action)
     return tenant
+
+
+def _shared_token() -> str | None:
+    """The identity token of shared objects loaded now: the filter tenant, if any.
+
+    Shared objects are keyed by tenant too, so that a collection of tenant rows
+    loaded on one (``plan.orders``) is never handed to another tenant.
+    """
+    return None if context.is_unscoped() else context.get_tenant()
+
+
+def _loads_scoped_entity(state: ORMExecuteState) -> bool:
+    """Whether the statement returns ``TenantScoped`` objects."""
+    return any(_is_scoped(mapper) for mapper in state.all_mappers)
 
 
 @lru_cache(maxsize=4096)
@@ -135,32 +214,166 @@ def _tenant_criteria(tenant: str) -> LoaderCriteriaOption:
         TenantScoped,
         lambda cls: cls.tenant_id == tenant,
         include_aliases=True,
-        propagate_to_loaders=False,
     )
 
 
-def _loads_scoped_entity(state: ORMExecuteState) -> bool:
-    """Whether the statement returns ``TenantScoped`` objects (which then get a token)."""
-    return any(issubclass(m.class_, TenantScoped) for m in state.all_mappers)
+def _drop_stale_criteria(state: ORMExecuteState) -> None:
+    """Remove tenant criteria a relationship load inherited from its parent's query.
+
+    The criteria propagate to loaders so that joined eager loads are filtered; lazy
+    and select-IN loads carry them over from the query that loaded the parent,
+    maybe for another tenant. The current tenant's criteria are added afresh.
+    """
+    statement: t.Any = state.statement
+    options = statement._with_options
+    kept = tuple(option for option in options if not _is_tenant_criteria(option))
+    if len(kept) != len(options):
+        statement = statement._generate()
+        statement._with_options = kept
+        state.statement = statement
 
 
-def _scope_bulk_parameters(state: ORMExecuteState, tenant: str) -> None:
-    """Fill ``tenant_id`` into ORM bulk INSERT rows; refuse rows naming another tenant."""
-    mapper = state.bind_mapper
-    if mapper is None or not issubclass(mapper.class_, TenantScoped):
+def _is_tenant_criteria(option: object) -> bool:
+    return isinstance(option, LoaderCriteriaOption) and option.root_entity is TenantScoped
+
+
+_reach_cache: dict[tuple[str, t.Any], bool] = {}
+
+
+def _reaches_scoped(state: ORMExecuteState) -> bool:
+    """Whether the statement touches a ``TenantScoped`` table anywhere.
+
+    The subject entities answer most statements; for the rest (a shared model
+    joined, eager-loaded or sub-queried with a scoped one) the statement is
+    compiled once with a probe criteria, cached by its cache key, and the probe
+    is looked for in its parameters: exactly where the tenant filter would apply.
+    """
+    if _loads_scoped_entity(state):
+        return True
+    statement: t.Any = state.statement
+    dialect = state.session.get_bind(**state.bind_arguments).dialect
+    cache_key = statement._generate_cache_key()
+    key = (dialect.name, cache_key.key) if cache_key is not None else None
+    if key is not None and key in _reach_cache:
+        return _reach_cache[key]
+    probed = statement.options(_tenant_criteria(_PROBE)).compile(dialect=dialect)
+    reaches = _PROBE in probed.params.values()
+    if key is not None:
+        if len(_reach_cache) >= 2048:
+            _reach_cache.clear()
+        _reach_cache[key] = reaches
+    return reaches
+
+
+def _check_refresh(state: ORMExecuteState, tenant: str) -> None:
+    """Refuse to reload expired attributes of an object loaded for another tenant.
+
+    SQLAlchemy never applies loader criteria to such refreshes (they load by
+    primary key), so an object kept across a switch would read the other
+    tenant's row.
+    """
+    refreshing = state.load_options._refresh_state
+    if refreshing is None or not _is_scoped(refreshing.mapper):
         return
-    params = state.parameters
-    rows: list[t.Mapping[str, t.Any]] = (
-        list(params) if isinstance(params, list) else [params] if params else []  # type: ignore[list-item]
-    )
+    owner = refreshing.identity_token
+    if owner not in (tenant, None, UNSCOPED_TOKEN):
+        raise TenantMismatchError(
+            owner, tenant, f"Loading {refreshing.class_.__name__} {refreshing.identity}"
+        )
+
+
+def _given_tenant(values: t.Mapping[t.Any, t.Any]) -> tuple[bool, t.Any]:
+    """Whether a row of statement values names ``tenant_id``, and the value it gives."""
+    for key, value in values.items():
+        if (key if isinstance(key, str) else getattr(key, "key", None)) == "tenant_id":
+            return True, getattr(value, "value", value)
+    return False, None
+
+
+def _param_rows(params: t.Any) -> list[dict[str, t.Any]]:
+    """The parameter rows of an executemany (a list of dicts) or of one execution (a dict)."""
+    return [dict(row) for row in params] if isinstance(params, list) else [dict(params)]
+
+
+def _check_rows(rows: t.Iterable[t.Mapping[t.Any, t.Any]], tenant: str, what: str) -> None:
+    """Refuse rows that name a tenant other than ``tenant``."""
     for row in rows:
-        given = row.get("tenant_id")
-        if given is not None and given != tenant:
-            raise TenantMismatchError(given, tenant, f"A bulk {mapper.class_.__name__} row")
-    if state.is_insert:
-        state.parameters = [{**row, "tenant_id": tenant} for row in rows] or None
-        if not rows:
-            state.statement = t.cast(sa.Insert, state.statement).values(tenant_id=tenant)
+        named, given = _given_tenant(row)
+        if named and given != tenant:
+            raise TenantMismatchError(given, tenant, what)
+
+
+def _scope_insert(state: ORMExecuteState, mapper: Mapper[t.Any], tenant: str) -> None:
+    """Fill ``tenant_id`` into an ORM INSERT; refuse rows naming another tenant."""
+    what = f"A new {mapper.class_.__name__} row"
+    statement: t.Any = state.statement
+    if state.parameters:
+        rows = _param_rows(state.parameters)
+        _check_rows(rows, tenant, what)
+        state.parameters = [{**row, "tenant_id": tenant} for row in rows]
+        return
+    if statement._multi_values:
+        multi = [list(rows) for rows in statement._multi_values]
+        for rows in multi:
+            _check_rows(rows, tenant, what)
+        statement = statement._generate()
+        statement._multi_values = tuple(
+            [{**row, "tenant_id": tenant} for row in rows] for rows in multi
+        )
+        state.statement = statement
+        return
+    _check_rows([statement._values or {}], tenant, what)
+    state.statement = statement.values(tenant_id=tenant)
+
+
+def _check_update(state: ORMExecuteState, mapper: Mapper[t.Any], tenant: str) -> None:
+    """Refuse an ORM UPDATE that moves rows or names another tenant's primary keys.
+
+    ``update(Model).values(tenant_id=...)`` would move the current tenant's rows;
+    a bulk UPDATE by primary key (a list of parameter dicts) runs one UPDATE per
+    row that the tenant criteria never reach, so the rows' owners are checked first.
+    """
+    statement = t.cast(sa.Update, state.statement)
+    named, given = _given_tenant(statement._values or {})
+    if named and given != tenant:
+        raise TenantImmutableError(
+            tenant, given, f"Each {mapper.class_.__name__} row this UPDATE reaches"
+        )
+    if not state.parameters:
+        return
+    rows = _param_rows(state.parameters)
+    what = f"A bulk {mapper.class_.__name__} row"
+    _check_rows(rows, tenant, what)
+    keys = [mapper.get_property_by_column(column).key for column in mapper.primary_key]
+    idents = {tuple(row.get(key) for key in keys) for row in rows}
+    idents.discard(tuple(None for _ in keys))
+    owners = _owners(state.session, mapper, idents)
+    for ident in sorted(idents, key=repr):
+        owner = owners.get(ident, tenant)  # a missing row is SQLAlchemy's to report
+        if owner != tenant:
+            raise TenantMismatchError(owner, tenant, f"{what} with primary key {ident!r}")
+
+
+def _owners(
+    session: Session, mapper: Mapper[t.Any], idents: t.Collection[tuple[t.Any, ...]]
+) -> dict[tuple[t.Any, ...], str]:
+    """The tenant of each existing row among ``idents``, read without any filter."""
+    columns = list(mapper.primary_key)
+    key = sa.tuple_(*columns) if len(columns) > 1 else columns[0]
+    connection = session.connection(bind_arguments={"mapper": mapper})
+    pending = list(idents)
+    owners: dict[tuple[t.Any, ...], str] = {}
+    for start in range(0, len(pending), _PK_CHUNK):
+        chunk = pending[start : start + _PK_CHUNK]
+        wanted = chunk if len(columns) > 1 else [ident[0] for ident in chunk]
+        query = (
+            sa.select(*columns, mapper.columns["tenant_id"])
+            .select_from(mapper.persist_selectable)
+            .where(key.in_(wanted))
+        )
+        for row in connection.execute(query):
+            owners[tuple(row[: len(columns)])] = row[-1]
+    return owners
 
 
 def _assign_tenant(obj: TenantScoped, tenant: str | None) -> None:
@@ -182,8 +395,17 @@ def _check_unchanged(obj: TenantScoped) -> None:
         raise TenantImmutableError(history.deleted[0], obj.tenant_id, type(obj).__name__)
 
 
+def _owner(obj: TenantScoped) -> str:
+    """The tenant a persistent object belongs to, without a filtered (and failing) refresh."""
+    state = sa.inspect(obj)
+    if state.identity_token not in (None, UNSCOPED_TOKEN):
+        return t.cast(str, state.identity_token)
+    return obj.tenant_id  # loaded without a tenant: its own column says
+
+
 def _check_owner(obj: TenantScoped, tenant: str | None, action: str) -> None:
-    if obj.tenant_id != tenant:
+    owner = _owner(obj)
+    if owner != tenant:
         raise TenantMismatchError(
-            obj.tenant_id, tenant, f"{action} {type(obj).__name__} {sa.inspect(obj).identity}"
+            owner, tenant, f"{action} {type(obj).__name__} {sa.inspect(obj).identity}"
         )
