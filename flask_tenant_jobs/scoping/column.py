@@ -21,7 +21,8 @@ shared models only run as usual.
 from __future__ import annotations
 
 import typing as t
-from functools import lru_cache
+from contextlib import suppress
+from weakref import WeakKeyDictionary
 
 import sqlalchemy as sa
 from flask import Flask
@@ -36,20 +37,15 @@ from sqlalchemy.orm import (
     mapped_column,
     with_loader_criteria,
 )
-from sqlalchemy.orm.util import LoaderCriteriaOption
 
 from .. import context
-from ..errors import NoTenantError, TenantImmutableError, TenantMismatchError
+from ..errors import NoTenantError, TenantError, TenantImmutableError, TenantMismatchError
 from ..settings import current_settings
 
 #: Identity token of objects loaded while no tenant filter applies (``without_tenant``,
 #: or no tenant with ``TENANT_JOBS_REQUIRE_TENANT`` off). It is not a valid tenant
 #: name, so such objects never answer a tenant's lookups.
 UNSCOPED_TOKEN = "*"
-
-#: Stands in for a tenant when checking whether a statement reaches scoped tables;
-#: it is never sent to the database.
-_PROBE = "\x00tenant-probe"
 
 #: How many primary keys one bulk UPDATE ownership check looks up at a time.
 _PK_CHUNK = 500
@@ -76,6 +72,12 @@ class TenantSession(Session):
     this, as used by its horizontal sharding extension).
     """
 
+    def get(self, entity: t.Any, ident: t.Any, **kwargs: t.Any) -> t.Any:
+        """``Session.get()``; a ``TenantScoped`` entity's query is built already filtered."""
+        if isinstance(entity, type) and issubclass(entity, TenantScoped):
+            kwargs["options"] = (*(kwargs.get("options") or ()), TENANT_CRITERIA)
+        return super().get(entity, ident, **kwargs)
+
     def _identity_lookup(  # type: ignore[override]
         self,
         mapper: Mapper[t.Any],
@@ -97,13 +99,17 @@ class ColumnStrategy:
     """Scopes ``TenantScoped`` models by their ``tenant_id`` column."""
 
     def install(self, app: Flask, db: SQLAlchemy) -> None:
-        """Hook into ``db.session``'s session class (once per ``db``)."""
+        """Hook into ``db.session``'s session class (once per ``db``) and ``app``'s engines."""
         factory = db.session.session_factory
         if not issubclass(factory.class_, TenantSession):
             factory.class_ = type(factory.class_.__name__, (TenantSession, factory.class_), {})
         if not event.contains(db.session, "do_orm_execute", scope_orm_execute):
             event.listen(db.session, "do_orm_execute", scope_orm_execute)
             event.listen(db.session, "before_flush", check_flush)
+        with app.app_context():
+            for engine in db.engines.values():
+                if not event.contains(engine, "handle_error", unwrap_tenant_errors):
+                    event.listen(engine, "handle_error", unwrap_tenant_errors)
 
     def check_tenant(self, name: str) -> None:
         """Any known tenant can be entered: its rows simply share the tables."""
@@ -126,19 +132,19 @@ def scope_orm_execute(state: ORMExecuteState) -> None:
     """Filter an ORM statement to the current tenant, or refuse it with no tenant."""
     if not (state.is_select or state.is_update or state.is_delete or state.is_insert):
         return
-    if context.is_unscoped():
-        tenant = None
-    else:
-        tenant = context.get_tenant()
-        if tenant is None and current_settings().require_tenant and _reaches_scoped(state):
-            raise NoTenantError("Querying a tenant-scoped model")
-    if state.is_select:
-        token = tenant or (UNSCOPED_TOKEN if _loads_scoped_entity(state) else None)
-        if token is not None:
-            state.update_execution_options(identity_token=token)
-        _drop_stale_criteria(state)
-    if tenant is None:
+    tenant = context.get_tenant()
+    if context.is_unscoped() or (tenant is None and not current_settings().require_tenant):
+        state.statement = _unfiltered(state.statement)
+        if state.is_select and _names_scoped_entity(state):
+            state.update_execution_options(identity_token=UNSCOPED_TOKEN)
         return
+    if tenant is None:
+        if _names_scoped_entity(state):
+            raise NoTenantError("Querying a tenant-scoped model")
+        state.statement = _filtered(state.statement)  # reaching tenant rows raises then
+        return
+    if state.is_select:
+        state.update_execution_options(identity_token=tenant)
     if state.is_column_load:
         _check_refresh(state, tenant)
     mapper = state.bind_mapper
@@ -148,7 +154,14 @@ def scope_orm_execute(state: ORMExecuteState) -> None:
             return
         if state.is_update:
             _check_update(state, mapper, tenant)
-    state.statement = state.statement.options(_tenant_criteria(tenant))
+    state.statement = _filtered(state.statement)
+
+
+def unwrap_tenant_errors(error_context: sa.engine.ExceptionContext) -> BaseException | None:
+    """Raise a tenant error met while executing as itself, not wrapped by SQLAlchemy."""
+    if isinstance(error_context.original_exception, TenantError):
+        return error_context.original_exception
+    return None
 
 
 def check_flush(session: Session, flush_context: UOWTransaction, instances: object) -> None:
@@ -198,71 +211,69 @@ def _shared_token() -> str | None:
     return None if context.is_unscoped() else context.get_tenant()
 
 
-def _loads_scoped_entity(state: ORMExecuteState) -> bool:
-    """Whether the statement returns ``TenantScoped`` objects."""
-    return any(_is_scoped(mapper) for mapper in state.all_mappers)
+def _criteria_tenant() -> str:
+    """The tenant a filtered statement is bound to, read as it executes.
 
-
-@lru_cache(maxsize=4096)
-def _tenant_criteria(tenant: str) -> LoaderCriteriaOption:
-    """The loader option filtering every ``TenantScoped`` entity to ``tenant``.
-
-    Built once per tenant; the lambda turns ``tenant`` into a bound parameter, so
-    all tenants share one compiled statement.
+    Raising here refuses, with no tenant, every statement that reaches tenant rows,
+    however indirectly (a join, a subquery, an eager or lazy load);
+    ``unwrap_tenant_errors`` hands the error to the caller unwrapped.
     """
-    return with_loader_criteria(
-        TenantScoped,
-        lambda cls: cls.tenant_id == tenant,
-        include_aliases=True,
-    )
+    tenant = context.get_tenant()
+    if tenant is None:
+        raise NoTenantError("Querying a tenant-scoped model")
+    return tenant
 
 
-def _drop_stale_criteria(state: ORMExecuteState) -> None:
-    """Remove tenant criteria a relationship load inherited from its parent's query.
+#: The current tenant as a bound parameter, read each time a statement executes.
+CURRENT_TENANT = sa.bindparam(
+    "tenant_jobs_tenant", callable_=_criteria_tenant, type_=sa.String(), unique=False
+)
 
-    The criteria propagate to loaders so that joined eager loads are filtered; lazy
-    and select-IN loads carry them over from the query that loaded the parent,
-    maybe for another tenant. The current tenant's criteria are added afresh.
+#: Filters every ``TenantScoped`` entity (joins, aliases, eager and lazy loads) to
+#: the current tenant. One option serves every tenant, since the tenant is a
+#: parameter: scoped statements, their cache keys and compiled forms are shared,
+#: and criteria a lazy load inherits from its parent's query read the tenant
+#: current when it runs, never the parent's.
+TENANT_CRITERIA = with_loader_criteria(
+    TenantScoped,
+    lambda cls: cls.tenant_id == CURRENT_TENANT,
+    include_aliases=True,
+    track_closure_variables=False,
+)
+
+
+_filtered_statements: WeakKeyDictionary[t.Any, t.Any] = WeakKeyDictionary()
+
+
+def _filtered(statement: t.Any) -> t.Any:
+    """``statement`` with the tenant criteria, worked out once per statement object.
+
+    Reused statements (relationship loaders, statements kept by the application)
+    are thus filtered once, not at every execution.
     """
-    statement: t.Any = state.statement
+    if TENANT_CRITERIA in statement._with_options:  # from get() or the parent's query
+        return statement
+    with suppress(KeyError, TypeError):
+        return _filtered_statements[statement]
+    filtered = statement.options(TENANT_CRITERIA)
+    with suppress(TypeError):  # a statement that cannot be weakly referenced is not kept
+        _filtered_statements[statement] = filtered
+    return filtered
+
+
+def _unfiltered(statement: t.Any) -> t.Any:
+    """``statement`` without the tenant criteria a relationship load or ``get()`` gave it."""
     options = statement._with_options
-    kept = tuple(option for option in options if not _is_tenant_criteria(option))
-    if len(kept) != len(options):
-        statement = statement._generate()
-        statement._with_options = kept
-        state.statement = statement
+    if TENANT_CRITERIA not in options:
+        return statement
+    unfiltered = statement._generate()
+    unfiltered._with_options = tuple(o for o in options if o is not TENANT_CRITERIA)
+    return unfiltered
 
 
-def _is_tenant_criteria(option: object) -> bool:
-    return isinstance(option, LoaderCriteriaOption) and option.root_entity is TenantScoped
-
-
-_reach_cache: dict[tuple[str, t.Any], bool] = {}
-
-
-def _reaches_scoped(state: ORMExecuteState) -> bool:
-    """Whether the statement touches a ``TenantScoped`` table anywhere.
-
-    The subject entities answer most statements; for the rest (a shared model
-    joined, eager-loaded or sub-queried with a scoped one) the statement is
-    compiled once with a probe criteria, cached by its cache key, and the probe
-    is looked for in its parameters: exactly where the tenant filter would apply.
-    """
-    if _loads_scoped_entity(state):
-        return True
-    statement: t.Any = state.statement
-    dialect = state.session.get_bind(**state.bind_arguments).dialect
-    cache_key = statement._generate_cache_key()
-    key = (dialect.name, cache_key.key) if cache_key is not None else None
-    if key is not None and key in _reach_cache:
-        return _reach_cache[key]
-    probed = statement.options(_tenant_criteria(_PROBE)).compile(dialect=dialect)
-    reaches = _PROBE in probed.params.values()
-    if key is not None:
-        if len(_reach_cache) >= 2048:
-            _reach_cache.clear()
-        _reach_cache[key] = reaches
-    return reaches
+def _names_scoped_entity(state: ORMExecuteState) -> bool:
+    """Whether the statement's subject (what it returns or changes) is ``TenantScoped``."""
+    return any(_is_scoped(mapper) for mapper in state.all_mappers)
 
 
 def _check_refresh(state: ORMExecuteState, tenant: str) -> None:
