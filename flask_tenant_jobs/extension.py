@@ -13,7 +13,7 @@ from flask_sqlalchemy import SQLAlchemy
 
 from . import context, signals
 from .cli import tenant_jobs_cli
-from .errors import ConfigurationError, NoTenantError, TenantError
+from .errors import ConfigurationError, NoTenantError, SchemaNotFoundError, TenantError
 from .registry import TenantRegistry, validate_name
 from .resolvers import Resolver, is_excluded_path, make_resolver
 from .scoping import Strategy, make_strategy
@@ -72,6 +72,7 @@ class TenantJobs:
         app.before_request_funcs.setdefault(None, []).insert(0, self._resolve_request)
         app.teardown_request(self._end_request)
         app.register_error_handler(NoTenantError, _no_tenant_response)
+        app.register_error_handler(SchemaNotFoundError, _schema_not_found_response)
         app.cli.add_command(tenant_jobs_cli)
         if settings.resolver == "path":
             _route_tenant_segment(app)
@@ -153,7 +154,8 @@ class TenantJobs:
         return self._state().registry.exists(name)
 
     def create(self, name: str) -> None:
-        """Create tenant ``name``'s storage (schema strategy: its schema and tables).
+        """Create tenant ``name``'s storage (schema strategy: its schema and tables, or
+        with Flask-Migrate its schema and the Alembic migrations run to head).
 
         Add the name to the ``TENANT_JOBS_TENANTS`` source too; the cache is
         refreshed so that it is seen at once. Sends ``tenant_created``.
@@ -173,7 +175,11 @@ class TenantJobs:
         signals.tenant_dropped.send(self._app(), tenant=tenant)
 
     def migrate(self, name: str) -> None:
-        """Bring tenant ``name``'s storage up to date (schema strategy: create missing tables)."""
+        """Bring tenant ``name``'s storage up to date.
+
+        Schema strategy: create the missing tables of its schema or, with
+        Flask-Migrate, run the Alembic migrations to head in it.
+        """
         state = self._state()
         state.strategy.migrate(state.registry.require(name))
 
@@ -229,26 +235,30 @@ class TenantJobs:
         ``switch``), so ``current_tenant()`` is ``g.tenant`` throughout; the token
         taken here restores the caller's tenant when the request ends.
         """
-        g.tenant = None
-        setattr(g, _REQUEST_TOKEN, context.enter(None))
-        state = self._state()
-        if is_excluded_path(request.path, state.settings.excluded_paths):
-            return
-        candidate = state.resolver(request)
-        if candidate is None:
-            return
         app = current_app._get_current_object()  # type: ignore[attr-defined]
-        if not state.registry.exists(candidate):
-            signals.tenant_not_found.send(app, tenant=candidate, source="request")
-            abort(404, description="No such tenant.")
-        try:
-            state.strategy.check_tenant(candidate)
-        except TenantError:
-            signals.tenant_not_found.send(app, tenant=candidate, source="request")
-            abort(404, description="No such tenant.")
-        self._enter(candidate)
-        g.tenant = candidate
-        signals.tenant_resolved.send(app, tenant=candidate)
+        state = self._states[app]
+        request_globals = g._get_current_object()
+        tenant = None
+        if not is_excluded_path(request.path, state.settings.excluded_paths):
+            candidate = state.resolver(request)
+            if candidate is not None:
+                tenant = self._known_or_404(app, state, candidate)
+        request_globals.tenant = tenant
+        token = context.enter(None) if tenant is None else self._enter(tenant)
+        setattr(request_globals, _REQUEST_TOKEN, token)
+        if tenant is not None and signals.tenant_resolved.receivers:
+            signals.tenant_resolved.send(app, tenant=tenant)
+
+    def _known_or_404(self, app: Flask, state: _AppState, candidate: str) -> str:
+        """``candidate`` if it is a tenant that can be entered; otherwise answer 404."""
+        if state.registry.exists(candidate):
+            try:
+                state.strategy.check_tenant(candidate)
+                return candidate
+            except TenantError:
+                pass
+        signals.tenant_not_found.send(app, tenant=candidate, source="request")
+        abort(404, description="No such tenant.")
 
     def _end_request(self, exc: BaseException | None) -> None:
         """After each request, also a failed one: restore the tenant that was current before."""
@@ -265,6 +275,11 @@ def current_tenant() -> str | None:
 def _no_tenant_response(error: NoTenantError) -> tuple[str, int]:
     """A request without a tenant that reached tenant-scoped data is not found, not a 500."""
     return "This page belongs to a tenant: use a tenant's address.", 404
+
+
+def _schema_not_found_response(error: SchemaNotFoundError) -> tuple[str, int]:
+    """The tenant's schema vanished after the request was resolved: not found, not a 500."""
+    return "No such tenant.", 404
 
 
 def _route_tenant_segment(app: Flask) -> None:
