@@ -14,7 +14,7 @@ import traceback
 from . import Row, format_table
 
 #: Benchmark modules, each exposing ``run() -> list[Row]``. Add new ones here.
-MODULES = ["bench.core", "bench.jobs"]
+MODULES = ["bench.core", "bench.jobs", "bench.schema"]
 
 
 def main(argv: list[str]) -> int:

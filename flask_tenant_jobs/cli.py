@@ -51,7 +51,7 @@ def beat_command(ctx: click.Context, celery_args: tuple[str, ...]) -> None:
 
 @tenant_jobs_cli.command("list")
 def list_command() -> None:
-    """List the tenants, one per line, with their storage (schema, whether it exists)."""
+    """List the tenants, one per line, with their storage (schema, exists, revision)."""
     extension = _extension(current_app)
     with _one_line_errors():
         for name in extension.tenant_names():
@@ -62,7 +62,7 @@ def list_command() -> None:
 @tenant_jobs_cli.command("create")
 @click.argument("name")
 def create_command(name: str) -> None:
-    """Create tenant NAME's storage (schema strategy: its schema and tables)."""
+    """Create tenant NAME's storage (schema strategy: its schema, then its tables or migrations)."""
     with _one_line_errors():
         _extension(current_app).create(name)
     click.echo(f"created {name}")
@@ -83,12 +83,22 @@ def drop_command(name: str, yes: bool) -> None:
 
 @tenant_jobs_cli.command("migrate")
 @click.option("--tenant", "only", metavar="NAME", help="Migrate this tenant only.")
-@click.option("--jobs", default=1, show_default=True, help="Tenants migrated in parallel.")
+@click.option(
+    "--jobs",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Tenants migrated in parallel (Alembic migrations still run one at a time).",
+)
 def migrate_command(only: str | None, jobs: int) -> None:
-    """Bring every tenant's storage up to date; a failed tenant does not stop the others."""
+    """Bring every tenant's storage up to date; a failed tenant does not stop the others.
+
+    Schema strategy: create the missing tables of each tenant's schema or, with
+    Flask-Migrate, run the Alembic migrations to head in each tenant's schema.
+    """
     extension = _extension(current_app)
     with _one_line_errors():
-        names = [extension.validate(only)] if only else extension.tenant_names()
+        names = [extension.validate(only)] if only is not None else extension.tenant_names()
     app = current_app._get_current_object()  # type: ignore[attr-defined]
 
     def migrate_one(name: str) -> str | None:
@@ -96,11 +106,12 @@ def migrate_command(only: str | None, jobs: int) -> None:
             try:
                 extension.migrate(name)
             except Exception as error:  # reported per tenant, then summed up
-                return f"{type(error).__name__}: {error}"
+                first_line = str(error).strip().split("\n", 1)[0]
+                return f"{type(error).__name__}: {first_line}"
         return None
 
     failed = []
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = {pool.submit(migrate_one, name): name for name in names}
         for future in as_completed(futures):
             name, error = futures[future], future.result()

@@ -29,7 +29,8 @@ DEMANDED = os.environ.get("TENANT_JOBS_DEMAND_SERVICES") == "1"
 def _reachable(url: str, default_port: int) -> bool:
     parts = urlsplit(url)
     try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port), 2):
+        address = (parts.hostname or "127.0.0.1", parts.port or default_port)
+        with socket.create_connection(address, 2):
             return True
     except OSError:
         return False

@@ -5,7 +5,16 @@ shared schema, through ``set_config('search_path', ..., true)``: a
 transaction-local setting, so nothing survives a commit, a rollback or the
 return of the connection to the pool. The path set on a connection is
 remembered only until the transaction (or a savepoint) ends, so a savepoint
-rollback that silently restores an older path is never trusted.
+rollback that silently restores an older path is never trusted. The same
+statement checks that the tenant's schema still exists, so a schema dropped
+behind this process's back raises ``SchemaNotFoundError`` instead of letting
+the shared schema answer. On an AUTOCOMMIT connection, where a
+transaction-local setting would end with its own statement, the path is set
+for the session and reset when the connection goes back to the pool.
+
+With Flask-Migrate installed on the app, ``create`` and ``migrate`` run the
+Alembic migrations to head inside the tenant, with the tenant's
+``alembic_version`` table in its own schema.
 
 Models are tenant models unless their class sets ``__tenant_shared__ = True``;
 shared models live in the shared schema (``TENANT_JOBS_SHARED_SCHEMA``).
@@ -15,11 +24,13 @@ strategy, so the same primary key in two schemas never yields the wrong row.
 
 from __future__ import annotations
 
+import re
 import threading
 import typing as t
+from contextlib import contextmanager
 
 import sqlalchemy as sa
-from flask import Flask
+from flask import Flask, current_app
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
@@ -37,7 +48,22 @@ from ..settings import Settings, current_settings
 from .column import ColumnStrategy
 
 _PATH = "tenant_jobs_search_path"
-_SET_PATH = "SELECT set_config('search_path', %(path)s, true)"
+_SESSION_PATH = "tenant_jobs_session_search_path"
+_SET_PATH = (
+    "SELECT set_config('search_path', %(path)s, %(local)s), "
+    "to_regnamespace(%(schema)s) IS NOT NULL"
+)
+_MAX_CACHED_PATHS = 10_000
+#: Statements that begin, end or roll back a transaction or savepoint: they need no
+#: path, and the path remembered for the connection may not survive them.
+_TRANSACTION_CONTROL = re.compile(
+    r"\s*(?:BEGIN|START|COMMIT|END|ROLLBACK|ABORT|SAVEPOINT|RELEASE|PREPARE\s+TRANSACTION)\b",
+    re.IGNORECASE,
+)
+
+#: Alembic keeps its current context in module globals and Flask-Migrate's
+#: ``configure_args`` is one dict per app: one migration at a time per process.
+_alembic_lock = threading.Lock()
 
 
 def is_shared_model(cls: type) -> bool:
@@ -54,6 +80,7 @@ class SchemaStrategy:
         self.shared_schema = settings.shared_schema
         self._known_schemas: frozenset[str] = frozenset()
         self._lock = threading.Lock()
+        self._paths: dict[str | None, tuple[str, str]] = {}
 
     # -- the Strategy interface ----------------------------------------------------
 
@@ -76,31 +103,61 @@ class SchemaStrategy:
             raise SchemaNotFoundError(name, schema)
 
     def create(self, name: str) -> None:
-        """Create the tenant's schema and its tables in one transaction."""
+        """Create the tenant's schema and its tables in one transaction.
+
+        With Flask-Migrate, run the migrations to head instead; if they fail, the
+        schema is dropped again (unless it existed before).
+        """
         schema = self.schema_for(name)
+        alembic = _uses_flask_migrate()
         with self.db.engine.begin() as connection:
+            existed = self._schema_in_database(connection, schema)
             connection.execute(sa.schema.CreateSchema(schema, if_not_exists=True))
-            self._create_tables(connection, schema)
-        self._load_schemas()
+            if not alembic:
+                self._create_tables(connection, schema)
+        if alembic:
+            try:
+                self._upgrade(name, schema)
+            except BaseException:
+                if not existed:
+                    self.drop(name)
+                raise
+        self._note_schema(schema, exists=True)
 
     def drop(self, name: str) -> None:
         """Drop the tenant's schema and everything in it."""
         schema = self.schema_for(name)
         with self.db.engine.begin() as connection:
             connection.execute(sa.schema.DropSchema(schema, cascade=True, if_exists=True))
-        self._load_schemas()
+        self._note_schema(schema, exists=False)
 
     def migrate(self, name: str) -> None:
-        """Bring the tenant's schema up to date: create missing tables."""
+        """Bring the tenant's schema up to date: create missing tables.
+
+        With Flask-Migrate, run the Alembic migrations to head instead (one
+        tenant at a time per process, whatever the number of threads).
+        """
         schema = self.schema_for(name)
         self.check_tenant(name)
+        if _uses_flask_migrate():
+            self._upgrade(name, schema)
+            return
         with self.db.engine.begin() as connection:
             self._create_tables(connection, schema)
 
     def describe(self, name: str) -> dict[str, str]:
-        """The tenant's schema and whether it exists (for ``flask tenant-jobs list``)."""
+        """The tenant's schema, whether it exists and, with Alembic, its revision.
+
+        ``revision`` appears when the schema has an Alembic version table (``-``
+        while it is empty).
+        """
         schema = self.schema_for(name)
-        return {"schema": schema, "exists": "yes" if self._schema_exists(schema) else "no"}
+        facts = {"schema": schema, "exists": "yes" if self._schema_exists(schema) else "no"}
+        if facts["exists"] == "yes":
+            revision = self._revision(schema)
+            if revision is not None:
+                facts["revision"] = revision
+        return facts
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -113,9 +170,8 @@ class SchemaStrategy:
 
     def search_path(self, tenant: str | None) -> str:
         """The ``search_path`` value for ``tenant`` (the shared schema alone for none)."""
-        quote = self.db.engine.dialect.identifier_preparer.quote_identifier
-        shared = quote(self.shared_schema)
-        return f"{quote(self.schema_for(tenant))}, {shared}" if tenant else shared
+        shared = _quote(self.shared_schema)
+        return f"{_quote(self.schema_for(tenant))}, {shared}" if tenant else shared
 
     def refresh(self) -> None:
         """Forget which schemas exist; the next check reads ``pg_namespace`` again."""
@@ -135,6 +191,37 @@ class SchemaStrategy:
         translated = connection.execution_options(schema_translate_map={None: schema})
         self.db.metadata.create_all(translated, tables=self.tenant_tables())
 
+    def _upgrade(self, name: str, schema: str) -> None:
+        """Run the Flask-Migrate (Alembic) migrations to head in tenant ``name``'s schema.
+
+        Inside the tenant, so every migration statement runs with the tenant's
+        ``search_path``; Alembic's version table goes in the tenant's schema
+        through ``version_table_schema`` in Flask-Migrate's ``configure_args``
+        (which the default ``env.py`` passes to ``context.configure``).
+        """
+        from alembic import command
+
+        migrate = current_app.extensions["migrate"]
+        with _alembic_lock, context.active(name), _version_table_in(migrate, schema):
+            # flask_migrate.upgrade() without its error handler, which exits the process
+            command.upgrade(migrate.migrate.get_config(), "head")
+
+    def _revision(self, schema: str) -> str | None:
+        """The Alembic revision(s) recorded in ``schema``, ``-`` if none, ``None`` if no table."""
+        table = f"{_quote(schema)}.{_quote(_version_table())}"
+        with self.db.engine.connect() as connection:
+            if connection.scalar(sa.text("SELECT to_regclass(:table)"), {"table": table}) is None:
+                return None
+            versions = connection.scalars(sa.text(f"SELECT version_num FROM {table} ORDER BY 1"))
+            return ",".join(versions) or "-"
+
+    @staticmethod
+    def _schema_in_database(connection: Connection, schema: str) -> bool:
+        found = connection.scalar(
+            sa.text("SELECT to_regnamespace(:schema)"), {"schema": _quote(schema)}
+        )
+        return found is not None
+
     def _schema_exists(self, schema: str) -> bool:
         """Whether ``schema`` exists; a miss reads ``pg_namespace`` again before answering."""
         if schema not in self._known_schemas:
@@ -145,6 +232,18 @@ class SchemaStrategy:
         with self._lock, self.db.engine.connect() as connection:
             rows = connection.execute(sa.text("SELECT nspname FROM pg_namespace"))
             self._known_schemas = frozenset(row[0] for row in rows)
+
+    def _path_and_schema(self, tenant: str | None) -> tuple[str, str]:
+        """The ``search_path`` for ``tenant`` and the quoted schema that must exist (cached)."""
+        try:
+            return self._paths[tenant]
+        except KeyError:
+            pass
+        schema = self.schema_for(tenant) if tenant else self.shared_schema
+        if len(self._paths) >= _MAX_CACHED_PATHS:
+            self._paths.clear()
+        found = self._paths[tenant] = (self.search_path(tenant), _quote(schema))
+        return found
 
     def _listen(self, engine: Engine) -> None:
         """Set the path before statements; forget it whenever a transaction or savepoint ends."""
@@ -157,10 +256,35 @@ class SchemaStrategy:
             execution_context: t.Any,
             executemany: bool,
         ) -> None:
-            path = self.search_path(context.get_tenant())
-            if connection.info.get(_PATH) != path:
-                cursor.execute(_SET_PATH, {"path": path})
-                connection.info[_PATH] = path
+            info = connection.info
+            if _TRANSACTION_CONTROL.match(statement):
+                # e.g. ROLLBACK TO SAVEPOINT: a path set now, inside the savepoint, would
+                # be undone by the statement itself and remembered wrongly (#1262).
+                info.pop(_PATH, None)
+                return
+            tenant = context.get_tenant()
+            path, schema = self._path_and_schema(tenant)
+            if info.get(_PATH) == path:
+                return
+            dbapi_connection: t.Any = connection.connection.dbapi_connection
+            # Each AUTOCOMMIT statement is its own transaction: set the path for the
+            # session and reset it at check-in (see _reset_path_on_checkin).
+            local = not getattr(dbapi_connection, "autocommit", False)
+            # Its own cursor: a server-side cursor (stream_results, yield_per) would only
+            # DECLARE the statement, and set nothing.
+            own_cursor = dbapi_connection.cursor()
+            try:
+                own_cursor.execute(_SET_PATH, {"path": path, "local": local, "schema": schema})
+                exists = own_cursor.fetchone()[1]
+            finally:
+                own_cursor.close()
+            if not local:
+                info[_SESSION_PATH] = True
+            if tenant is not None and not exists:
+                missing = self.schema_for(tenant)
+                self._note_schema(missing, exists=False)  # switch() will refuse it now
+                raise SchemaNotFoundError(tenant, missing)
+            info[_PATH] = path
 
         def forget_path(connection: Connection, *args: t.Any) -> None:
             connection.info.pop(_PATH, None)
@@ -168,12 +292,63 @@ class SchemaStrategy:
         event.listen(engine, "before_cursor_execute", set_path)
         for name in ("begin", "commit", "rollback", "rollback_savepoint", "release_savepoint"):
             event.listen(engine, name, forget_path)
-        event.listen(engine.pool, "checkin", _forget_path_on_checkin)
+        event.listen(engine.pool, "checkin", _reset_path_on_checkin)
+
+    def _note_schema(self, schema: str, *, exists: bool) -> None:
+        """Record that ``schema`` exists (or not) now, without reading ``pg_namespace``."""
+        with self._lock:
+            known = self._known_schemas
+            self._known_schemas = known | {schema} if exists else known - {schema}
 
 
-def _forget_path_on_checkin(dbapi_connection: t.Any, record: t.Any) -> None:
-    if record is not None:
-        record.info.pop(_PATH, None)
+def _reset_path_on_checkin(dbapi_connection: t.Any, record: t.Any) -> None:
+    """Forget the path; reset a session-level one (AUTOCOMMIT) before the next user."""
+    if record is None:
+        return
+    record.info.pop(_PATH, None)
+    if not record.info.pop(_SESSION_PATH, False) or dbapi_connection is None:
+        return
+    try:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("RESET search_path")
+        cursor.close()
+        if not getattr(dbapi_connection, "autocommit", False):
+            dbapi_connection.commit()
+    except Exception as error:  # never hand on a connection whose path may be a tenant's
+        record.invalidate(error)
+
+
+def _quote(identifier: str) -> str:
+    """``identifier`` as a quoted PostgreSQL identifier."""
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def _uses_flask_migrate() -> bool:
+    """Whether the current app has Flask-Migrate (then Alembic makes the tenant tables)."""
+    return "migrate" in current_app.extensions
+
+
+def _version_table() -> str:
+    """The name of Alembic's version table (``version_table`` in ``configure_args``)."""
+    migrate = current_app.extensions.get("migrate")
+    configured = migrate.configure_args.get("version_table") if migrate is not None else None
+    return str(configured or "alembic_version")
+
+
+@contextmanager
+def _version_table_in(migrate: t.Any, schema: str) -> t.Iterator[None]:
+    """Make Flask-Migrate's ``env.py`` keep the version table in ``schema`` for the block."""
+    configure_args: dict[str, t.Any] = migrate.configure_args
+    missing = object()
+    previous = configure_args.get("version_table_schema", missing)
+    configure_args["version_table_schema"] = schema
+    try:
+        yield
+    finally:
+        if previous is missing:
+            configure_args.pop("version_table_schema", None)
+        else:
+            configure_args["version_table_schema"] = previous
 
 
 def _guard_orm_execute(state: ORMExecuteState) -> None:
@@ -182,8 +357,22 @@ def _guard_orm_execute(state: ORMExecuteState) -> None:
     if not tenant_mappers:
         return
     tenant = _require_tenant("Querying a tenant model")
-    if tenant is not None and state.is_select:
-        state.update_execution_options(identity_token=tenant)
+    if state.is_select:
+        _check_loaded_from(state, tenant)
+        if tenant is not None:
+            state.update_execution_options(identity_token=tenant)
+
+
+def _check_loaded_from(state: ORMExecuteState, tenant: str | None) -> None:
+    """Refuse to refresh or lazy-load an object of another tenant with this tenant's schema."""
+    parent = state.lazy_loaded_from or state.load_options._refresh_state
+    if parent is None or is_shared_model(parent.class_):
+        return
+    owner = t.cast("str | None", parent.identity_token)
+    if owner != tenant:
+        what = "Lazy-loading a relationship of" if state.lazy_loaded_from else "Refreshing"
+        described = f"{what} {parent.class_.__name__} {parent.identity}"
+        raise TenantMismatchError(owner, tenant, described)
 
 
 def _guard_flush(session: Session, flush_context: UOWTransaction, instances: object) -> None:

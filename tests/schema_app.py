@@ -1,0 +1,85 @@
+"""The app of the schema-strategy tests: shared and tenant models on PostgreSQL.
+
+Importable by subprocesses (``flask --app tests.schema_app tenant-jobs list``), so
+:func:`create_app` with no arguments reads its settings from the environment:
+``SCHEMA_APP_DATABASE_URL``, ``SCHEMA_APP_SCHEMA_FORMAT``, ``SCHEMA_APP_SHARED_SCHEMA``
+and ``SCHEMA_APP_TENANTS`` (comma-separated).
+
+The engine pool holds ONE connection, so every test reuses the same PostgreSQL
+connection and any search_path left behind would be seen by the next user.
+"""
+
+from __future__ import annotations
+
+import os
+import typing as t
+
+import sqlalchemy as sa
+from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from flask_tenant_jobs import TenantJobs, TenantScoped
+
+db = SQLAlchemy(engine_options={"pool_size": 1, "max_overflow": 0, "pool_timeout": 5})
+tenant_jobs = TenantJobs()
+
+
+class Tenant(db.Model):  # type: ignore[name-defined,misc]
+    """A shared model: the tenants table of the documented recipe."""
+
+    __tenant_shared__ = True
+    __tablename__ = "tenants"
+    name: Mapped[str] = mapped_column(sa.String(63), primary_key=True)
+
+
+class Item(db.Model):  # type: ignore[name-defined,misc]
+    """A tenant model: lives in each tenant's schema."""
+
+    __tablename__ = "items"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(50))
+    notes: Mapped[list[Note]] = relationship(back_populates="item")
+
+
+class Note(db.Model):  # type: ignore[name-defined,misc]
+    """A tenant model referencing another tenant model."""
+
+    __tablename__ = "notes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    item_id: Mapped[int] = mapped_column(sa.ForeignKey("items.id"))
+    text: Mapped[str] = mapped_column(sa.String(50))
+    item: Mapped[Item] = relationship(back_populates="notes")
+
+
+class Order(TenantScoped, db.Model):  # type: ignore[name-defined,misc]
+    """A column-strategy model used in schema mode: ``tenant_id`` still filled on flush."""
+
+    __tablename__ = "orders"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    status: Mapped[str] = mapped_column(sa.String(20), default="pending")
+
+
+def create_app(**config: t.Any) -> Flask:
+    """The app; ``config`` overrides the settings read from the environment."""
+    app = Flask(__name__)
+    tenants = os.environ.get("SCHEMA_APP_TENANTS", "acme,globex")
+    app.config.update(
+        SERVER_NAME="example.test",
+        SQLALCHEMY_DATABASE_URI=os.environ.get(
+            "SCHEMA_APP_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+        ),
+        TENANT_JOBS_STRATEGY="schema",
+        TENANT_JOBS_TENANTS=[name for name in tenants.split(",") if name],
+        TENANT_JOBS_SCHEMA_FORMAT=os.environ.get("SCHEMA_APP_SCHEMA_FORMAT", "tenant_{tenant}"),
+        TENANT_JOBS_SHARED_SCHEMA=os.environ.get("SCHEMA_APP_SHARED_SCHEMA", "public"),
+    )
+    app.config.update(config)
+    db.init_app(app)
+    tenant_jobs.init_app(app, db=db)
+
+    @app.get("/items")
+    def items() -> dict[str, list[str]]:
+        return {"items": list(db.session.scalars(sa.select(Item.name).order_by(Item.id)))}
+
+    return app
