@@ -1,7 +1,9 @@
 """Exceptions raised by flask-tenant-jobs.
 
 Every error says what went wrong and what to do about it, and carries the
-tenant name (``.tenant``) where there is one.
+tenant name (``.tenant``) where there is one. An error's ``args`` are the
+arguments it was made with, so that it comes back whole from Celery's result
+backend (which rebuilds it as ``cls(*args)``) and from pickling.
 """
 
 from __future__ import annotations
@@ -12,7 +14,13 @@ class TenantError(Exception):
 
     def __init__(self, message: str, tenant: str | None = None) -> None:
         super().__init__(message)
+        self.message = message
         self.tenant = tenant
+        if tenant is not None:
+            self.args = (message, tenant)
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class ConfigurationError(TenantError):
@@ -30,6 +38,7 @@ class InvalidTenantNameError(TenantError, ValueError):
             "inner hyphens (a DNS label, e.g. 'acme' or 'acme-eu').",
             tenant if isinstance(tenant, str) else None,
         )
+        self.args = (tenant, reason) if reason else (tenant,)
 
 
 class TenantNotFoundError(TenantError, LookupError):
@@ -41,6 +50,7 @@ class TenantNotFoundError(TenantError, LookupError):
             "it reads) or create it with 'flask tenant-jobs create'.",
             tenant,
         )
+        self.args = (tenant,)
 
 
 class NoTenantError(TenantError, RuntimeError):
@@ -52,6 +62,7 @@ class NoTenantError(TenantError, RuntimeError):
             "'tenant_jobs.switch(name)' or a tenant request, or use "
             "'tenant_jobs.without_tenant()' for deliberate cross-tenant work.",
         )
+        self.args = (action,)
 
 
 class TenantMismatchError(TenantError):
@@ -63,6 +74,7 @@ class TenantMismatchError(TenantError):
             "switch to that tenant first, or leave 'tenant_id' unset so it is assigned.",
             tenant,
         )
+        self.args = (tenant, current, what)
         self.current = current
 
 
@@ -75,6 +87,7 @@ class TenantImmutableError(TenantError):
             f"{new_tenant!r}. Copy the data into a new object inside the other tenant instead.",
             tenant,
         )
+        self.args = (tenant, new_tenant, what)
 
 
 class SchemaNotFoundError(TenantError, LookupError):
@@ -86,4 +99,5 @@ class SchemaNotFoundError(TenantError, LookupError):
             f"'tenant_jobs.create({tenant!r})' or 'flask tenant-jobs create {tenant}'.",
             tenant,
         )
+        self.args = (tenant, schema)
         self.schema = schema

@@ -60,7 +60,7 @@ class TenantTask(Task):  # type: ignore[misc]
 
     def apply(self, args: t.Any = None, kwargs: t.Any = None, **options: t.Any) -> t.Any:
         """Run the task here and now, exactly as a worker would (tenant restored and reset)."""
-        return super().apply(args, kwargs, **self._with_tenant(options))
+        return super().apply(args, kwargs, **self._with_tenant(options, sent=False))
 
     def on_replace(self, sig: Signature) -> t.Any:
         """Replace the task; in eager mode too (Celery's eager replace would refuse to join)."""
@@ -76,9 +76,18 @@ class TenantTask(Task):  # type: ignore[misc]
         tenants: t.Iterable[str] | None = None,
         **options: t.Any,
     ) -> list[AsyncResult]:
-        """Send the task once per tenant (or per name in ``tenants``), each in its tenant."""
+        """Send the task once per tenant (or per name in ``tenants``), each in its tenant.
+
+        The names in ``tenants`` are all checked before anything is sent: an unknown
+        or malformed one raises and no task is sent.
+        """
         with self._app_context():
-            names = _extension(self._flask_app).tenant_names() if tenants is None else list(tenants)
+            extension = _extension(self._flask_app)
+            names = (
+                extension.tenant_names()
+                if tenants is None
+                else [extension.validate(name) for name in tenants]
+            )
         headers = dict(options.pop("headers", None) or {})
         with self.app.producer_or_acquire(options.pop("producer", None)) as producer:
             return [
@@ -105,8 +114,12 @@ class TenantTask(Task):  # type: ignore[misc]
         """The Flask app context to look tenants up in: the current one, else a new one."""
         return nullcontext() if has_app_context() else self._flask_app.app_context()
 
-    def _with_tenant(self, options: dict[str, t.Any]) -> dict[str, t.Any]:
-        """``options`` whose headers name a known tenant; linked signatures carry it too."""
+    def _with_tenant(self, options: dict[str, t.Any], sent: bool = True) -> dict[str, t.Any]:
+        """``options`` whose headers name a known tenant; linked signatures carry it too.
+
+        ``sent``: the task is being sent (``task_enqueued`` fires), not run by ``apply()``
+        (which eager ``apply_async`` also ends in: the signal fires once).
+        """
         header = self._header
         headers = dict(options.get("headers") or {})
         tenant = headers.get(header)
@@ -121,7 +134,7 @@ class TenantTask(Task):  # type: ignore[misc]
         for key in ("link", "link_error", "chord"):
             for sig in _signatures(options.get(key)):
                 _stamp_signature(sig, header, tenant)
-        if signals.task_enqueued.receivers:
+        if sent and signals.task_enqueued.receivers:
             signals.task_enqueued.send(self._flask_app, task=self.name, tenant=tenant)
         return {**options, "headers": headers}
 

@@ -50,12 +50,15 @@ class TenantCelery(Celery):  # type: ignore[misc]
         return super().send_task(name, args, kwargs, **self.stamp_tenant(name, options))
 
     def stamp_tenant(self, name: str, options: dict[str, t.Any]) -> dict[str, t.Any]:
-        """``options`` for sending task ``name``: a tenant task's headers name its tenant."""
+        """``options`` for sending task ``name``: a tenant task's headers name its tenant.
+
+        An explicit tenant header is validated, as in ``apply_async``. Options that
+        ``TenantTask.apply_async`` already checked (it passes ``task_type``) are kept.
+        """
         task = self.tasks.get(name)
-        headers = options.get("headers") or {}
-        if isinstance(task, TenantTask) and self.tenant_header not in headers:
-            return task._with_tenant(options)
-        return options
+        if not isinstance(task, TenantTask) or isinstance(options.get("task_type"), TenantTask):
+            return options
+        return task._with_tenant(options)
 
 
 def make_celery(app: Flask, header: str) -> TenantCelery:

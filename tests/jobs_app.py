@@ -169,3 +169,28 @@ def create_app(**overrides: t.Any) -> Flask:
     db.init_app(app)
     tenant_jobs.init_app(app, db=db)
     return app
+
+
+# -- For the in-process Celery matrix (tests/test_jobs.py) -------------------------------
+
+#: The logger ``log_tenant`` writes to.
+TASK_LOGGER = "tests.jobs_app.tasks"
+
+
+class KnownTenant(db.Model):  # type: ignore[name-defined,misc]
+    """A shared (not tenant-scoped) table of tenant names, for a ``TENANT_JOBS_TENANTS``
+    callable that reads it."""
+
+    __tablename__ = "jobs_known_tenant"
+    __tenant_shared__ = True
+
+    name = db.Column(db.String(63), primary_key=True)
+
+
+@tenant_task(bind=True)
+def log_tenant(self: Task, label: t.Any = None) -> dict[str, t.Any]:
+    """Log one record (``TASK_LOGGER``, level WARNING) from inside the task, then report."""
+    import logging
+
+    logging.getLogger(TASK_LOGGER).warning("log_tenant %s", label)
+    return observe(self, label)
