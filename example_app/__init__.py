@@ -1,9 +1,12 @@
 """A small multi-tenant shop: tenants ``acme`` and ``globex`` keep their own orders.
 
 Run ``python -m example_app demo`` for a self-checking tour, or
-``flask --app example_app run`` to serve it. ``DATABASE_URL`` switches from the
-default SQLite file (in the instance folder) to another database, e.g.
-``postgresql+psycopg://postgres@127.0.0.1:5432/test``.
+``flask --app example_app run`` to serve it and ``flask --app example_app
+tenant-jobs worker`` to run its jobs. ``DATABASE_URL`` switches from the default
+SQLite file (in the instance folder) to another database, e.g.
+``postgresql+psycopg://postgres@127.0.0.1:5432/test``; ``CELERY_BROKER_URL`` and
+``CELERY_RESULT_BACKEND`` switch from the embedded broker (files in the instance
+folder) to e.g. ``redis://127.0.0.1:6379/0``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ def create_app(config: t.Mapping[str, t.Any] | None = None) -> Flask:
         SERVER_NAME="example.test",
         SQLALCHEMY_DATABASE_URI=database_url(app.instance_path),
         TENANT_JOBS_TENANTS=TENANTS,
+        CELERY=celery_config(app.instance_path),
     )
     app.config.from_prefixed_env()  # e.g. FLASK_SERVER_NAME=localhost:5000
     if config:
@@ -37,7 +41,7 @@ def create_app(config: t.Mapping[str, t.Any] | None = None) -> Flask:
     db.init_app(app)
     tenant_jobs.init_app(app, db=db)
 
-    from . import models, views
+    from . import jobs, models, views  # noqa: F401 - jobs registers the tasks
 
     app.register_blueprint(views.bp)
     app.cli.add_command(models.init_db_command)
@@ -56,3 +60,33 @@ def database_url(instance_path: str) -> str:
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix) :]
     return url
+
+
+def celery_config(instance_path: str) -> dict[str, t.Any]:
+    """Celery settings: ``CELERY_BROKER_URL`` etc., else an embedded broker made of files."""
+    broker = os.environ.get("CELERY_BROKER_URL")
+    if broker:
+        backend = os.environ.get("CELERY_RESULT_BACKEND", broker)
+        return {"broker_url": broker, "result_backend": backend, **BEAT}
+    folder = os.path.join(instance_path, "celery")
+    queue, results = os.path.join(folder, "queue"), os.path.join(folder, "results")
+    for path in (queue, results):
+        os.makedirs(path, exist_ok=True)
+    return {
+        "broker_url": "filesystem://localhost/",
+        "broker_transport_options": {
+            "data_folder_in": queue,
+            "data_folder_out": queue,
+            "polling_interval": 0.05,
+        },
+        "result_backend": f"file://{results}",
+        **BEAT,
+    }
+
+
+#: Beat runs ``send_digest`` once per tenant every day (``flask tenant-jobs beat``).
+BEAT = {
+    "beat_schedule": {
+        "daily-digest": {"task": "example_app.jobs.send_digest", "schedule": 24 * 3600},
+    },
+}

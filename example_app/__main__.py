@@ -14,14 +14,18 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser(
         "demo",
-        help="create orders as two tenants through real requests and show what each sees "
-        "(resets the example's tables; DATABASE_URL picks the database, default SQLite)",
+        help="create orders as two tenants through real requests, show what each sees, then "
+        "run the jobs on an in-process worker (resets the example's tables; DATABASE_URL "
+        "picks the database, default SQLite; CELERY_BROKER_URL the broker, default embedded)",
     )
     parser.parse_args(argv)
 
-    from .demo import run_demo
+    from . import create_app
+    from .demo import run_demo, run_jobs_demo
 
-    return 0 if run_demo().isolated else 1
+    app = create_app()
+    isolated = run_demo(app).isolated
+    return 0 if isolated and run_jobs_demo(app).correct else 1
 
 
 if __name__ == "__main__":

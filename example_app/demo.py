@@ -84,3 +84,79 @@ def run_demo(app: Flask | None = None, out: t.Callable[[str], None] = print) -> 
     else:
         out("ISOLATION BROKEN: see the requests above.")
     return result
+
+
+@dataclass
+class JobsResult:
+    """What the jobs reported, per tenant."""
+
+    processed: dict[str, list[str]] = field(default_factory=dict)
+    reports: dict[str, dict[str, int]] = field(default_factory=dict)
+    digests: list[str] = field(default_factory=list)
+    everywhere: dict[str, int] = field(default_factory=dict)
+    nightly: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def correct(self) -> bool:
+        return (
+            self.processed == {"acme": ["processed", "processed"], "globex": ["processed"]}
+            and self.reports == {"acme": {"processed": 2}, "globex": {"processed": 1}}
+            and self.digests == ["acme: 2 orders in the shop", "globex: 1 orders in the shop"]
+            and self.everywhere == {"acme": 2, "globex": 1}
+            and self.nightly == {"acme": "nightly", "globex": "nightly"}
+        )
+
+
+def run_jobs_demo(app: Flask | None = None, out: t.Callable[[str], None] = print) -> JobsResult:
+    """Orders placed through requests are processed by a worker, each in its tenant."""
+    from celery.contrib.testing.worker import start_worker
+
+    from . import jobs, tenant_jobs
+
+    app = app or create_app()
+    server = app.config["SERVER_NAME"]
+    celery_app = tenant_jobs_celery(app)
+    with app.app_context():
+        reset_db()
+    celery_app.control.purge()
+    client = app.test_client()
+    result = JobsResult()
+    out("")
+    out(f"Jobs: an in-process worker on {celery_app.conf.broker_url}")
+    with start_worker(celery_app, pool="solo", perform_ping_check=False, loglevel="WARNING"):
+        job_ids = []
+        for tenant, item in ORDERS:
+            body = client.post(f"http://{tenant}.{server}/orders", json={"item": item}).get_json()
+            job_ids.append((tenant, body["job"]))
+        for tenant, job_id in job_ids:
+            done = jobs.process_order.AsyncResult(job_id).get(timeout=30)
+            result.processed.setdefault(tenant, []).append(done["status"])
+            status = client.get(f"http://{tenant}.{server}/jobs/{job_id}").get_json()["state"]
+            out(f"process_order({done['order']}) ran in {done['tenant']}: {done['status']} "
+                f"(GET /jobs/... -> {status})")
+        with app.app_context():
+            for tenant in tenant_jobs.tenant_names():
+                with tenant_jobs.switch(tenant):
+                    report = jobs.order_report.delay("weekly", ["processed"])
+                    digest = jobs.send_digest.apply_async(countdown=1)
+                done = report.get(timeout=30)
+                result.reports[done["tenant"]] = done["counts"]
+                out(f"order_report('weekly') ran in {done['tenant']}: {done['counts']}")
+                result.digests.append(digest.get(timeout=30))
+                out(f"send_digest (sent with countdown=1) ran: {result.digests[-1]}")
+            result.everywhere = jobs.count_orders_everywhere.delay().get(timeout=30)
+            out(f"count_orders_everywhere (a plain task visiting each tenant): "
+                f"{result.everywhere}")
+            for job_id in jobs.start_nightly_reports.delay().get(timeout=30):
+                done = jobs.order_report.AsyncResult(job_id).get(timeout=30)
+                result.nightly[done["tenant"]] = done["kind"]
+            out(f"start_nightly_reports sent one order_report per tenant: {result.nightly}")
+    out("")
+    out("Jobs hold too: each job ran in its own tenant." if result.correct
+        else "JOBS BROKEN: see the lines above.")
+    return result
+
+
+def tenant_jobs_celery(app: Flask) -> t.Any:
+    """The Celery app of ``app``."""
+    return app.extensions["celery"]

@@ -8,6 +8,7 @@ from flask.typing import ResponseReturnValue
 from flask_tenant_jobs import current_tenant
 
 from . import db
+from .jobs import process_order
 from .models import Order
 
 bp = Blueprint("shop", __name__)
@@ -36,4 +37,13 @@ def create_order() -> ResponseReturnValue:
     order = Order(item=item.strip()[:100])
     db.session.add(order)
     db.session.commit()
-    return jsonify(order.to_dict()), 201
+    job = process_order.delay(order.id)  # carries this request's tenant to the worker
+    return jsonify({**order.to_dict(), "job": job.id}), 201
+
+
+@bp.get("/jobs/<job_id>")
+def job_status(job_id: str) -> ResponseReturnValue:
+    """The state of a job (``PENDING``, ``SUCCESS``, ...) and its result once done."""
+    result = process_order.AsyncResult(job_id)
+    done = result.successful()
+    return jsonify(job=job_id, state=result.state, result=result.result if done else None)

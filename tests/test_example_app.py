@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # example_app lives in the repository, it is not installed
     sys.path.insert(0, str(ROOT))
@@ -54,7 +56,7 @@ def test_demo_command(tmp_path: Path) -> None:
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    for expected in EXPECTED_LINES:
+    for expected in EXPECTED_LINES + JOBS_LINES:
         assert expected in done.stdout
 
 
@@ -79,3 +81,39 @@ def test_flask_finds_the_factory() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "/orders" in done.stdout
+
+
+JOBS_LINES = [
+    "process_order(1) ran in acme: processed (GET /jobs/... -> SUCCESS)",
+    "process_order(3) ran in globex: processed (GET /jobs/... -> SUCCESS)",
+    "order_report('weekly') ran in acme: {'processed': 2}",
+    "send_digest (sent with countdown=1) ran: globex: 1 orders in the shop",
+    "count_orders_everywhere (a plain task visiting each tenant): {'acme': 2, 'globex': 1}",
+    "start_nightly_reports sent one order_report per tenant: "
+    "{'acme': 'nightly', 'globex': 'nightly'}",
+    "Jobs hold too: each job ran in its own tenant.",
+]
+
+
+def test_jobs_demo_on_the_embedded_broker(tmp_path: Path) -> None:
+    from example_app.demo import run_jobs_demo
+
+    app = create_app({"SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'jobs.sqlite3'}"})
+    lines: list[str] = []
+    result = run_jobs_demo(app, out=lines.append)
+    output = "\n".join(lines)
+    assert result.correct, output
+    for expected in JOBS_LINES:
+        assert expected in output
+
+
+def test_jobs_demo_on_redis_and_postgres(
+    tmp_path: Path, redis_url: str, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from example_app.demo import run_jobs_demo
+
+    monkeypatch.setenv("CELERY_BROKER_URL", redis_url)
+    app = create_app({"SQLALCHEMY_DATABASE_URI": postgres_url})
+    assert app.extensions["celery"].conf.broker_url.startswith("redis://")
+    result = run_jobs_demo(app, out=lambda line: None)
+    assert result.correct
