@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 
 import click
+from celery import maybe_patch_concurrency
 from flask import Flask, current_app
 from flask.cli import AppGroup, ScriptInfo
 
@@ -23,7 +24,12 @@ def _load_app(ctx: click.Context) -> Flask:
 
 
 def _extension(app: Flask) -> t.Any:
-    return app.extensions["tenant_jobs"]
+    try:
+        return app.extensions["tenant_jobs"]
+    except KeyError:  # the command is a Flask plugin: it is offered for every app
+        raise click.ClickException(
+            f"TenantJobs is not set up on app {app.name!r}: call 'tenant_jobs.init_app(app)'."
+        ) from None
 
 
 def _run_celery(ctx: click.Context, command: str, celery_args: tuple[str, ...]) -> None:
@@ -38,7 +44,42 @@ def _run_celery(ctx: click.Context, command: str, celery_args: tuple[str, ...]) 
 @click.pass_context
 def worker_command(ctx: click.Context, celery_args: tuple[str, ...]) -> None:
     """Run a Celery worker for this app; other arguments go to Celery (-P, -c, -Q, -l ...)."""
+    _patch_for_pool(ctx, celery_args)
     _run_celery(ctx, "worker", celery_args)
+
+
+def _patch_for_pool(ctx: click.Context, celery_args: tuple[str, ...]) -> None:
+    """Monkey-patch for ``-P gevent``/``-P eventlet`` before the app is loaded.
+
+    The ``celery`` command does this first thing in its ``main()``; a worker started
+    through ``flask`` must do it itself, or the gevent pool never yields to its
+    consumer (the worker says "ready" and serves nothing, not even a ping), and locks
+    and pools the app makes before the patch block every greenlet at once. The
+    ``flask.commands`` entry point lets Flask find this command without loading the
+    app first.
+    """
+    pool = _pool_option(celery_args)
+    if pool not in ("gevent", "eventlet"):
+        return
+    if ctx.ensure_object(ScriptInfo)._loaded_app is not None:
+        click.echo(
+            f"Warning: the app was loaded before the {pool} monkey-patching; reinstall "
+            "flask-tenant-jobs so that Flask finds 'tenant-jobs' through its entry point.",
+            err=True,
+        )
+    maybe_patch_concurrency(["celery", "worker", "-P", pool])
+
+
+def _pool_option(celery_args: tuple[str, ...]) -> str | None:
+    """The value of Celery's ``-P``/``--pool`` option in ``celery_args``, if any."""
+    for i, arg in enumerate(celery_args):
+        if arg in ("-P", "--pool"):
+            return celery_args[i + 1] if i + 1 < len(celery_args) else None
+        if arg.startswith("--pool="):
+            return arg.partition("=")[2]
+        if arg.startswith("-P"):
+            return arg[2:]
+    return None
 
 
 @tenant_jobs_cli.command("beat", context_settings=_PASS_THROUGH, with_appcontext=False)

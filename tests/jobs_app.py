@@ -171,6 +171,116 @@ def create_app(**overrides: t.Any) -> Flask:
     return app
 
 
+# -- Variants for the subprocess worker tests (tests/test_workers.py) --------------------
+#
+# ``create_variant_app()`` is ``create_app()`` plus switches read from the environment,
+# so that ``flask --app "tests.jobs_app:create_variant_app()" ...`` subprocesses can run:
+#
+# * ``JOBS_TENANTS_FROM_TABLE=1``: ``TENANT_JOBS_TENANTS`` is :func:`tenants_from_table`,
+#   which reads the shared ``jobs_tenant`` table and counts its calls in Redis
+#   (``INCR jobs:tenant_source_calls`` at ``JOBS_COUNTER_URL``, when set);
+# * ``JOBS_CACHE_SECONDS``: ``TENANT_JOBS_CACHE_SECONDS``;
+# * ``JOBS_BEAT=1``: a beat schedule running ``write_seen`` every second for every tenant
+#   (label ``beat-all``) and for ``globex`` only (label ``beat-globex``);
+# * ``JOBS_WARM_ENGINE=1``: the app opens (and pools) a database connection when it is
+#   made, and records its server pid in Redis (``jobs:parent_backend_pid``), so that a
+#   forked worker child would inherit it unless the engines are disposed after the fork;
+# * ``JOBS_DEFAULT_QUEUE``: Celery's ``task_default_queue`` (so that concurrent test runs
+#   sharing a broker do not take each other's tasks);
+# * ``JOBS_NO_CELERY=1``: no ``CELERY`` configuration at all.
+
+SOURCE_CALLS_KEY = "jobs:tenant_source_calls"
+PARENT_BACKEND_PID_KEY = "jobs:parent_backend_pid"
+
+
+class Tenant(db.Model):  # type: ignore[name-defined,misc]
+    """A shared (not tenant-scoped) table of tenant names."""
+
+    __tablename__ = "jobs_tenant"
+    __tenant_shared__ = True
+
+    name = db.Column(db.String(63), primary_key=True)
+
+
+def _counter_redis() -> t.Any:
+    url = os.environ.get("JOBS_COUNTER_URL")
+    if not url:
+        return None
+    import redis
+
+    return redis.Redis.from_url(url)
+
+
+def tenants_from_table() -> list[str]:
+    """``TENANT_JOBS_TENANTS`` as a callable: the names in ``jobs_tenant`` (calls counted)."""
+    counter = _counter_redis()
+    if counter is not None:
+        counter.incr(SOURCE_CALLS_KEY)
+    with db.engine.connect() as connection:
+        return list(connection.execute(db.select(Tenant.name)).scalars())
+
+
+BEAT_SCHEDULE = {
+    "write-seen-every-tenant": {
+        "task": "tests.jobs_app.write_seen",
+        "schedule": 1.0,
+        "args": ("beat-all",),
+    },
+    "write-seen-globex": {
+        "task": "tests.jobs_app.write_seen",
+        "schedule": 1.0,
+        "args": ("beat-globex",),
+        "options": {"tenants": ["globex"]},
+    },
+}
+
+
+@tenant_task(bind=True)
+def db_backend(self: Task, label: t.Any = None) -> dict[str, t.Any]:
+    """Report the worker process id and the database server pid of the task's connection."""
+    import time
+
+    backend_pid = db.session.execute(db.text("SELECT pg_backend_pid()")).scalar()
+    time.sleep(0.05)  # let the other pool processes take their share
+    return {**observe(self, label), "pid": os.getpid(), "backend_pid": backend_pid}
+
+
+def create_variant_app() -> Flask:
+    """``create_app()`` with the environment switches described above."""
+    if os.environ.get("JOBS_NO_CELERY") == "1":
+        app = Flask(__name__)
+        app.config.update(
+            SERVER_NAME="example.test",
+            SQLALCHEMY_DATABASE_URI=os.environ.get(
+                "JOBS_DATABASE_URL", f"sqlite:///{os.path.abspath('jobs_app.sqlite3')}"
+            ),
+            TENANT_JOBS_TENANTS=TENANTS,
+        )
+        db.init_app(app)
+        tenant_jobs.init_app(app, db=db)
+        return app
+    overrides: dict[str, t.Any] = {}
+    if os.environ.get("JOBS_TENANTS_FROM_TABLE") == "1":
+        overrides["TENANT_JOBS_TENANTS"] = tenants_from_table
+    if os.environ.get("JOBS_CACHE_SECONDS"):
+        overrides["TENANT_JOBS_CACHE_SECONDS"] = float(os.environ["JOBS_CACHE_SECONDS"])
+    celery_overrides: dict[str, t.Any] = {}
+    if os.environ.get("JOBS_DEFAULT_QUEUE"):
+        celery_overrides["task_default_queue"] = os.environ["JOBS_DEFAULT_QUEUE"]
+    if os.environ.get("JOBS_BEAT") == "1":
+        celery_overrides["beat_schedule"] = BEAT_SCHEDULE
+    overrides["CELERY"] = celery_overrides
+    app = create_app(**overrides)
+    if os.environ.get("JOBS_WARM_ENGINE") == "1":
+        with app.app_context():
+            backend_pid = db.session.execute(db.text("SELECT pg_backend_pid()")).scalar()
+            db.session.remove()  # the connection goes back to the pool, still open
+        counter = _counter_redis()
+        if counter is not None:
+            counter.set(PARENT_BACKEND_PID_KEY, str(backend_pid))
+    return app
+
+
 # -- For the in-process Celery matrix (tests/test_jobs.py) -------------------------------
 
 #: The logger ``log_tenant`` writes to.
@@ -194,3 +304,8 @@ def log_tenant(self: Task, label: t.Any = None) -> dict[str, t.Any]:
 
     logging.getLogger(TASK_LOGGER).warning("log_tenant %s", label)
     return observe(self, label)
+
+
+def create_app_without_tenant_jobs() -> Flask:
+    """A Flask app that does not use ``TenantJobs`` (for the CLI's error messages)."""
+    return Flask("plain")
