@@ -69,14 +69,15 @@ def celery_config(instance_path: str) -> dict[str, t.Any]:
         backend = os.environ.get("CELERY_RESULT_BACKEND", broker)
         return {"broker_url": broker, "result_backend": backend, **BEAT}
     folder = os.path.join(instance_path, "celery")
-    queue, results = os.path.join(folder, "queue"), os.path.join(folder, "results")
-    for path in (queue, results):
+    queue, control, results = (os.path.join(folder, n) for n in ("queue", "control", "results"))
+    for path in (queue, control, results):
         os.makedirs(path, exist_ok=True)
     return {
         "broker_url": "filesystem://localhost/",
         "broker_transport_options": {
             "data_folder_in": queue,
             "data_folder_out": queue,
+            "control_folder": control,
             "polling_interval": 0.05,
         },
         "result_backend": f"file://{results}",

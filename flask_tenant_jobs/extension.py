@@ -187,9 +187,13 @@ class TenantJobs:
         """Facts about tenant ``name``'s storage (schema strategy: schema, whether it exists)."""
         return self._state().strategy.describe(validate_name(name))
 
-    def refresh(self) -> None:
-        """Forget the cached tenant names so the next lookup reads ``TENANT_JOBS_TENANTS``."""
-        self._state().registry.invalidate()
+    def refresh(self, older_than: float = 0.0) -> bool:
+        """Forget the cached tenant names so the next lookup reads ``TENANT_JOBS_TENANTS``.
+
+        With ``older_than``, only names read more than that many seconds ago are
+        forgotten. Returns whether they were.
+        """
+        return self._state().registry.invalidate(older_than)
 
     # -- internals --------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ class TenantRegistry:
         self._names: frozenset[str] = frozenset()
         self._sorted: tuple[str, ...] = ()
         self._expires = -1.0
+        self._loaded_at = -float("inf")
         self._lock = threading.Lock()
         if not callable(source):
             self._store(source)
@@ -68,10 +69,17 @@ class TenantRegistry:
             raise TenantNotFoundError(validated)
         return validated
 
-    def invalidate(self) -> None:
-        """Forget the cached names so the next lookup reads the source again."""
-        if callable(self._source):
-            self._expires = -1.0
+    def invalidate(self, older_than: float = 0.0) -> bool:
+        """Forget the cached names so the next lookup reads the source again.
+
+        With ``older_than``, only names read longer ago than that many seconds are
+        forgotten, which bounds how often misses can make the source be read.
+        Returns whether they were forgotten.
+        """
+        if not callable(self._source) or time.monotonic() - self._loaded_at < older_than:
+            return False
+        self._expires = -1.0
+        return True
 
     def _refresh_if_stale(self) -> None:
         if time.monotonic() < self._expires:
@@ -81,7 +89,8 @@ class TenantRegistry:
                 return
             source = t.cast(t.Callable[[], t.Iterable[str]], self._source)
             self._store(source())
-            self._expires = time.monotonic() + self._cache_seconds
+            self._loaded_at = time.monotonic()
+            self._expires = self._loaded_at + self._cache_seconds
 
     def _store(self, names: t.Iterable[str]) -> None:
         if isinstance(names, str):

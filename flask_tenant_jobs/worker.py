@@ -28,11 +28,13 @@ from celery.signals import (
 from flask import Flask
 
 from . import context, signals
-from .errors import NoTenantError, TenantError
+from .errors import NoTenantError, TenantError, TenantNotFoundError
 from .log import TenantLogFilter
 from .tasks import DEFAULT_HEADER, TENANT_ERROR, TenantTask
 
 _RESTORE = "_tenant_jobs_restore"
+#: A worker meeting an unknown tenant reads the tenant source again, at most this often.
+MISS_RELOAD_SECONDS = 1.0
 #: Flask apps whose database engines a forked worker child must not share.
 _FLASK_APPS: WeakSet[Flask] = WeakSet()
 
@@ -133,12 +135,23 @@ def _restorable_tenant(task: TenantTask, celery_app: TenantCelery) -> str:
         raise NoTenantError(f"The tenant task {task.name!r} (its message names no tenant)")
     extension = celery_app.flask_app.extensions["tenant_jobs"]
     try:
-        tenant = t.cast(str, extension.validate(raw))
+        tenant = _validate_reloading_once(extension, raw)
     except TenantError:
         signals.tenant_not_found.send(celery_app.flask_app, tenant=raw, source="task")
         raise
     setattr(task.request, celery_app.tenant_header, tenant)
     return tenant
+
+
+def _validate_reloading_once(extension: t.Any, raw: object) -> str:
+    """Validate ``raw``; an unknown tenant may be one created moments ago elsewhere, so
+    the tenant source is read again first (at most once per ``MISS_RELOAD_SECONDS``)."""
+    try:
+        return t.cast(str, extension.validate(raw))
+    except TenantNotFoundError:
+        if not extension.refresh(older_than=MISS_RELOAD_SECONDS):
+            raise
+        return t.cast(str, extension.validate(raw))
 
 
 def _dispose_engines_after_fork(**_: t.Any) -> None:

@@ -50,6 +50,7 @@ from flask_tenant_jobs import (
     TenantNotFoundError,
     current_tenant,
 )
+from flask_tenant_jobs import worker as worker_module
 from flask_tenant_jobs.log import TenantLogFilter
 from flask_tenant_jobs.signals import task_enqueued, tenant_not_found
 from flask_tenant_jobs.worker import TenantCelery
@@ -533,6 +534,27 @@ def test_message_with_a_bad_tenant_fails_before_the_body_and_the_worker_carries_
         assert Seen.query.filter_by(label=label).count() == 0, "the body ran"
     with jobs.ext.switch("globex"):
         assert_observed(wait(observe_task.delay("next")), "globex", "next")
+
+
+def test_a_tenant_created_elsewhere_is_found_by_the_worker_at_once(
+    jobs: Jobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's cache does not know the new tenant yet: a miss reads the source again."""
+    monkeypatch.setattr(worker_module, "MISS_RELOAD_SECONDS", 0.0)
+    with jobs.app.app_context():
+        assert jobs.ext.exists("newco") is False  # cached without it
+        db.session.add(KnownTenant(name="newco"))
+        db.session.commit()
+    try:
+        result = deliver_unchecked(
+            jobs, observe_task.name, ("hello",), headers={"tenant_for_job": "newco"}
+        )
+        assert_observed(wait(result), "newco", "hello")
+    finally:
+        with jobs.app.app_context():
+            db.session.execute(db.delete(KnownTenant).where(KnownTenant.name == "newco"))
+            db.session.commit()
+            jobs.ext.refresh()
 
 
 @pytest.mark.parametrize(

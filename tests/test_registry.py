@@ -149,6 +149,19 @@ def test_refresh_forgets_the_cache(table_app: tuple[Flask, TenantJobs]) -> None:
     assert tenant_jobs.exists("initech")
 
 
+def test_refresh_older_than_bounds_how_often_the_source_is_read(
+    table_app: tuple[Flask, TenantJobs], clock: FakeClock
+) -> None:
+    _, tenant_jobs = table_app
+    assert not tenant_jobs.exists("initech")  # names read now
+    add_tenant_row("initech")
+    assert not tenant_jobs.refresh(older_than=1.0)  # read under a second ago: kept
+    assert not tenant_jobs.exists("initech")
+    clock.now += 1.5
+    assert tenant_jobs.refresh(older_than=1.0)
+    assert tenant_jobs.exists("initech")
+
+
 def test_cache_seconds_zero_reads_the_source_every_time() -> None:
     calls: list[int] = []
 
