@@ -82,7 +82,11 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:Call to deprecated setex:DeprecationWarning"
 )
 
-MODES = ["eager", "redis", "rabbitmq"]
+#: Each mode is a broker (eager: none), and with "-schema" the schema strategy on the real
+#: PostgreSQL instead of the column strategy on SQLite.
+MODES = ["eager", "redis", "rabbitmq", "eager-schema", "redis-schema"]
+#: Schema names of the schema-strategy modes (dropped afterwards).
+SCHEMA_FORMAT = "ftjjobs_{tenant}"
 TENANTS = ("acme", "globex", "initech")
 #: Seconds any single wait may take.
 TIMEOUT = 20.0
@@ -118,7 +122,7 @@ class Jobs:
 
     @property
     def eager(self) -> bool:
-        return self.mode == "eager"
+        return self.mode.startswith("eager")
 
     def result(self, task_id: str) -> AsyncResult:
         return self.celery.AsyncResult(task_id)
@@ -142,19 +146,20 @@ def jobs_mode(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> t.Iterator[Jobs]:
     mode: str = request.param
+    broker, _, strategy = mode.partition("-")
     celery_config: dict[str, t.Any] = {
         "task_default_queue": QUEUE,
         "worker_hijack_root_logger": False,
         "worker_enable_remote_control": False,
     }
-    if mode == "eager":
+    if broker == "eager":
         celery_config.update(
             broker_url="memory://", result_backend="cache+memory://", task_always_eager=True
         )
     else:
         results_url = _redis_db(request.getfixturevalue("redis_url"), REDIS_DB)
         redis.Redis.from_url(results_url).flushdb()
-        broker_url = results_url if mode == "redis" else request.getfixturevalue("rabbitmq_url")
+        broker_url = results_url if broker == "redis" else request.getfixturevalue("rabbitmq_url")
         celery_config.update(
             broker_url=broker_url, result_backend=results_url, task_always_eager=False
         )
@@ -166,16 +171,20 @@ def jobs_mode(
         with db.engine.connect() as connection:
             return list(connection.execute(db.select(KnownTenant.name)).scalars())
 
-    database = tmp_path_factory.mktemp(f"jobs-{mode}") / "jobs.sqlite3"
+    if strategy == "schema":
+        storage = {
+            "SQLALCHEMY_DATABASE_URI": request.getfixturevalue("postgres_url"),
+            "TENANT_JOBS_STRATEGY": "schema",
+            "TENANT_JOBS_SCHEMA_FORMAT": SCHEMA_FORMAT,
+        }
+    else:
+        database = tmp_path_factory.mktemp(f"jobs-{mode}") / "jobs.sqlite3"
+        storage = {"SQLALCHEMY_DATABASE_URI": f"sqlite:///{database}"}
     app = jobs_app.create_app(
-        SQLALCHEMY_DATABASE_URI=f"sqlite:///{database}",
-        TENANT_JOBS_TENANTS=tenants_from_table,
-        CELERY=celery_config,
+        TENANT_JOBS_TENANTS=tenants_from_table, CELERY=celery_config, **storage
     )
     with app.app_context():
-        db.create_all()
-        db.session.add_all(KnownTenant(name=name) for name in TENANTS)
-        db.session.commit()
+        _create_storage(strategy)
         engine = db.engine
     celery_app: TenantCelery = app.extensions["celery"]
     jobs = Jobs(mode, app, jobs_app.tenant_jobs, celery_app, source_calls)
@@ -202,7 +211,7 @@ def jobs_mode(
     task_prerun.connect(record_start, weak=False)
     task_postrun.connect(record_after, weak=False)
     try:
-        if mode == "eager":
+        if broker == "eager":
             yield jobs
         else:
             _purge_queue(celery_app)
@@ -220,6 +229,31 @@ def jobs_mode(
         task_prerun.disconnect(record_start)
         task_postrun.disconnect(record_after)
         event.remove(engine, "before_cursor_execute", count_tenant_queries)
+        if strategy == "schema":
+            with app.app_context():
+                _drop_storage()
+
+
+def _create_storage(strategy: str) -> None:
+    """The known-tenants table and, with the schema strategy, one schema per tenant."""
+    if strategy != "schema":
+        db.create_all()
+    else:
+        shared = [KnownTenant.__table__, jobs_app.Tenant.__table__]
+        db.metadata.create_all(db.engine, tables=shared)
+        _drop_storage()
+        for name in TENANTS:
+            jobs_app.tenant_jobs.create(name)
+    db.session.add_all(KnownTenant(name=name) for name in TENANTS)
+    db.session.commit()
+
+
+def _drop_storage() -> None:
+    """Drop what a schema-strategy mode made (also what an interrupted run left)."""
+    for name in TENANTS:
+        jobs_app.tenant_jobs.drop(name)
+    db.session.execute(db.delete(KnownTenant))
+    db.session.commit()
 
 
 @pytest.fixture
@@ -269,6 +303,12 @@ def assert_observed(observation: Observation, tenant: str | None, label: t.Any =
     assert observation["header"] == tenant, observation
     if label is not ...:
         assert observation["label"] == label, observation
+
+
+def seen_rows(**filters: t.Any) -> list[Seen]:
+    """The ``Seen`` rows of every tenant, read tenant by tenant (which both strategies
+    allow; ``without_tenant()`` reaches them all only with the column strategy)."""
+    return [row for _ in jobs_app.tenant_jobs.each() for row in Seen.query.filter_by(**filters)]
 
 
 def assert_next_plain_task_sees_no_tenant(jobs: Jobs) -> None:
@@ -476,8 +516,7 @@ def test_eager_call_site_refuses_an_unknown_tenant_before_anything_runs(jobs: Jo
     with pytest.raises(InvalidTenantNameError):
         write_seen.apply(("refused",), headers={HEADER: "Nope!"})
     assert len(jobs.started) == runs_before
-    with jobs.ext.without_tenant():
-        assert Seen.query.filter_by(label="refused").count() == 0
+    assert seen_rows(label="refused") == []
 
 
 BAD_MESSAGES: dict[str, tuple[dict[str, t.Any] | None, type[TenantError], str | None]] = {
@@ -530,8 +569,7 @@ def test_message_with_a_bad_tenant_fails_before_the_body_and_the_worker_carries_
         assert str(outcome).count(repr(signalled)) == 1
     assert HANDLER_CALLS == [("on_failure", None)], "retried, or handled in a tenant"
     assert not_found == ([(signalled, "task")] * 2 if signalled is not None else [])
-    with jobs.ext.without_tenant():
-        assert Seen.query.filter_by(label=label).count() == 0, "the body ran"
+    assert seen_rows(label=label) == [], "the body ran"
     with jobs.ext.switch("globex"):
         assert_observed(wait(observe_task.delay("next")), "globex", "next")
 
@@ -542,7 +580,8 @@ def test_a_tenant_created_elsewhere_is_found_by_the_worker_at_once(
     """The worker's cache does not know the new tenant yet: a miss reads the source again."""
     monkeypatch.setattr(worker_module, "MISS_RELOAD_SECONDS", 0.0)
     with jobs.app.app_context():
-        assert jobs.ext.exists("newco") is False  # cached without it
+        jobs.ext.create("newco")  # its storage (a schema with the schema strategy)
+        assert jobs.ext.exists("newco") is False  # the names are cached without it
         db.session.add(KnownTenant(name="newco"))
         db.session.commit()
     try:
@@ -554,7 +593,7 @@ def test_a_tenant_created_elsewhere_is_found_by_the_worker_at_once(
         with jobs.app.app_context():
             db.session.execute(db.delete(KnownTenant).where(KnownTenant.name == "newco"))
             db.session.commit()
-            jobs.ext.refresh()
+            jobs.ext.drop("newco")
 
 
 @pytest.mark.parametrize(
@@ -704,8 +743,7 @@ def test_sixty_alternating_tasks_never_leak_a_tenant(jobs: Jobs) -> None:
     assert_next_plain_task_sees_no_tenant(jobs)
 
     assert Counter(HANDLER_CALLS) == expected_handlers
-    with jobs.ext.without_tenant():
-        rows = [row for row in Seen.query.all() if row.label.startswith("alt-")]
+    rows = [row for row in seen_rows() if row.label.startswith("alt-")]
     assert sorted(row.label for row in rows) == sorted(
         f"alt-{i}" for i, (_, kind, _) in enumerate(sent) if kind == "write_seen"
     )
