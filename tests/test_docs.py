@@ -3,6 +3,8 @@
 Each ```python block of README.md and docs/*.md is executed; the blocks of one
 file run in order in one namespace (later blocks build on earlier ones), in a
 fresh interpreter per file, since models register on SQLAlchemy metadata.
+Blocks marked ```python file=NAME form a small project instead: they are written
+to files of those names and ``pytest`` runs there (docs/testing.md).
 Fragments are marked ```python-snippet (or ```text) and are not run.
 """
 
@@ -45,6 +47,16 @@ def python_blocks(path: Path) -> list[tuple[int, str]]:
     ]
 
 
+def project_files(path: Path) -> dict[str, str]:
+    """The ```python file=NAME blocks of ``path``: file name -> source."""
+    files = {}
+    for match in FENCE.finditer(path.read_text(encoding="utf-8")):
+        info = match.group(1).split()
+        if len(info) == 2 and info[0] == "python" and info[1].startswith("file="):
+            files[info[1].removeprefix("file=")] = match.group(2)
+    return files
+
+
 def test_docs_exist() -> None:
     names = {path.name for path in DOC_FILES}
     for name in ("README.md", "index.md", "getting-started.md", "configuration.md",
@@ -52,11 +64,20 @@ def test_docs_exist() -> None:
         assert name in names
 
 
-@pytest.mark.parametrize("path", DOC_FILES, ids=lambda path: str(path.relative_to(ROOT)))
+RUNNABLE = [path for path in DOC_FILES if python_blocks(path)]
+PROJECTS = [path for path in DOC_FILES if project_files(path)]
+
+
+def test_every_page_with_code_has_runnable_examples() -> None:
+    for path in DOC_FILES:
+        text = path.read_text(encoding="utf-8")
+        if "```python" in text.replace("```python-snippet", ""):
+            assert path in RUNNABLE or path in PROJECTS, path.name
+
+
+@pytest.mark.parametrize("path", RUNNABLE, ids=lambda path: str(path.relative_to(ROOT)))
 def test_python_blocks_run(path: Path, tmp_path: Path) -> None:
     blocks = python_blocks(path)
-    if not blocks:
-        pytest.skip(f"{path.name} has no runnable blocks")
     name = str(path.relative_to(ROOT))
     done = subprocess.run(
         [sys.executable, "-c", RUNNER, name],
@@ -64,6 +85,18 @@ def test_python_blocks_run(path: Path, tmp_path: Path) -> None:
         timeout=300, check=False,
     )
     assert done.returncode == 0, f"{name}: {len(blocks)} blocks\n{done.stderr}{done.stdout[-2000:]}"
+
+
+@pytest.mark.parametrize("path", PROJECTS, ids=lambda path: str(path.relative_to(ROOT)))
+def test_project_examples_pass_their_own_tests(path: Path, tmp_path: Path) -> None:
+    for name, source in project_files(path).items():
+        (tmp_path / name).write_text(source, encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, f"{path.name}:\n{done.stdout[-3000:]}{done.stderr[-2000:]}"
+    assert " passed" in done.stdout and "failed" not in done.stdout, done.stdout
 
 
 def test_docs_link_to_existing_pages() -> None:
