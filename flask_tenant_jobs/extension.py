@@ -6,6 +6,7 @@ import typing as t
 from contextlib import contextmanager
 from contextvars import Token
 from dataclasses import dataclass
+from functools import partial
 from weakref import WeakKeyDictionary
 
 from flask import Flask, abort, current_app, g, has_app_context, request
@@ -15,7 +16,7 @@ from . import context, signals
 from .cli import tenant_jobs_cli
 from .errors import ConfigurationError, NoTenantError, SchemaNotFoundError, TenantError
 from .registry import TenantRegistry, validate_name
-from .resolvers import Resolver, is_excluded_path, make_resolver
+from .resolvers import Resolver, excluded_path_matcher, make_resolver
 from .scoping import Strategy, make_strategy
 from .settings import Settings
 from .worker import TenantCelery, make_celery
@@ -69,7 +70,8 @@ class TenantJobs:
         self._states[app] = state
         app.extensions["tenant_jobs"] = self
         state.strategy.install(app, db)
-        app.before_request_funcs.setdefault(None, []).insert(0, self._resolve_request)
+        resolve = partial(self._resolve_request, app, state, excluded_path_matcher(settings))
+        app.before_request_funcs.setdefault(None, []).insert(0, resolve)
         app.teardown_request(self._end_request)
         app.register_error_handler(NoTenantError, _no_tenant_response)
         app.register_error_handler(SchemaNotFoundError, _schema_not_found_response)
@@ -232,18 +234,18 @@ class TenantJobs:
             )
         return token
 
-    def _resolve_request(self) -> None:
+    def _resolve_request(
+        self, app: Flask, state: _AppState, is_excluded: t.Callable[[str], bool]
+    ) -> None:
         """Before each request: resolve the tenant onto ``g.tenant``, or answer 404.
 
         The request starts with no tenant, whatever the caller had (a test inside
         ``switch``), so ``current_tenant()`` is ``g.tenant`` throughout; the token
         taken here restores the caller's tenant when the request ends.
         """
-        app = current_app._get_current_object()  # type: ignore[attr-defined]
-        state = self._states[app]
         request_globals = g._get_current_object()
         tenant = None
-        if not is_excluded_path(request.path, state.settings.excluded_paths):
+        if not is_excluded(request.environ.get("PATH_INFO") or "/"):
             candidate = state.resolver(request)
             if candidate is not None:
                 tenant = self._known_or_404(app, state, candidate)

@@ -57,6 +57,8 @@ class TenantRegistry:
 
     def exists(self, name: object) -> bool:
         """Return whether ``name`` is a known tenant; malformed names are never looked up."""
+        if type(name) is str and name in self._names and time.monotonic() < self._expires:
+            return True  # the fast path: only valid names are ever stored
         if not is_valid_name(name):
             return False
         self._refresh_if_stale()

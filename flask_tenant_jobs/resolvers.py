@@ -94,10 +94,15 @@ def make_resolver(settings: Settings) -> Resolver:
     return BUILTIN_RESOLVERS[settings.resolver](settings)
 
 
-def is_excluded_path(path: str, excluded: t.Iterable[str]) -> bool:
-    """Whether ``path`` is one of ``excluded`` or below it (``/health`` covers ``/health/db``)."""
-    for prefix in excluded:
-        stripped = prefix.rstrip("/")
-        if path == stripped or path.startswith(stripped + "/"):
-            return True
-    return False
+def excluded_path_matcher(settings: Settings) -> t.Callable[[str], bool]:
+    """Whether a path is one of ``TENANT_JOBS_EXCLUDED_PATHS`` or below one.
+
+    ``/health`` covers ``/health`` and ``/health/db``, not ``/healthz``.
+    """
+    exact = frozenset(prefix.rstrip("/") or "/" for prefix in settings.excluded_paths)
+    below = tuple(prefix.rstrip("/") + "/" for prefix in settings.excluded_paths)
+
+    def is_excluded(path: str) -> bool:
+        return path in exact or path.startswith(below)
+
+    return is_excluded

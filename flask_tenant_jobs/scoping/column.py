@@ -144,11 +144,12 @@ def scope_orm_execute(state: ORMExecuteState) -> None:
         state.statement = _filtered(state.statement)  # reaching tenant rows raises then
         return
     if state.is_select:
-        state.update_execution_options(identity_token=tenant)
-    if state.is_column_load:
-        _check_refresh(state, tenant)
+        if state.is_column_load:
+            _check_refresh(state, tenant)
+        state.statement = _filtered_for(state.statement, tenant)
+        return
     mapper = state.bind_mapper
-    if mapper is not None and _is_scoped(mapper) and not state.is_select:
+    if mapper is not None and _is_scoped(mapper):
         if state.is_insert:
             _scope_insert(state, mapper, tenant)
             return
@@ -259,6 +260,28 @@ def _filtered(statement: t.Any) -> t.Any:
     with suppress(TypeError):  # a statement that cannot be weakly referenced is not kept
         _filtered_statements[statement] = filtered
     return filtered
+
+
+#: Per statement, its filtered SELECT for each recent tenant (bounded, see below).
+_selects_by_tenant: WeakKeyDictionary[t.Any, dict[str, t.Any]] = WeakKeyDictionary()
+_TENANTS_PER_STATEMENT = 64
+
+
+def _filtered_for(statement: t.Any, tenant: str) -> t.Any:
+    """A filtered SELECT that loads objects under ``tenant``'s identity token.
+
+    The token rides on the statement's execution options, so a statement reused
+    in the same tenant (relationship loaders, kept statements) costs a lookup.
+    """
+    with suppress(KeyError, TypeError):
+        return _selects_by_tenant[statement][tenant]
+    selected = _filtered(statement).execution_options(identity_token=tenant)
+    with suppress(TypeError):  # a statement that cannot be weakly referenced is not kept
+        per_tenant = _selects_by_tenant.setdefault(statement, {})
+        if len(per_tenant) >= _TENANTS_PER_STATEMENT:
+            per_tenant.clear()
+        per_tenant[tenant] = selected
+    return selected
 
 
 def _unfiltered(statement: t.Any) -> t.Any:
