@@ -73,9 +73,12 @@ class TenantSession(Session):
     """
 
     def get(self, entity: t.Any, ident: t.Any, **kwargs: t.Any) -> t.Any:
-        """``Session.get()``; a ``TenantScoped`` entity's query is built already filtered."""
+        """``Session.get()``; a ``TenantScoped`` entity's query is built already filtered,
+        under the tenant's identity token, so the execute hook has nothing to add."""
         if isinstance(entity, type) and issubclass(entity, TenantScoped):
             kwargs["options"] = (*(kwargs.get("options") or ()), TENANT_CRITERIA)
+            if kwargs.get("identity_token") is None:
+                kwargs["identity_token"] = _filter_tenant() or UNSCOPED_TOKEN
         return super().get(entity, ident, **kwargs)
 
     def _identity_lookup(  # type: ignore[override]
@@ -146,7 +149,8 @@ def scope_orm_execute(state: ORMExecuteState) -> None:
     if state.is_select:
         if state.is_column_load:
             _check_refresh(state, tenant)
-        state.statement = _filtered_for(state.statement, tenant)
+        if not _prepared_by_get(state, tenant):
+            state.statement = _filtered_for(state.statement, tenant)
         return
     mapper = state.bind_mapper
     if mapper is not None and _is_scoped(mapper):
@@ -282,6 +286,14 @@ def _filtered_for(statement: t.Any, tenant: str) -> t.Any:
             per_tenant.clear()
         per_tenant[tenant] = selected
     return selected
+
+
+def _prepared_by_get(state: ORMExecuteState, tenant: str) -> bool:
+    """Whether ``TenantSession.get()`` built this load filtered and under ``tenant``'s token."""
+    return (
+        state.load_options._identity_token == tenant
+        and TENANT_CRITERIA in state.statement._with_options
+    )
 
 
 def _unfiltered(statement: t.Any) -> t.Any:
