@@ -2,11 +2,17 @@
 
 Run ``python -m example_app demo`` for a self-checking tour, or
 ``flask --app example_app run`` to serve it and ``flask --app example_app
-tenant-jobs worker`` to run its jobs. ``DATABASE_URL`` switches from the default
-SQLite file (in the instance folder) to another database, e.g.
-``postgresql+psycopg://postgres@127.0.0.1:5432/test``; ``CELERY_BROKER_URL`` and
-``CELERY_RESULT_BACKEND`` switch from the embedded broker (files in the instance
-folder) to e.g. ``redis://127.0.0.1:6379/0``.
+tenant-jobs worker`` to run its jobs. Environment variables:
+
+* ``DATABASE_URL``: another database than the default SQLite file (in the
+  instance folder), e.g. ``postgresql+psycopg://postgres@127.0.0.1:5432/shop``;
+* ``TENANT_JOBS_STRATEGY=schema``: one PostgreSQL schema per tenant instead of a
+  ``tenant_id`` column (needs a PostgreSQL ``DATABASE_URL``); the schemas are
+  created at start-up when missing;
+* ``CELERY_BROKER_URL`` and ``CELERY_RESULT_BACKEND``: another broker than the
+  embedded one (files in the instance folder), e.g. ``redis://127.0.0.1:6379/0``;
+* ``FLASK_*``: any other setting, e.g. ``FLASK_SERVER_NAME=localhost:5000`` or
+  ``FLASK_TENANT_JOBS_SCHEMA_FORMAT=shop_{tenant}``.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ def create_app(config: t.Mapping[str, t.Any] | None = None) -> Flask:
         SERVER_NAME="example.test",
         SQLALCHEMY_DATABASE_URI=database_url(app.instance_path),
         TENANT_JOBS_TENANTS=TENANTS,
+        TENANT_JOBS_STRATEGY=os.environ.get("TENANT_JOBS_STRATEGY", "column"),
         CELERY=celery_config(app.instance_path),
     )
     app.config.from_prefixed_env()  # e.g. FLASK_SERVER_NAME=localhost:5000
@@ -46,7 +53,7 @@ def create_app(config: t.Mapping[str, t.Any] | None = None) -> Flask:
     app.register_blueprint(views.bp)
     app.cli.add_command(models.init_db_command)
     with app.app_context():
-        db.create_all()
+        models.create_tables()  # schema strategy: also each missing tenant schema
     return app
 
 

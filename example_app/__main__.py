@@ -16,7 +16,8 @@ def main(argv: list[str] | None = None) -> int:
         "demo",
         help="create orders as two tenants through real requests, show what each sees, then "
         "run the jobs on an in-process worker (resets the example's tables; DATABASE_URL "
-        "picks the database, default SQLite; CELERY_BROKER_URL the broker, default embedded)",
+        "picks the database, default SQLite; TENANT_JOBS_STRATEGY=schema gives each tenant "
+        "its own PostgreSQL schema; CELERY_BROKER_URL the broker, default embedded)",
     )
     parser.parse_args(argv)
 

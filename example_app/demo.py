@@ -13,6 +13,8 @@ from .models import reset_db
 
 ORDERS = [("acme", "anvil"), ("acme", "rocket skates"), ("globex", "hammock")]
 UNKNOWN = "initech"
+#: The pages answer HTML unless the client asks for JSON.
+JSON = {"Accept": "application/json"}
 
 
 @dataclass
@@ -42,7 +44,8 @@ def run_demo(app: Flask | None = None, out: t.Callable[[str], None] = print) -> 
     app = app or create_app()
     server = app.config["SERVER_NAME"]
     with app.app_context():
-        out(f"Database: {make_url(str(db.engine.url)).render_as_string(hide_password=True)}")
+        out(f"Database: {make_url(str(db.engine.url)).render_as_string(hide_password=True)} "
+            f"({describe_strategy(app)})")
         reset_db()
     client = app.test_client()
     result = DemoResult()
@@ -59,22 +62,22 @@ def run_demo(app: Flask | None = None, out: t.Callable[[str], None] = print) -> 
 
     out("")
     for tenant in sorted({name for name, _ in ORDERS}):
-        response = client.get(url(tenant, "/orders"))
+        response = client.get(url(tenant, "/orders"), headers=JSON)
         items = [order["item"] for order in response.get_json()["orders"]]
         result.seen[tenant] = items
         noun = "order" if len(items) == 1 else "orders"
         out(f"GET {url(tenant, '/orders')} -> {response.status_code}: "
             f"{tenant} sees {len(items)} {noun}: {', '.join(items)}")
 
-    response = client.get(url(UNKNOWN, "/orders"))
+    response = client.get(url(UNKNOWN, "/orders"), headers=JSON)
     result.unknown_status = response.status_code
     out(f"GET {url(UNKNOWN, '/orders')} -> {response.status_code} (unknown tenant)")
 
-    response = client.get(url(None, "/"))
+    response = client.get(url(None, "/"), headers=JSON)
     result.apex_tenant = response.get_json()["tenant"]
     out(f"GET {url(None, '/')} -> {response.status_code}: tenant is {result.apex_tenant}")
 
-    response = client.get(url(None, "/orders"))
+    response = client.get(url(None, "/orders"), headers=JSON)
     result.apex_orders_status = response.status_code
     out(f"GET {url(None, '/orders')} -> {response.status_code} (orders belong to a tenant)")
 
@@ -131,7 +134,8 @@ def run_jobs_demo(app: Flask | None = None, out: t.Callable[[str], None] = print
         for tenant, job_id in job_ids:
             done = jobs.process_order.AsyncResult(job_id).get(timeout=30)
             result.processed.setdefault(tenant, []).append(done["status"])
-            status = client.get(f"http://{tenant}.{server}/jobs/{job_id}").get_json()["state"]
+            page = client.get(f"http://{tenant}.{server}/jobs/{job_id}", headers=JSON)
+            status = page.get_json()["state"]
             out(f"process_order({done['order']}) ran in {done['tenant']}: {done['status']} "
                 f"(GET /jobs/... -> {status})")
         with app.app_context():
@@ -155,6 +159,16 @@ def run_jobs_demo(app: Flask | None = None, out: t.Callable[[str], None] = print
     out("Jobs hold too: each job ran in its own tenant." if result.correct
         else "JOBS BROKEN: see the lines above.")
     return result
+
+
+def describe_strategy(app: Flask) -> str:
+    """``column strategy``, or the schema strategy with the tenants' schemas."""
+    from . import tenant_jobs
+
+    if app.config.get("TENANT_JOBS_STRATEGY") != "schema":
+        return "column strategy"
+    schemas = [tenant_jobs.describe(name)["schema"] for name in tenant_jobs.tenant_names()]
+    return f"schema strategy: schemas {', '.join(schemas)}"
 
 
 def tenant_jobs_celery(app: Flask) -> t.Any:
