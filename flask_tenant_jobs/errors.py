@@ -56,25 +56,36 @@ class TenantNotFoundError(TenantError, LookupError):
 class NoTenantError(TenantError, RuntimeError):
     """Tenant-scoped work was attempted while no tenant is current."""
 
-    def __init__(self, action: str = "This operation") -> None:
+    def __init__(self, action: str = "This operation", hint: str = "") -> None:
         super().__init__(
-            f"{action} needs a current tenant, but none is set: run it inside "
-            "'tenant_jobs.switch(name)' or a tenant request, or use "
-            "'tenant_jobs.without_tenant()' for deliberate cross-tenant work.",
+            f"{action} needs a current tenant, but none is set: "
+            + (
+                hint
+                or "run it inside 'tenant_jobs.switch(name)' or a tenant request, or use "
+                "'tenant_jobs.without_tenant()' for deliberate cross-tenant work."
+            ),
         )
-        self.args = (action,)
+        self.args = (action, hint) if hint else (action,)
+
+
+#: What to do about an object loaded in one tenant and read again in another.
+RELOAD_HINT = (
+    "read it inside that tenant's switch(), or load the object again in this tenant."
+)
 
 
 class TenantMismatchError(TenantError):
     """An object or statement names a tenant other than the current one."""
 
-    def __init__(self, tenant: str | None, current: str | None, what: str) -> None:
+    def __init__(
+        self, tenant: str | None, current: str | None, what: str, hint: str = ""
+    ) -> None:
         super().__init__(
             f"{what} belongs to tenant {tenant!r} but the current tenant is {current!r}: "
-            "switch to that tenant first, or leave 'tenant_id' unset so it is assigned.",
+            + (hint or "switch to that tenant first, or leave 'tenant_id' unset to assign it."),
             tenant,
         )
-        self.args = (tenant, current, what)
+        self.args = (tenant, current, what, hint) if hint else (tenant, current, what)
         self.current = current
 
 

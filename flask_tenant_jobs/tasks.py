@@ -22,6 +22,12 @@ from . import context, signals
 from .errors import ConfigurationError, NoTenantError
 
 DEFAULT_HEADER = "tenant_for_job"
+#: What to do when a tenant task is sent with no tenant current.
+SEND_HINT = (
+    "send it inside 'tenant_jobs.switch(name)' or a tenant request, name the tenant with "
+    "headers={'tenant_for_job': name}, or send it to every tenant with "
+    "'delay_for_each_tenant()'."
+)
 #: Request attribute holding the tenant error found when the task started.
 TENANT_ERROR = "_tenant_jobs_error"
 
@@ -126,7 +132,7 @@ class TenantTask(Task):  # type: ignore[misc]
         if tenant is None:
             tenant = context.get_tenant()
             if tenant is None:
-                raise NoTenantError(f"Sending the tenant task {self.name!r}")
+                raise NoTenantError(f"Sending the tenant task {self.name!r}", SEND_HINT)
         else:
             with self._app_context():
                 tenant = _extension(self._flask_app).validate(tenant)

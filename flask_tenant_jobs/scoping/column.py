@@ -39,7 +39,13 @@ from sqlalchemy.orm import (
 )
 
 from .. import context
-from ..errors import NoTenantError, TenantError, TenantImmutableError, TenantMismatchError
+from ..errors import (
+    RELOAD_HINT,
+    NoTenantError,
+    TenantError,
+    TenantImmutableError,
+    TenantMismatchError,
+)
 from ..settings import current_settings
 
 #: Identity token of objects loaded while no tenant filter applies (``without_tenant``,
@@ -324,7 +330,10 @@ def _check_refresh(state: ORMExecuteState, tenant: str) -> None:
     owner = refreshing.identity_token
     if owner not in (tenant, None, UNSCOPED_TOKEN):
         raise TenantMismatchError(
-            owner, tenant, f"Loading {refreshing.class_.__name__} {refreshing.identity}"
+            owner,
+            tenant,
+            f"Loading {refreshing.class_.__name__} {refreshing.identity}",
+            RELOAD_HINT,
         )
 
 

@@ -38,6 +38,7 @@ from sqlalchemy.orm import ORMExecuteState, Session, UOWTransaction
 
 from .. import context
 from ..errors import (
+    RELOAD_HINT,
     ConfigurationError,
     InvalidTenantNameError,
     NoTenantError,
@@ -372,7 +373,7 @@ def _check_loaded_from(state: ORMExecuteState, tenant: str | None) -> None:
     if owner != tenant:
         what = "Lazy-loading a relationship of" if state.lazy_loaded_from else "Refreshing"
         described = f"{what} {parent.class_.__name__} {parent.identity}"
-        raise TenantMismatchError(owner, tenant, described)
+        raise TenantMismatchError(owner, tenant, described, RELOAD_HINT)
 
 
 def _guard_flush(session: Session, flush_context: UOWTransaction, instances: object) -> None:
