@@ -1,7 +1,8 @@
 """``python -m bench [module ...]``: run the benchmark modules and print one table.
 
 ``python -m bench`` runs every module of ``MODULES``; ``python -m bench core`` only
-``bench.core``. A module exposes ``run() -> list[Row]``.
+``bench.core``. A module exposes ``run() -> list[Row]``; ``bench.stress`` (minutes, so
+not in ``MODULES``) prints a table of its own and returns no rows.
 """
 
 from __future__ import annotations
@@ -29,10 +30,14 @@ def main(argv: list[str]) -> int:
         except Exception:
             traceback.print_exc()
             failed.append(name)
-    print(format_table(rows))
+    if rows:
+        print(format_table(rows))
     print(f"\n{len(rows)} benchmarks in {time.perf_counter() - started:.0f} s", end="")
     missed = [row.name for row in rows if row.met is False]
-    print(f"; targets missed: {', '.join(missed)}" if missed else "; all targets met")
+    if rows:
+        print(f"; targets missed: {', '.join(missed)}" if missed else "; all targets met")
+    else:
+        print()
     if failed:
         print(f"failed modules: {', '.join(failed)}")
     return 1 if failed else 0

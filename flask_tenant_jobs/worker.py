@@ -8,7 +8,8 @@ steps, callbacks and chord bodies Celery publishes after ``run()`` returns, so
 they all carry the same tenant. ``task_postrun`` runs in Celery's ``finally``:
 the tenant is reset whatever happened. A bad tenant cannot be refused from
 ``task_prerun`` (Celery only logs errors there), so the error is kept and
-raised by ``TenantTask.__call__`` before the body runs.
+raised by ``TenantTask.__call__`` before the body runs; so is any error met
+while looking the tenant up (a tenant source or database that is down).
 """
 
 from __future__ import annotations
@@ -109,8 +110,8 @@ def _restore_tenant(sender: Task | None = None, task: Task | None = None, **_: t
     if isinstance(task, TenantTask):
         try:
             tenant = _restorable_tenant(task, celery_app)
-        except TenantError as error:
-            setattr(request, TENANT_ERROR, error)
+        except Exception as error:  # also a failing tenant source or database: Celery
+            setattr(request, TENANT_ERROR, error)  # would only log it and run the body
     setattr(request, _RESTORE, (app_context, context.enter(tenant)))
     if tenant is not None and signals.task_tenant_restored.receivers:
         signals.task_tenant_restored.send(celery_app.flask_app, task=task.name, tenant=tenant)

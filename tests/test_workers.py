@@ -20,23 +20,20 @@ concurrent run sharing the broker cannot take this run's tasks.
 
 from __future__ import annotations
 
-import atexit
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import time
 import typing as t
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, suppress
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from celery import Celery, Signature, Task, chain, chord, group
@@ -55,12 +52,12 @@ from tests.jobs_app import (
     db,
     tenant_jobs,
 )
+from tests.worker_processes import ROOT, FlaskProcess, Worker, redis_db_url, wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 
 redis = pytest.importorskip("redis")
 
-ROOT = Path(__file__).resolve().parent.parent
 APP = "tests.jobs_app:create_app()"
 VARIANT_APP = "tests.jobs_app:create_variant_app()"
 PLAIN_APP = "tests.jobs_app:create_app_without_tenant_jobs()"
@@ -85,111 +82,7 @@ POOLS: dict[str, tuple[int, str]] = {
 Observation = dict[str, t.Any]
 
 
-# -- processes ------------------------------------------------------------------------------
-
-
-#: Processes started and not stopped yet: killed at exit if a run is interrupted.
-_RUNNING: set[FlaskProcess] = set()
-
-
-@atexit.register
-def _kill_leftovers() -> None:
-    for process in list(_RUNNING):
-        with suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-
-
-class FlaskProcess:
-    """A ``flask --app APP tenant-jobs ...`` subprocess in its own session, output in a file."""
-
-    def __init__(self, app: str, args: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "flask", "--app", app, "tenant-jobs", *args],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        _RUNNING.add(self)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def log(self, tail: int = 6000) -> str:
-        """The end of what the process printed so far."""
-        text = self.log_path.read_text(errors="replace")
-        return text[-tail:]
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM (warm shutdown), then SIGKILL for whatever is left of its process group."""
-        if self.popen.poll() is None:
-            try:
-                os.kill(self.pid, signal.SIGTERM)
-                self.popen.wait(timeout)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-        with suppress(ProcessLookupError):  # prefork children, or a main process still running
-            os.killpg(self.pid, signal.SIGKILL)
-        with suppress(subprocess.TimeoutExpired):
-            self.popen.wait(5)
-        _RUNNING.discard(self)
-        self._log.close()
-
-
-class Worker(FlaskProcess):
-    """A worker subprocess with a unique node name, ready once it answers a ping."""
-
-    def __init__(
-        self,
-        app: str,
-        pool: str,
-        concurrency: int,
-        env: dict[str, str],
-        log_path: Path,
-        extra: t.Sequence[str] = (),
-    ) -> None:
-        self.pool = pool
-        self.concurrency = concurrency
-        self.hostname = f"ftj-{pool}-{uuid.uuid4().hex[:8]}@localhost"
-        args = [
-            "worker", "-P", pool, "-c", str(concurrency), "-l", "info", "-n", self.hostname,
-            "--without-mingle", "--without-gossip", "--without-heartbeat", *extra,
-        ]  # fmt: skip
-        super().__init__(app, args, env, log_path)
-
-    def wait_ready(self, control_app: Celery, timeout: float = 30.0) -> None:
-        """Ping the worker (1 s per ping) until it answers; fail after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.popen.poll() is not None:
-                pytest.fail(
-                    f"the {self.pool} worker exited ({self.popen.returncode}) before it was "
-                    f"ready:\n{self.log()}"
-                )
-            if control_app.control.ping(destination=[self.hostname], timeout=1.0):
-                return
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"the {self.pool} worker did not answer within {timeout}s:\n{self.log()}"
-                )
-
-    def task_log_lines(self, task_id: str) -> list[str]:
-        """The worker's log lines about one task."""
-        return [line for line in self.log(tail=10**7).splitlines() if task_id in line]
-
-
 # -- services, the test-side app ------------------------------------------------------------
-
-
-def redis_db_url(redis_url: str, number: int) -> str:
-    """``redis_url`` pointing at database ``number``."""
-    parts = urlsplit(redis_url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{number}", "", ""))
 
 
 @dataclass
@@ -342,25 +235,6 @@ def pool_worker(
         yield worker
     finally:
         worker.stop()
-
-
-def wait_until(
-    condition: Callable[[], bool],
-    timeout: float,
-    what: str,
-    details: Callable[[], str] = str,
-    interval: float = 0.2,
-) -> float:
-    """Poll ``condition`` until it holds; return the seconds it took, fail after ``timeout``.
-
-    The failure message names ``what`` and adds ``details()`` (e.g. a process log).
-    """
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"{what}: not within {timeout}s\n{details()}")
-        time.sleep(interval)
-    return time.monotonic() - start
 
 
 def unwind(observation: Observation) -> list[Observation]:
