@@ -6,7 +6,6 @@ import typing as t
 from contextlib import contextmanager
 from contextvars import Token
 from dataclasses import dataclass
-from functools import partial
 from weakref import WeakKeyDictionary
 
 from flask import Flask, abort, current_app, g, has_app_context, request
@@ -70,8 +69,12 @@ class TenantJobs:
         self._states[app] = state
         app.extensions["tenant_jobs"] = self
         state.strategy.install(app, db)
-        resolve = partial(self._resolve_request, app, state, excluded_path_matcher(settings))
-        app.before_request_funcs.setdefault(None, []).insert(0, resolve)
+        is_excluded = excluded_path_matcher(settings)
+
+        def resolve_request_tenant() -> None:
+            self._resolve_request(app, state, is_excluded)
+
+        app.before_request_funcs.setdefault(None, []).insert(0, resolve_request_tenant)
         app.teardown_request(self._end_request)
         app.register_error_handler(NoTenantError, _no_tenant_response)
         app.register_error_handler(SchemaNotFoundError, _schema_not_found_response)
@@ -268,7 +271,7 @@ class TenantJobs:
 
     def _end_request(self, exc: BaseException | None) -> None:
         """After each request, also a failed one: restore the tenant that was current before."""
-        token = g.pop(_REQUEST_TOKEN, None)
+        token = g._get_current_object().pop(_REQUEST_TOKEN, None)
         if token is not None:
             context.leave(token)
 
