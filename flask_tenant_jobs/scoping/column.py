@@ -262,14 +262,19 @@ def _filtered(statement: t.Any) -> t.Any:
     Reused statements (relationship loaders, statements kept by the application)
     are thus filtered once, not at every execution.
     """
-    if TENANT_CRITERIA in statement._with_options:  # from get() or the parent's query
-        return statement
     with suppress(KeyError, TypeError):
         return _filtered_statements[statement]
-    filtered = statement.options(TENANT_CRITERIA)
+    filtered = _with_criteria(statement)
     with suppress(TypeError):  # a statement that cannot be weakly referenced is not kept
         _filtered_statements[statement] = filtered
     return filtered
+
+
+def _with_criteria(statement: t.Any) -> t.Any:
+    """``statement`` with the tenant criteria (it may have them from ``get()`` or its parent)."""
+    if TENANT_CRITERIA in statement._with_options:
+        return statement
+    return statement.options(TENANT_CRITERIA)
 
 
 #: Per statement, its filtered SELECT for each recent tenant (bounded, see below).
@@ -285,7 +290,7 @@ def _filtered_for(statement: t.Any, tenant: str) -> t.Any:
     """
     with suppress(KeyError, TypeError):
         return _selects_by_tenant[statement][tenant]
-    selected = _filtered(statement).execution_options(identity_token=tenant)
+    selected = _with_criteria(statement).execution_options(identity_token=tenant)
     with suppress(TypeError):  # a statement that cannot be weakly referenced is not kept
         per_tenant = _selects_by_tenant.setdefault(statement, {})
         if len(per_tenant) >= _TENANTS_PER_STATEMENT:
