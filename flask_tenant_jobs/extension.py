@@ -203,27 +203,23 @@ class TenantJobs:
     # -- internals --------------------------------------------------------------------
 
     def _state(self) -> _AppState:
-        """The state of the current app, or of the only app when no app context is pushed."""
-        if has_app_context():
-            app = t.cast(Flask, current_app._get_current_object())  # type: ignore[attr-defined]
-            try:
-                return self._states[app]
-            except KeyError:
-                raise ConfigurationError(
-                    f"TenantJobs is not set up on app {app.name!r}: call "
-                    "'tenant_jobs.init_app(app, db=db)'."
-                ) from None
-        if len(self._states) == 1:
-            return next(iter(self._states.values()))
-        raise RuntimeError(
-            "No Flask app context: run this inside 'with app.app_context():'."
-        )
+        """The state of the current app (or of the only app, with no app context pushed)."""
+        app = self._app()
+        try:
+            return self._states[app]
+        except KeyError:
+            raise ConfigurationError(
+                f"TenantJobs is not set up on app {app.name!r}: call "
+                "'tenant_jobs.init_app(app, db=db)'."
+            ) from None
 
     def _app(self) -> Flask:
         """The current app, or the only app when no app context is pushed."""
         if has_app_context():
             return t.cast(Flask, current_app._get_current_object())  # type: ignore[attr-defined]
-        return next(iter(self._states))
+        if len(self._states) == 1:
+            return next(iter(self._states))
+        raise RuntimeError("No Flask app context: run this inside 'with app.app_context():'.")
 
     def _enter(self, name: str | None) -> Token[str | None]:
         """Make ``name`` current and announce it; return the token that restores the previous."""
