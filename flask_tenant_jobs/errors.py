@@ -112,3 +112,18 @@ class SchemaNotFoundError(TenantError, LookupError):
         )
         self.args = (tenant, schema)
         self.schema = schema
+
+
+class CacheClearError(TenantError):
+    """``cache.clear()`` was called where the backend cannot clear one namespace only."""
+
+    def __init__(self, tenant: str | None, backend: str) -> None:
+        whose = f"tenant {tenant!r}'s keys" if tenant is not None else "the shared keys"
+        super().__init__(
+            f"The {backend} cache backend cannot clear {whose} alone, and clearing it all "
+            "would wipe every tenant's cache: delete the keys you know (cache.delete_many, "
+            "cache.delete_memoized), use SimpleCache or RedisCache, or clear every tenant "
+            "deliberately inside 'tenant_jobs.without_tenant()'.",
+            tenant,
+        )
+        self.args = (tenant, backend)

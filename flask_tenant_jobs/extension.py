@@ -6,6 +6,7 @@ import typing as t
 from contextlib import contextmanager
 from contextvars import Token
 from dataclasses import dataclass
+from importlib.util import find_spec
 from weakref import WeakKeyDictionary
 
 from flask import Flask, abort, current_app, g, has_app_context, request
@@ -17,6 +18,7 @@ from .errors import ConfigurationError, NoTenantError, SchemaNotFoundError, Tena
 from .registry import TenantRegistry, validate_name
 from .resolvers import Resolver, excluded_path_matcher, make_resolver
 from .scoping import Strategy, make_strategy
+from .sessions import bind_sessions
 from .settings import Settings
 from .worker import TenantCelery, make_celery
 
@@ -81,6 +83,12 @@ class TenantJobs:
         app.cli.add_command(tenant_jobs_cli)
         if settings.resolver == "path":
             _route_tenant_segment(app)
+        if settings.scope_caches and find_spec("flask_caching") is not None:
+            from .integrations.caching import scope_caches
+
+            scope_caches(app)
+        if not settings.shared_session:
+            bind_sessions(app, state.registry, state.resolver, is_excluded)
 
     # -- the current tenant ---------------------------------------------------------
 

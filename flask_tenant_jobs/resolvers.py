@@ -17,6 +17,10 @@ from .settings import Settings
 
 Resolver = t.Callable[[Request], str | None]
 
+#: The attribute of a request that holds its resolver's answer.
+_CANDIDATE = "_tenant_jobs_candidate"
+_UNSET = object()
+
 
 def request_host(request: Request) -> str:
     """The request's host, lower-cased, without port or trailing dot ('' if unusable)."""
@@ -88,10 +92,25 @@ BUILTIN_RESOLVERS: dict[str, t.Callable[[Settings], Resolver]] = {
 
 
 def make_resolver(settings: Settings) -> Resolver:
-    """The resolver that ``TENANT_JOBS_RESOLVER`` names, or the user's callable."""
+    """The resolver that ``TENANT_JOBS_RESOLVER`` names, or the user's callable, asked
+    once per request."""
     if callable(settings.resolver):
-        return settings.resolver
-    return BUILTIN_RESOLVERS[settings.resolver](settings)
+        return once_per_request(settings.resolver)
+    return once_per_request(BUILTIN_RESOLVERS[settings.resolver](settings))
+
+
+def once_per_request(resolver: Resolver) -> Resolver:
+    """``resolver``, its answer kept on the request: Flask opens the session, which needs
+    the tenant, before the ``before_request`` hook that resolves it runs."""
+
+    def resolve(request: Request) -> str | None:
+        memo = request.__dict__
+        candidate = memo.get(_CANDIDATE, _UNSET)
+        if candidate is _UNSET:
+            candidate = memo[_CANDIDATE] = resolver(request)
+        return t.cast("str | None", candidate)
+
+    return resolve
 
 
 def excluded_path_matcher(settings: Settings) -> t.Callable[[str], bool]:

@@ -34,6 +34,8 @@ class Settings:
     cache_seconds: float
     schema_format: str
     shared_schema: str
+    scope_caches: bool = True
+    shared_session: bool = False
 
     @classmethod
     def from_app(cls, app: Flask) -> Settings:
@@ -62,6 +64,8 @@ class Settings:
             cache_seconds=float(config.get("TENANT_JOBS_CACHE_SECONDS", 60.0)),
             schema_format=config.get("TENANT_JOBS_SCHEMA_FORMAT", "tenant_{tenant}"),
             shared_schema=config.get("TENANT_JOBS_SHARED_SCHEMA", "public"),
+            scope_caches=bool(config.get("TENANT_JOBS_SCOPE_CACHES", True)),
+            shared_session=bool(config.get("TENANT_JOBS_SHARED_SESSION", False)),
         )
         settings._check()
         return settings

@@ -1,0 +1,1 @@
+"""Optional integrations with other Flask extensions, each imported only when its library is."""
