@@ -31,6 +31,8 @@ SHARED_NAMESPACE = "shared:"
 CLEAR_BATCH = 500
 
 Timeout = int | dt.timedelta | None
+#: Backends whose keys can be cleared one prefix at a time (null caches hold none).
+PREFIX_CLEARABLE = (CachelibSimpleCache, CachelibRedisCache, NullCache, CachelibNullCache)
 
 
 def namespace() -> str:
@@ -122,9 +124,11 @@ class TenantScopedCache(BaseCache):
         Raises ``CacheClearError`` where the backend cannot delete one namespace
         alone (only SimpleCache, Redis and NullCache can).
         """
-        if context.is_unscoped():
-            return bool(self.backend.clear())
-        return _clear_namespace(self.backend, namespace())
+        if not context.is_unscoped():
+            return _clear_namespace(self.backend, namespace())
+        if isinstance(self.backend, PREFIX_CLEARABLE):
+            return _clear_namespace(self.backend, "")  # Redis: a prefix with '*' stays literal
+        return bool(self.backend.clear())
 
 
 def _scoped_keys(keys: t.Iterable[str]) -> dict[str, str]:
@@ -151,8 +155,8 @@ def _clear_namespace(backend: BaseCache, prefix: str) -> bool:
         if batch:
             backend._write_client.delete(*batch)
         return True
-    if isinstance(backend, NullCache | CachelibNullCache):
-        return True
+    if isinstance(backend, PREFIX_CLEARABLE):
+        return True  # a null cache
     raise CacheClearError(context.get_tenant(), type(backend).__name__)
 
 
