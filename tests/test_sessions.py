@@ -1,0 +1,347 @@
+"""Sessions belong to their tenant: with a cookie domain shared by every tenant's host, a
+session made on acme reads as empty on globex and survives the visit; cookies replayed
+across hosts or tampered with read as empty; Flask-Login; custom session interfaces."""
+
+from __future__ import annotations
+
+import typing as t
+from dataclasses import dataclass
+
+import pytest
+from flask import Flask, Request, g, session
+from flask.sessions import SecureCookieSessionInterface
+from flask.testing import FlaskClient
+from flask_login import LoginManager, UserMixin, current_user, login_user, logout_user
+from flask_sqlalchemy import SQLAlchemy
+
+from flask_tenant_jobs import ConfigurationError, TenantJobs
+from flask_tenant_jobs.sessions import TenantSessionInterface
+
+db = SQLAlchemy()
+TENANTS = ["acme", "acme-eu", "globex"]
+DOMAIN = "example.test"
+
+
+class User(UserMixin):
+    def __init__(self, user_id: str) -> None:
+        self.id = user_id
+
+
+@dataclass
+class Browser:
+    """A test client that visits tenants' hosts and keeps one cookie jar, like a browser."""
+
+    app: Flask
+    client: FlaskClient
+
+    def get(self, path: str, tenant: str | None, **kwargs: t.Any) -> t.Any:
+        host = f"{tenant}.{DOMAIN}" if tenant else DOMAIN
+        return self.client.get(path, base_url=f"http://{host}", **kwargs)
+
+    def json(self, path: str, tenant: str | None) -> t.Any:
+        response = self.get(path, tenant)
+        assert response.status_code == 200, response.data
+        return response.json
+
+    def cookies(self) -> dict[str, str]:
+        return {cookie.key: cookie.value for cookie in self.client._cookies.values()}
+
+
+def make_app(**config: t.Any) -> tuple[Flask, TenantJobs]:
+    app = Flask(__name__)
+    app.config.update(
+        SERVER_NAME=DOMAIN,
+        SECRET_KEY="test-secret",
+        SESSION_COOKIE_DOMAIN=f".{DOMAIN}",
+        SQLALCHEMY_DATABASE_URI="sqlite://",
+        TENANT_JOBS_TENANTS=TENANTS,
+    )
+    app.config.update(config)
+    db.init_app(app)
+    tenant_jobs = TenantJobs(app, db=db)
+    add_views(app)
+    return app, tenant_jobs
+
+
+def add_views(app: Flask) -> None:
+    @app.get("/login/<name>")
+    def login(name: str) -> str:
+        session["user"] = name
+        return "ok"
+
+    @app.get("/me")
+    def me() -> dict[str, t.Any]:
+        return {"tenant": g.tenant, "user": session.get("user"), "keys": sorted(session)}
+
+    @app.get("/logout")
+    def logout() -> str:
+        session.clear()
+        return "ok"
+
+
+@pytest.fixture
+def browser() -> Browser:
+    app, _ = make_app()
+    return Browser(app, app.test_client())
+
+
+def plant(browser: Browser, name: str, value: str) -> None:
+    """Put a cookie for every host of the domain in ``browser``'s jar, as a server's would be."""
+    browser.client.set_cookie(name, value, domain=DOMAIN, origin_only=False)
+
+
+def set_cookies(response: t.Any) -> list[str]:
+    return [header.split("=", 1)[0] for header in response.headers.getlist("Set-Cookie")]
+
+
+# -- Flask's cookie sessions --------------------------------------------------------------
+
+
+def test_a_session_made_on_acme_reads_as_empty_on_globex(browser: Browser) -> None:
+    response = browser.get("/login/bob", "acme")
+    assert set_cookies(response) == ["session.acme"]
+    assert "Domain=example.test" in response.headers["Set-Cookie"]  # sent to every tenant
+    assert browser.json("/me", "globex") == {"tenant": "globex", "user": None, "keys": []}
+    assert browser.json("/me", "acme-eu")["user"] is None  # acme is a prefix of acme-eu
+    assert browser.json("/me", None)["user"] is None  # the apex has a session of its own
+    assert browser.json("/me", "acme")["user"] == "bob"
+
+
+def test_visiting_another_tenant_keeps_the_first_tenants_session(browser: Browser) -> None:
+    browser.get("/login/bob", "acme")
+    for path in ["/me", "/login/eve", "/me", "/logout"]:
+        response = browser.get(path, "globex")
+        assert "session.acme" not in set_cookies(response), path
+        assert set(set_cookies(response)) <= {"session.globex"}
+    browser.get("/login/eve", "globex")
+    browser.get("/login/carol", None)
+    assert browser.json("/me", "acme")["user"] == "bob"
+    assert browser.json("/me", "globex")["user"] == "eve"
+    assert browser.json("/me", None)["user"] == "carol"
+    browser.get("/logout", "globex")  # deletes globex's cookie only
+    assert browser.json("/me", "globex")["user"] is None
+    assert browser.json("/me", "acme")["user"] == "bob"
+    assert browser.json("/me", None)["user"] == "carol"
+
+
+def test_a_cookie_replayed_under_another_tenants_name_reads_as_empty(browser: Browser) -> None:
+    browser.get("/login/bob", "acme")
+    stolen = browser.cookies()["session.acme"]
+    for tenant, name in [("globex", "session.globex"), ("acme-eu", "session.acme-eu"),
+                         (None, "session")]:
+        replay = Browser(browser.app, browser.app.test_client())
+        plant(replay, name, stolen)
+        assert replay.json("/me", tenant)["user"] is None, name
+        plant(replay, "session.acme", stolen)
+        assert replay.json("/me", "acme")["user"] == "bob"  # the real owner still reads it
+
+
+def test_the_apex_session_is_not_read_on_a_tenants_host(browser: Browser) -> None:
+    browser.get("/login/admin", None)
+    assert browser.json("/me", "acme")["user"] is None
+    replay = Browser(browser.app, browser.app.test_client())
+    plant(replay, "session.acme", browser.cookies()["session"])
+    assert replay.json("/me", "acme")["user"] is None
+
+
+@pytest.mark.parametrize("value", [
+    "", "x", "e30", "e30.AAAAAA.AAAAAAAAAAAAAAAAAAAAAAAAAAA", "\u00e9" * 50, "." * 3900,
+    "eyJ1c2VyIjoiZXZlIn0.aw9ITQ.t4NhooOXqE0RGfIjrMjK5fYZ4Fc",
+])
+def test_tampered_cookies_read_as_empty(browser: Browser, value: str) -> None:
+    plant(browser, "session.acme", value)
+    assert browser.json("/me", "acme")["user"] is None
+
+
+def test_a_signed_cookie_edited_by_hand_reads_as_empty(browser: Browser) -> None:
+    browser.get("/login/bob", "acme")
+    _, stamp, signature = browser.cookies()["session.acme"].split(".")
+    forged = "eyJ1c2VyIjoiYWRtaW4ifQ"  # {"user":"admin"}
+    plant(browser, "session.acme", f"{forged}.{stamp}.{signature}")
+    assert browser.json("/me", "acme")["user"] is None
+
+
+@pytest.mark.parametrize("host", ["initech.example.test", "evil.test", "-x.example.test"])
+def test_a_request_for_no_known_tenant_reads_and_writes_no_session(
+    browser: Browser, host: str
+) -> None:
+    browser.get("/login/bob", "acme")
+    response = browser.client.get("/login/eve", headers={"Host": host})
+    assert response.status_code == 404
+    assert set_cookies(response) == []
+    assert browser.json("/me", "acme")["user"] == "bob"
+
+
+def test_a_host_werkzeug_refuses_is_a_400_not_a_500() -> None:
+    app, _ = make_app(TRUSTED_HOSTS=[".example.test"])
+    client = app.test_client()
+    assert client.get("/me", headers={"Host": "acme.example.test"}).status_code == 200
+    response = client.get("/me", headers={"Host": "evil.test"})
+    assert response.status_code == 400 and set_cookies(response) == []
+
+
+def test_each_path_tenant_on_one_host_has_its_own_session() -> None:
+    app = Flask(__name__)
+    app.config.update(SECRET_KEY="s", SQLALCHEMY_DATABASE_URI="sqlite://",
+                      TENANT_JOBS_TENANTS=TENANTS, TENANT_JOBS_RESOLVER="path")
+    db.init_app(app)
+    TenantJobs(app, db=db)
+
+    @app.get("/<tenant>/login")
+    def login() -> str:
+        session["user"] = "bob"
+        return "ok"
+
+    @app.get("/<tenant>/me")
+    def me() -> dict[str, t.Any]:
+        return {"user": session.get("user")}
+
+    client = app.test_client()
+    client.get("/acme/login")
+    assert client.get("/globex/me").json == {"user": None}
+    assert client.get("/acme/me").json == {"user": "bob"}
+
+
+def test_the_resolver_runs_once_per_request() -> None:
+    calls: list[str] = []
+
+    def resolver(request: Request) -> str | None:
+        calls.append(request.path)
+        return request.headers.get("X-Tenant")
+
+    app, _ = make_app(TENANT_JOBS_RESOLVER=resolver)
+    client = app.test_client()
+    client.get("/login/bob", headers={"X-Tenant": "acme"})
+    assert client.get("/me", headers={"X-Tenant": "globex"}).json["user"] is None
+    assert client.get("/me", headers={"X-Tenant": "acme"}).json["user"] == "bob"
+    assert calls == ["/login/bob", "/me", "/me"]
+
+
+def test_shared_session_opts_out() -> None:
+    app, _ = make_app(TENANT_JOBS_SHARED_SESSION=True)
+    browser = Browser(app, app.test_client())
+    assert type(app.session_interface) is SecureCookieSessionInterface
+    assert set_cookies(browser.get("/login/bob", "acme")) == ["session"]
+    assert browser.json("/me", "globex")["user"] == "bob"  # single sign-on, the app's call
+
+
+# -- Flask-Login --------------------------------------------------------------------------
+
+
+def flask_login_browser(**config: t.Any) -> Browser:
+    app, _ = make_app(**config)
+    login_manager = LoginManager(app)
+    login_manager.user_loader(User)
+
+    @app.get("/sign-in/<name>")
+    def sign_in(name: str) -> str:
+        login_user(User(name), remember=True)
+        return "ok"
+
+    @app.get("/whoami")
+    def whoami() -> dict[str, t.Any]:
+        return {"anonymous": current_user.is_anonymous,
+                "id": None if current_user.is_anonymous else current_user.id}
+
+    @app.get("/sign-out")
+    def sign_out() -> str:
+        logout_user()
+        return "ok"
+
+    return Browser(app, app.test_client())
+
+
+def test_flask_login_user_on_acme_is_anonymous_on_globex() -> None:
+    browser = flask_login_browser()
+    browser.get("/sign-in/bob", "acme")
+    assert browser.json("/whoami", "acme") == {"anonymous": False, "id": "bob"}
+    assert browser.json("/whoami", "globex") == {"anonymous": True, "id": None}
+    assert browser.json("/whoami", "acme-eu")["anonymous"]
+    browser.get("/sign-in/eve", "globex")
+    browser.get("/sign-out", "globex")
+    assert browser.json("/whoami", "globex")["anonymous"]
+    assert browser.json("/whoami", "acme") == {"anonymous": False, "id": "bob"}
+
+
+def test_flask_login_remember_cookie_stays_on_its_host_by_default() -> None:
+    browser = flask_login_browser()
+    browser.get("/sign-in/bob", "acme")
+    browser.client.delete_cookie("session.acme", domain=f".{DOMAIN}")
+    assert browser.json("/whoami", "globex")["anonymous"]
+    assert browser.json("/whoami", "acme") == {"anonymous": False, "id": "bob"}  # remembered
+
+
+# -- custom session interfaces ------------------------------------------------------------
+
+
+class SaltedSessions(SecureCookieSessionInterface):
+    salt = "my-salt"
+
+
+class BoundSaltedSessions(TenantSessionInterface, SaltedSessions):
+    pass
+
+
+def test_a_custom_cookie_interface_keeps_working_when_it_derives_from_ours() -> None:
+    app = Flask(__name__)
+    app.session_interface = BoundSaltedSessions()
+    app.config.update(SERVER_NAME=DOMAIN, SECRET_KEY="s", SESSION_COOKIE_DOMAIN=f".{DOMAIN}",
+                      SQLALCHEMY_DATABASE_URI="sqlite://", TENANT_JOBS_TENANTS=TENANTS)
+    db.init_app(app)
+    TenantJobs(app, db=db)
+    add_views(app)
+    browser = Browser(app, app.test_client())
+    browser.get("/login/bob", "acme")
+    assert browser.json("/me", "globex")["user"] is None
+    assert browser.json("/me", "acme")["user"] == "bob"
+    with app.test_request_context(base_url=f"http://acme.{DOMAIN}"):
+        serializer = app.session_interface.get_signing_serializer(app)
+        assert serializer is not None and serializer.salt == b"my-salt|tenant:acme"
+        assert serializer.loads(browser.cookies()["session.acme"]) == {"user": "bob"}
+
+
+@pytest.mark.parametrize("interface", [SaltedSessions(), t.cast(t.Any, object())])
+def test_an_interface_that_cannot_be_bound_is_refused_at_init(interface: t.Any) -> None:
+    app = Flask(__name__)
+    app.session_interface = interface
+    app.config.update(SERVER_NAME=DOMAIN, SQLALCHEMY_DATABASE_URI="sqlite://",
+                      TENANT_JOBS_TENANTS=TENANTS)
+    db.init_app(app)
+    with pytest.raises(ConfigurationError) as raised:
+        TenantJobs(app, db=db)
+    assert "TENANT_JOBS_SHARED_SESSION" in str(raised.value)
+    assert type(interface).__name__ in str(raised.value)
+    app.config["TENANT_JOBS_SHARED_SESSION"] = True
+    TenantJobs(app, db=db)
+    assert app.session_interface is interface
+
+
+def test_an_interface_replaced_after_init_app_is_refused_at_the_first_request() -> None:
+    app, _ = make_app(PROPAGATE_EXCEPTIONS=True)
+    app.session_interface = SaltedSessions()
+    client = app.test_client()
+    for _ in range(2):  # and on every request after, until it is fixed
+        with pytest.raises(ConfigurationError, match="SaltedSessions"):
+            client.get("/me", base_url=f"http://acme.{DOMAIN}")
+
+
+def test_the_first_request_check_runs_once() -> None:
+    app, _ = make_app()
+    client = app.test_client()
+    hooks = len(app.before_request_funcs[None])
+    client.get("/me", base_url=f"http://acme.{DOMAIN}")
+    assert len(app.before_request_funcs[None]) == hooks - 1
+
+
+def test_our_interface_on_an_app_without_tenant_jobs_says_so() -> None:
+    app = Flask(__name__)
+    app.config["SECRET_KEY"] = "s"
+    app.session_interface = TenantSessionInterface()
+    app.config["PROPAGATE_EXCEPTIONS"] = True
+
+    @app.get("/")
+    def index() -> str:
+        return "ok"
+
+    with pytest.raises(ConfigurationError, match="init_app"):
+        app.test_client().get("/")
