@@ -171,22 +171,37 @@ def tenant_client(app: Flask) -> t.Callable[[str], FlaskClient]:
             tenant = extension.validate(name)
             defaults = _tenant_request_defaults(extension, tenant)
         client = app.test_client()
-        open_request = client.open
+        open_request, session_transaction = client.open, client.session_transaction
 
         def open_for_tenant(*args: t.Any, **kwargs: t.Any) -> t.Any:
-            for key, value in defaults.items():
-                if key == "headers":
-                    kwargs["headers"] = {**value, **dict(kwargs.get("headers") or {})}
-                elif key == "path_prefix" and args and isinstance(args[0], str):
-                    args = (value + args[0], *args[1:])
-                elif key == "base_url":
-                    kwargs.setdefault("base_url", value)
+            args, kwargs = _addressed(defaults, args, kwargs)
             return open_request(*args, **kwargs)
 
+        def session_transaction_for_tenant(*args: t.Any, **kwargs: t.Any) -> t.Any:
+            """The tenant's session (each tenant has its own: docs/security.md)."""
+            args, kwargs = _addressed(defaults, args or ("/",), kwargs)
+            return session_transaction(*args, **kwargs)
+
         client.open = open_for_tenant  # type: ignore[method-assign]
+        client.session_transaction = session_transaction_for_tenant  # type: ignore[method-assign]
         return client
 
     return make
+
+
+def _addressed(
+    defaults: dict[str, t.Any], args: tuple[t.Any, ...], kwargs: dict[str, t.Any]
+) -> tuple[tuple[t.Any, ...], dict[str, t.Any]]:
+    """The arguments of a request (or session transaction) made to go to the tenant."""
+    kwargs = dict(kwargs)
+    for key, value in defaults.items():
+        if key == "headers":
+            kwargs["headers"] = {**value, **dict(kwargs.get("headers") or {})}
+        elif key == "path_prefix" and args and isinstance(args[0], str):
+            args = (value + args[0], *args[1:])
+        elif key == "base_url":
+            kwargs.setdefault("base_url", value)
+    return args, kwargs
 
 
 def _tenant_request_defaults(extension: TenantJobs, tenant: str) -> dict[str, t.Any]:

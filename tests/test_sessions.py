@@ -345,3 +345,24 @@ def test_our_interface_on_an_app_without_tenant_jobs_says_so() -> None:
 
     with pytest.raises(ConfigurationError, match="init_app"):
         app.test_client().get("/")
+
+
+# -- the pytest plugin --------------------------------------------------------------------
+
+
+@pytest.fixture
+def app() -> Flask:
+    """pytest-flask's app, for the plugin's ``tenant_client``."""
+    return make_app()[0]
+
+
+def test_tenant_client_session_transaction_sets_the_tenants_session(
+    tenant_client: t.Callable[[str], FlaskClient],
+) -> None:
+    acme, globex = tenant_client("acme"), tenant_client("globex")
+    with acme.session_transaction() as acme_session:
+        acme_session["user"] = "bob"
+    assert acme.get("/me").json["user"] == "bob"
+    assert globex.get("/me").json["user"] is None
+    with acme.session_transaction() as acme_session:
+        assert acme_session["user"] == "bob"
