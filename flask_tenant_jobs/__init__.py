@@ -11,6 +11,7 @@ import importlib
 import typing as t
 
 from .errors import (
+    CacheClearError,
     ConfigurationError,
     InvalidTenantNameError,
     NoTenantError,
@@ -47,6 +48,7 @@ def __getattr__(name: str) -> t.Any:
 
 
 __all__ = [
+    "CacheClearError",
     "ConfigurationError",
     "InvalidTenantNameError",
     "NoTenantError",
