@@ -4,6 +4,7 @@ across hosts or tampered with read as empty; Flask-Login; custom session interfa
 
 from __future__ import annotations
 
+import json
 import typing as t
 from dataclasses import dataclass
 
@@ -13,9 +14,13 @@ from flask.sessions import SecureCookieSessionInterface
 from flask.testing import FlaskClient
 from flask_login import LoginManager, UserMixin, current_user, login_user, logout_user
 from flask_sqlalchemy import SQLAlchemy
+from hypothesis import HealthCheck, given, settings
+from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from flask_tenant_jobs import ConfigurationError, TenantJobs
 from flask_tenant_jobs.sessions import TenantSessionInterface
+
+from .test_hostile import HOSTS
 
 db = SQLAlchemy()
 TENANTS = ["acme", "acme-eu", "globex"]
@@ -170,6 +175,36 @@ def test_a_request_for_no_known_tenant_reads_and_writes_no_session(
     assert response.status_code == 404
     assert set_cookies(response) == []
     assert browser.json("/me", "acme")["user"] == "bob"
+
+
+@pytest.fixture(scope="module")
+def signed_in() -> tuple[Flask, str]:
+    """An app that trusts only its own hosts and the Cookie header of a browser signed in
+    on acme (plus a junk cookie)."""
+    app, _ = make_app(TRUSTED_HOSTS=[DOMAIN, f".{DOMAIN}"])
+    browser = Browser(app, app.test_client())
+    browser.get("/login/bob", "acme")
+    return app, f"session.acme={browser.cookies()['session.acme']}; session=junk"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(host=HOSTS)
+def test_hostile_hosts_never_read_a_session_that_is_not_theirs_nor_answer_500(
+    signed_in: tuple[Flask, str], host: str
+) -> None:
+    app, cookie = signed_in
+    builder = EnvironBuilder(path="/me", base_url=f"http://{DOMAIN}")
+    environ = builder.get_environ()
+    builder.close()
+    environ.update(HTTP_HOST=host, HTTP_COOKIE=cookie)
+    app_iter, status, headers = run_wsgi_app(app, environ, buffered=True)
+    body = b"".join(app_iter)
+    code = int(status.split()[0])
+    assert code in (200, 400, 404), (host, status, body[:200])
+    assert "Set-Cookie" not in headers, (host, headers)
+    if code == 200:
+        seen = json.loads(body)
+        assert seen["user"] == ("bob" if seen["tenant"] == "acme" else None), (host, seen)
 
 
 def test_a_host_werkzeug_refuses_is_a_400_not_a_500() -> None:
