@@ -7,6 +7,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import subprocess
+import sys
 import typing as t
 import uuid
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ from flask import Flask, g, render_template_string, request
 from flask_caching import Cache
 from flask_sqlalchemy import SQLAlchemy
 
-from flask_tenant_jobs import TenantJobs, current_tenant, tenant_task
+from flask_tenant_jobs import TenantJobs, current_tenant, extension, tenant_task
 from flask_tenant_jobs.errors import CacheClearError, TenantError
 from flask_tenant_jobs.integrations.caching import TenantScopedCache
 
@@ -519,3 +521,23 @@ def test_tasks_in_a_worker_use_their_jobs_tenant_namespace(redis_cache_url: str)
         root.handlers[:] = root_handlers
         delete_prefixed(redis_cache_url, prefix)
         delete_prefixed(redis_cache_url, "celery-task-meta-")
+
+
+def test_flask_caching_is_not_imported_by_the_package() -> None:
+    code = (
+        "import sys, flask_tenant_jobs.extension; "
+        "assert 'flask_caching' not in sys.modules, 'imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_without_flask_caching_installed_nothing_is_set_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(extension, "find_spec", lambda name: None)
+    app = Flask(__name__)
+    app.config.update(SERVER_NAME="example.test", SQLALCHEMY_DATABASE_URI="sqlite://",
+                      TENANT_JOBS_TENANTS=TENANTS)
+    db.init_app(app)
+    TenantJobs(app, db=db)
+    assert "cache" not in app.extensions
