@@ -17,9 +17,8 @@ from .settings import Settings
 
 Resolver = t.Callable[[Request], str | None]
 
-#: The attribute of a request that holds its resolver's answer.
-_CANDIDATE = "_tenant_jobs_candidate"
-_UNSET = object()
+#: The attribute of a request that holds its resolver's answer: (candidate, error).
+_ANSWER = "_tenant_jobs_candidate"
 
 
 def request_host(request: Request) -> str:
@@ -100,14 +99,22 @@ def make_resolver(settings: Settings) -> Resolver:
 
 
 def once_per_request(resolver: Resolver) -> Resolver:
-    """``resolver``, its answer kept on the request: Flask opens the session, which needs
-    the tenant, before the ``before_request`` hook that resolves it runs."""
+    """``resolver``, its answer (or error) kept on the request: Flask opens the session,
+    which needs the tenant, before the ``before_request`` hook that resolves it runs,
+    and both must see the same answer."""
 
     def resolve(request: Request) -> str | None:
         memo = request.__dict__
-        candidate = memo.get(_CANDIDATE, _UNSET)
-        if candidate is _UNSET:
-            candidate = memo[_CANDIDATE] = resolver(request)
+        answer = memo.get(_ANSWER)
+        if answer is None:
+            try:
+                answer = (resolver(request), None)
+            except Exception as raised:
+                answer = (None, raised)
+            memo[_ANSWER] = answer
+        candidate, error = answer
+        if error is not None:
+            raise error
         return t.cast("str | None", candidate)
 
     return resolve

@@ -15,6 +15,7 @@ from flask.testing import FlaskClient
 from flask_login import LoginManager, UserMixin, current_user, login_user, logout_user
 from flask_sqlalchemy import SQLAlchemy
 from hypothesis import HealthCheck, given, settings
+from werkzeug.exceptions import BadRequest
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from flask_tenant_jobs import ConfigurationError, TenantJobs
@@ -250,6 +251,20 @@ def test_the_resolver_runs_once_per_request() -> None:
     assert client.get("/me", headers={"X-Tenant": "globex"}).json["user"] is None
     assert client.get("/me", headers={"X-Tenant": "acme"}).json["user"] == "bob"
     assert calls == ["/login/bob", "/me", "/me"]
+
+
+def test_a_resolver_that_raises_runs_once_and_answers_as_it_would_without_sessions() -> None:
+    calls: list[str] = []
+
+    def resolver(request: Request) -> str | None:
+        calls.append(request.path)
+        raise BadRequest("no tenant here")
+
+    for shared in (False, True):
+        app, _ = make_app(TENANT_JOBS_RESOLVER=resolver, TENANT_JOBS_SHARED_SESSION=shared)
+        response = app.test_client().get("/login/bob")
+        assert response.status_code == 400 and set_cookies(response) == []
+    assert calls == ["/login/bob", "/login/bob"]
 
 
 def test_shared_session_opts_out() -> None:
