@@ -541,3 +541,25 @@ def test_without_flask_caching_installed_nothing_is_set_up(
     db.init_app(app)
     TenantJobs(app, db=db)
     assert "cache" not in app.extensions
+
+
+def test_tenants_named_like_the_namespaces_stay_apart() -> None:
+    app = Flask(__name__)
+    app.config.update(SERVER_NAME="example.test", SQLALCHEMY_DATABASE_URI="sqlite://",
+                      TENANT_JOBS_TENANTS=["shared", "tenant", "tenant-shared"],
+                      CACHE_TYPE="SimpleCache")
+    db.init_app(app)
+    tenant_jobs = TenantJobs(app, db=db)
+    cache = Cache(app)
+    names = [None, "shared", "tenant", "tenant-shared"]
+    keys = ["plan", "tenant:shared:plan", "shared:plan", ":plan"]
+    with app.app_context():
+        for name in names:
+            with tenant_jobs.switch(name):
+                for key in keys:
+                    assert cache.get(key) is None, (name, key)
+                    cache.set(key, (name, key))
+        for name in names:
+            with tenant_jobs.switch(name):
+                assert [cache.get(key) for key in keys] == [(name, key) for key in keys]
+        assert len(cache.cache.backend._cache) == len(names) * len(keys)
