@@ -40,6 +40,9 @@ TENANT = "t03"
 TENANTS = [f"t{i:02d}" for i in range(10)]
 ROWS_PER_TENANT = 100
 
+#: Contexts the child keeps entered (a tenant switch, its temporary folder) until it ends.
+_KEEP_OPEN = contextlib.ExitStack()
+
 _MARKS_C = """
 #include <valgrind/callgrind.h>
 void marks_start(void) { CALLGRIND_START_INSTRUMENTATION; }
@@ -76,6 +79,10 @@ class _Marks:
 
     def __init__(self, library: str) -> None:
         self._lib = ctypes.CDLL(library)
+
+    def start(self) -> None:
+        """Start instrumenting (the setup before it ran at full speed, uncounted)."""
+        self._lib.marks_start()
 
     def count(self, name: str, fn: t.Callable[[], object], number: int) -> None:
         """Warm ``fn`` up, then count ``number`` calls and dump them as ``name``."""
@@ -177,9 +184,6 @@ def _tenant_operations() -> dict[str, t.Callable[[], object]]:
     }
 
 
-#: Contexts the child keeps entered until it exits.
-_KEEP_OPEN = contextlib.ExitStack()
-
 SIDES: dict[str, t.Callable[[], dict[str, t.Callable[[], object]]]] = {
     "plain": _plain_operations,
     "tenant": _tenant_operations,
@@ -189,7 +193,7 @@ SIDES: dict[str, t.Callable[[], dict[str, t.Callable[[], object]]]] = {
 def _flask_app(flask_class: type[t.Any], db: t.Any, **config: t.Any) -> t.Any:
     """The app both sides share: SQLite in a temporary file, one view that returns a string."""
     app = flask_class(__name__)
-    folder = tempfile.mkdtemp(prefix="bench-instructions-")
+    folder = _KEEP_OPEN.enter_context(tempfile.TemporaryDirectory(prefix="bench-instructions-"))
     app.config.update(SERVER_NAME="example.test",
                       SQLALCHEMY_DATABASE_URI=f"sqlite:///{folder}/bench.sqlite3", **config)
     db.init_app(app)
@@ -241,9 +245,10 @@ def child(side: str, library: str) -> None:
     """Run inside callgrind: count every operation of ``side``."""
     operations = SIDES[side]()
     marks = _Marks(library)
-    marks._lib.marks_start()
-    for name, fn in operations.items():
-        marks.count(name, fn, NUMBER)
+    marks.start()
+    with _KEEP_OPEN:
+        for name, fn in operations.items():
+            marks.count(name, fn, NUMBER)
 
 
 # -- the parent: build the helper, run the sides, print the table --------------------
