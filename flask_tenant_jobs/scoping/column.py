@@ -178,6 +178,7 @@ class ColumnStrategy:
             for engine in db.engines.values():
                 if not event.contains(engine, "handle_error", unwrap_tenant_errors):
                     event.listen(engine, "handle_error", unwrap_tenant_errors)
+                    event.listen(engine, "before_cursor_execute", refuse_inserts_in_ctes)
 
     def check_tenant(self, name: str) -> None:
         """Any known tenant can be entered: its rows simply share the tables."""
@@ -270,6 +271,33 @@ def unwrap_tenant_errors(error_context: sa.engine.ExceptionContext) -> BaseExcep
     return None
 
 
+def refuse_inserts_in_ctes(
+    connection: sa.engine.Connection,
+    cursor: t.Any,
+    statement: str,
+    parameters: t.Any,
+    execution_context: t.Any,
+    executemany: bool,
+) -> None:
+    """Refuse an INSERT into a tenant table nested in a CTE (PostgreSQL runs those).
+
+    Only the outermost statement reaches the execute hook, so such an INSERT would
+    keep any ``tenant_id`` it names. Read from the compiled statement, where SQLAlchemy
+    lists the CTEs it rendered: nothing is walked for a statement without CTEs.
+    """
+    ctes = getattr(getattr(execution_context, "compiled", None), "ctes", None)
+    if not ctes or context.is_unscoped():
+        return
+    for cte in ctes:
+        nested = getattr(cte, "element", None)
+        table = getattr(nested, "table", None)
+        if isinstance(nested, sa.Insert) and _sqla.plain_table(table) in REGISTRY.tenant_columns:
+            raise TenantError(
+                f"An INSERT into {table.name} inside a CTE is not scoped to the tenant: run it "
+                "as its own statement (session.execute(insert(Model).values(...)))."
+            )
+
+
 def note_tenant_added_in(session: Session, obj: object) -> None:
     """Remember the tenant current when an object is added, for its flush to check."""
     sa.inspect(obj).info[_ADDED_IN] = _load_token()
@@ -349,6 +377,8 @@ def check_loaded_in_this_tenant(parent: InstanceState[t.Any]) -> None:
     """
     owner = parent.identity_token
     now = _load_token()
+    if owner is None and is_scoped(parent.mapper):
+        return  # never loaded through the hooks (a detached stub): its flush is checked
     if owner == now or (owner in (None, UNSCOPED_TOKEN) and now in (None, UNSCOPED_TOKEN)):
         return
     if now is None and context.get_tenant() is None:

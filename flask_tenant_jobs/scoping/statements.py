@@ -83,7 +83,9 @@ def scope_insert(state: ORMExecuteState, mapper: Mapper[t.Any], tenant: str) -> 
         rows = param_rows(state.parameters)
         check_rows(rows, tenant, what)
         state.parameters = [{**row, "tenant_id": tenant} for row in rows]
-    state.statement = _upsert_in_tenant(statement, mapper, tenant)
+    # the SELECTs inside an INSERT (from_select(), subqueries in its values) get no
+    # loader criteria: they are filtered here
+    state.statement = scope_selects(_upsert_in_tenant(statement, mapper, tenant))
 
 
 def _named(row: t.Mapping[t.Any, t.Any]) -> dict[str, t.Any]:
@@ -123,7 +125,8 @@ def _upsert_in_tenant(statement: t.Any, mapper: Mapper[t.Any], tenant: str) -> t
         if (key if isinstance(key, str) else getattr(key, "key", None)) != "tenant_id":
             continue
         if not _is_excluded_tenant(value) and _literal(value) != tenant:
-            raise TenantImmutableError(tenant, value, f"Each {name} row this upsert updates")
+            shown = _literal(value) or "a SQL expression"
+            raise TenantImmutableError(tenant, shown, f"Each {name} row this upsert updates")
     tenant_id = mapper.columns["tenant_id"]
     return _sqla.with_conflict_where(statement, clause, tenant_id == CURRENT_TENANT)
 
