@@ -25,7 +25,6 @@ from sqlalchemy.orm import (
     contains_eager,
     immediateload,
     joinedload,
-    load_only,
     make_transient_to_detached,
     mapped_column,
     query_expression,
@@ -630,25 +629,24 @@ def test_get_with_for_update_is_filtered(tenant_jobs: TenantJobs, ids: Ids) -> N
 # -- pending objects across a switch ---------------------------------------------------------
 
 
-def test_an_object_added_in_one_tenant_is_never_saved_in_another(tenant_jobs: TenantJobs) -> None:
+def test_an_object_added_in_one_tenant_is_never_saved_in_another(
+    tenant_jobs: TenantJobs, ids: Ids
+) -> None:
     with tenant_jobs.switch("acme"):
         db.session.add(Order(label="a3"))
-    with tenant_jobs.switch("globex"):
-        with refused(TenantMismatchError):
-            db.session.flush()
+    with tenant_jobs.switch("globex"), refused(TenantMismatchError):
+        db.session.flush()
     with tenant_jobs.switch("acme"):
         db.session.add(Order(label="a3"))
-    with tenant_jobs.switch("globex"):
-        with refused(TenantMismatchError):  # autoflush before the query
-            db.session.scalars(sa.select(Order)).all()
+    with tenant_jobs.switch("globex"), refused(TenantMismatchError):  # autoflush first
+        db.session.scalars(sa.select(Order)).all()
     with tenant_jobs.switch("acme"):
-        plan = db.session.get(Plan, ids_basic := 1)
-        assert plan is not None and ids_basic
+        plan = db.session.get(Plan, ids["basic"])
+        assert plan is not None
         order = Order(label="a4")
         plan.orders.append(order)  # added through the collection's cascade
-    with tenant_jobs.switch("globex"):
-        with refused(TenantMismatchError):
-            db.session.flush()
+    with tenant_jobs.switch("globex"), refused(TenantMismatchError):
+        db.session.flush()
     with tenant_jobs.switch("acme"):
         db.session.add(Order(label="a5"))
     with tenant_jobs.without_tenant():

@@ -23,18 +23,15 @@ from flask_tenant_jobs.errors import (
     NoTenantError,
     TenantMismatchError,
 )
+from tests import test_schema
 from tests.schema_app import Item, Tenant, db
 from tests.schema_app import tenant_jobs as jobs
-from tests.test_schema import (  # noqa: F401 - fixtures
-    PREFIX,
-    SHARED,
-    admin,
-    app,
-    make_app,
-    reset_schemas,
-    run_schemas,
-    seeded,
-)
+from tests.test_schema import PREFIX, SHARED, make_app, reset_schemas, run_schemas
+
+# the fixtures of tests/test_schema.py: the schemas of one run, on one pooled connection
+admin = test_schema.admin
+app = test_schema.app
+seeded = test_schema.seeded
 
 pytestmark = pytest.mark.postgres
 
@@ -197,7 +194,9 @@ def test_schema_names_postgresql_keeps_are_refused(postgres_url: str) -> None:
     with pytest.raises(ConfigurationError, match="pg_"):
         make_app(postgres_url, TENANT_JOBS_SCHEMA_FORMAT="pg_{tenant}")
     reserved = make_app(
-        postgres_url, TENANT_JOBS_SCHEMA_FORMAT="information_{tenant}", TENANT_JOBS_TENANTS=["schema"]
+        postgres_url,
+        TENANT_JOBS_SCHEMA_FORMAT="information_{tenant}",
+        TENANT_JOBS_TENANTS=["schema"],
     )
     with reserved.app_context():
         with pytest.raises(InvalidTenantNameError, match="PostgreSQL"), jobs.switch("schema"):

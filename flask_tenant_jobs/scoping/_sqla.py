@@ -141,7 +141,8 @@ def plain_table(from_: t.Any) -> t.Any:
 
 
 def post_values_clause(statement: t.Any) -> t.Any:
-    """The ``ON CONFLICT`` (or ``ON DUPLICATE KEY``) clause of an INSERT (``_post_values_clause``)."""
+    """The ``ON CONFLICT`` (or ``ON DUPLICATE KEY``) clause of an INSERT (``_post_values_clause``).
+    """
     return statement._post_values_clause
 
 
@@ -214,7 +215,8 @@ def query_expressions(option: t.Any) -> list[t.Any]:
 
 
 def with_query_expressions_replaced(option: t.Any, replace: t.Callable[[t.Any], t.Any]) -> t.Any:
-    """A copy of a loader option whose ``with_expression()`` expressions went through ``replace``."""
+    """A copy of a loader option whose ``with_expression()`` expressions went through
+    ``replace``."""
     elements = []
     for element in option.context:
         if getattr(element, "strategy", None) == _QUERY_EXPRESSION:

@@ -93,13 +93,11 @@ class TenantSession(_sqla.TokenChoosingSession):
     def lookup_token(
         self, mapper: t.Any, given: t.Any, lazy_loaded_from: InstanceState[t.Any] | None
     ) -> t.Any:
-        """The current tenant's token; another tenant's (given or a lazy load's parent) is refused."""
+        """The current tenant's token; another tenant's (given, or a lazy load's parent's)
+        is refused."""
         if lazy_loaded_from is not None:
             check_loaded_in_this_tenant(lazy_loaded_from)
-        if is_scoped(mapper):
-            expected = _filter_tenant() or UNSCOPED_TOKEN
-        else:
-            expected = _shared_token()
+        expected = (_filter_tenant() or UNSCOPED_TOKEN) if is_scoped(mapper) else _shared_token()
         return _checked_token(mapper.class_.__name__, given, expected)
 
     def bulk_insert_mappings(
@@ -258,7 +256,7 @@ def _scope_unfiltered_select(state: ORMExecuteState) -> None:
 
 
 def _check_core_only(state: ORMExecuteState) -> None:
-    """Refuse ``dml_strategy="core_only"`` (no loader criteria at all) where tenant rows are reached."""
+    """Refuse ``dml_strategy="core_only"`` (no loader criteria) where tenant rows are reached."""
     if state.execution_options.get("dml_strategy") == "core_only" and not state.is_select:
         what = "This ORM UPDATE or DELETE with dml_strategy='core_only'"
         refuse_nested_scoped_dml(state.statement, what)
@@ -293,8 +291,8 @@ def refuse_inserts_in_ctes(
         table = getattr(nested, "table", None)
         if isinstance(nested, sa.Insert) and _sqla.plain_table(table) in REGISTRY.tenant_columns:
             raise TenantError(
-                f"An INSERT into {table.name} inside a CTE is not scoped to the tenant: run it "
-                "as its own statement (session.execute(insert(Model).values(...)))."
+                f"An INSERT into {nested.table.name} inside a CTE is not scoped to the tenant: "
+                "run it as its own statement (session.execute(insert(Model).values(...)))."
             )
 
 
@@ -375,7 +373,7 @@ def check_loaded_in_this_tenant(parent: InstanceState[t.Any]) -> None:
     object, which then hands them to the tenant it belongs to (a shared object's
     collection, or a scoped object's), or the other way round.
     """
-    owner = parent.identity_token
+    owner = t.cast("str | None", parent.identity_token)
     now = _load_token()
     if owner is None and is_scoped(parent.mapper):
         return  # never loaded through the hooks (a detached stub): its flush is checked
@@ -483,7 +481,7 @@ def _check_refresh(state: ORMExecuteState, tenant: str) -> None:
     refreshing = _sqla.refreshed_state(state)
     if refreshing is None or not is_scoped(refreshing.mapper):
         return
-    owner = refreshing.identity_token
+    owner = t.cast("str | None", refreshing.identity_token)
     if owner not in (tenant, None, UNSCOPED_TOKEN):
         raise TenantMismatchError(
             owner,
@@ -542,7 +540,7 @@ def check_rows_by_key(
 def _tenant_columns(mapper: Mapper[t.Any]) -> list[sa.Column[t.Any]]:
     """The ``tenant_id`` columns that say who owns a row of ``mapper`` (several for a base)."""
     if is_scoped(mapper):
-        return [t.cast("sa.Column[t.Any]", mapper.columns["tenant_id"])]
+        return [mapper.columns["tenant_id"]]
     return list(REGISTRY.mixed_bases.get(mapper, ()))
 
 

@@ -90,7 +90,7 @@ class _Registry:
 
     def add(self, mapper: Mapper[t.Any]) -> None:
         """Take note of a configured ``TenantScoped`` mapper."""
-        column = t.cast("sa.Column[t.Any]", mapper.columns["tenant_id"])
+        column = mapper.columns["tenant_id"]
         if isinstance(column.table, sa.Table):
             self.tenant_columns[column.table] = column
         parent = mapper.inherits
@@ -116,9 +116,9 @@ REGISTRY = _Registry()
 @event.listens_for(Mapper, "after_mapper_constructed")
 def _single_table_column_may_be_null(mapper: Mapper[t.Any], class_: type) -> None:
     """A scoped subclass sharing the table of an unscoped base: the base's rows have no tenant."""
-    if is_scoped(mapper) and mapper.single and mapper.inherits is not None:
-        if not is_scoped(mapper.inherits):
-            mapper.columns["tenant_id"].nullable = True  # type: ignore[union-attr]
+    parent = mapper.inherits
+    if is_scoped(mapper) and mapper.single and parent is not None and not is_scoped(parent):
+        mapper.columns["tenant_id"].nullable = True
 
 
 @event.listens_for(Mapper, "mapper_configured")

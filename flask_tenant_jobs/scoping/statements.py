@@ -80,9 +80,9 @@ def scope_insert(state: ORMExecuteState, mapper: Mapper[t.Any], tenant: str) -> 
         if given_tenant(values)[0] or not state.parameters:  # a given value is replaced
             statement = statement.values(tenant_id=tenant)
     if state.parameters:
-        rows = param_rows(state.parameters)
-        check_rows(rows, tenant, what)
-        state.parameters = [{**row, "tenant_id": tenant} for row in rows]
+        given = param_rows(state.parameters)
+        check_rows(given, tenant, what)
+        state.parameters = [{**row, "tenant_id": tenant} for row in given]
     # the SELECTs inside an INSERT (from_select(), subqueries in its values) get no
     # loader criteria: they are filtered here
     state.statement = scope_selects(_upsert_in_tenant(statement, mapper, tenant))
@@ -100,7 +100,8 @@ def _from_select_in_tenant(statement: t.Any, names: list[str], select: t.Any, te
     replaced by the tenant (the rows it reads are filtered as any SELECT is).
     """
     source = list(select.subquery().c)
-    kept = [(name, column) for name, column in zip(names, source, strict=True) if name != "tenant_id"]
+    pairs = zip(names, source, strict=True)
+    kept = [(name, column) for name, column in pairs if name != "tenant_id"]
     rows = sa.select(*(column for _, column in kept), sa.literal(tenant, sa.String()))
     return _sqla.with_select(statement, [name for name, _ in kept] + ["tenant_id"], rows)
 
