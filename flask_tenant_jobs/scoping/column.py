@@ -230,7 +230,7 @@ def scope_orm_execute(state: ORMExecuteState) -> None:
 
 def _scope_select(state: ORMExecuteState, tenant: str) -> None:
     """Filter a SELECT to ``tenant`` and key what it loads by ``tenant``."""
-    token = state.execution_options.get("identity_token")
+    token = _given_identity_token(state)
     if token is not None and token != tenant and not _prepared_by_get(state, tenant):
         _checked_token("query", token, tenant)
     if state.is_column_load:
@@ -243,7 +243,7 @@ def _scope_select(state: ORMExecuteState, tenant: str) -> None:
 
 def _scope_unfiltered_select(state: ORMExecuteState) -> None:
     """Without a filter, a SELECT loads under the unscoped token, never a tenant's."""
-    token = state.execution_options.get("identity_token")
+    token = _given_identity_token(state)
     unscoped = context.is_unscoped() or _names_scoped_entity(state)
     expected = UNSCOPED_TOKEN if unscoped else None
     if token not in (None, UNSCOPED_TOKEN):
@@ -253,6 +253,17 @@ def _scope_unfiltered_select(state: ORMExecuteState) -> None:
     state.statement = _unfiltered(state.statement)
     if expected is not None:
         state.update_execution_options(identity_token=expected)
+
+
+def _given_identity_token(state: ORMExecuteState) -> t.Any:
+    """The ``identity_token`` execution option given to the execution or the statement.
+
+    Read from both dictionaries: ``state.execution_options`` would merge them anew.
+    """
+    token = state.local_execution_options.get("identity_token")
+    return token if token is not None else state.statement.get_execution_options().get(
+        "identity_token"
+    )
 
 
 def _check_core_only(state: ORMExecuteState) -> None:
@@ -413,7 +424,7 @@ def _with_criteria(statement: t.Any) -> t.Any:
     if TENANT_CRITERIA not in _sqla.options_of(statement):
         statement = statement.options(*REGISTRY.options)
     if statement.is_select:
-        statement = scope_query_expressions(statement, _entity_tables(statement))
+        statement = scope_query_expressions(statement, _entity_tables)
     return statement
 
 

@@ -144,7 +144,9 @@ def _literal(value: t.Any) -> t.Any:
     return None if isinstance(value, sa.sql.ClauseElement) else value
 
 
-def scope_query_expressions(statement: t.Any, entity_tables: set[t.Any]) -> t.Any:
+def scope_query_expressions(
+    statement: t.Any, entity_tables: t.Callable[[t.Any], set[t.Any]]
+) -> t.Any:
     """``statement`` with the expressions of its ``with_expression()`` options filtered.
 
     ``with_expression()`` strips the ORM annotations that loader criteria follow,
@@ -157,7 +159,7 @@ def scope_query_expressions(statement: t.Any, entity_tables: set[t.Any]) -> t.An
         return statement
     for option in options:
         for expression in _sqla.query_expressions(option):
-            unfiltered = bare_scoped_tables(expression) - entity_tables
+            unfiltered = bare_scoped_tables(expression) - entity_tables(statement)
             if unfiltered:
                 names = ", ".join(sorted(table.name for table in unfiltered))
                 raise TenantError(
