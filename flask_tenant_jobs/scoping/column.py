@@ -309,7 +309,7 @@ def refuse_inserts_in_ctes(
 
 def note_tenant_added_in(session: Session, obj: object) -> None:
     """Remember the tenant current when an object is added, for its flush to check."""
-    sa.inspect(obj).info[_ADDED_IN] = _load_token()
+    sa.inspect(obj).info[_ADDED_IN] = _shared_token()
 
 
 def added_in(obj: object) -> str | None:
@@ -372,11 +372,6 @@ def _shared_token() -> str | None:
     return UNSCOPED_TOKEN if context.is_unscoped() else context.get_tenant()
 
 
-def _load_token() -> str | None:
-    """The token objects loaded now get: the tenant, the unscoped token, or none."""
-    return _shared_token()
-
-
 def check_loaded_in_this_tenant(parent: InstanceState[t.Any]) -> None:
     """Refuse to lazy-load a relationship of an object loaded for another tenant.
 
@@ -385,7 +380,7 @@ def check_loaded_in_this_tenant(parent: InstanceState[t.Any]) -> None:
     collection, or a scoped object's), or the other way round.
     """
     owner = t.cast("str | None", parent.identity_token)
-    now = _load_token()
+    now = _shared_token()
     if owner is None and is_scoped(parent.mapper):
         return  # never loaded through the hooks (a detached stub): its flush is checked
     if owner == now or (owner in (None, UNSCOPED_TOKEN) and now in (None, UNSCOPED_TOKEN)):
