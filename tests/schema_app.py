@@ -31,6 +31,10 @@ class Tenant(db.Model):  # type: ignore[name-defined,misc]
     __tenant_shared__ = True
     __tablename__ = "tenants"
     name: Mapped[str] = mapped_column(sa.String(63), primary_key=True)
+    #: the tenant rows named like this shared row (no foreign key: tables stay as they are)
+    items: Mapped[list[Item]] = relationship(
+        primaryjoin="Tenant.name == foreign(Item.name)", viewonly=True, order_by="Item.id"
+    )
 
 
 class Item(db.Model):  # type: ignore[name-defined,misc]

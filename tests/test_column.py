@@ -550,20 +550,37 @@ def test_unscoped_objects_are_not_returned_to_a_tenant(tenant_jobs: TenantJobs, 
         assert db.session.get(Order, ids["g1"]) is None
 
 
-def test_lazy_loads_after_a_switch_are_filtered(tenant_jobs: TenantJobs, ids: Ids) -> None:
+def test_lazy_loads_after_a_switch_are_refused(tenant_jobs: TenantJobs, ids: Ids) -> None:
+    """Loaded in globex, the collection would stay on acme's object and be handed to acme."""
     with tenant_jobs.switch("acme"):
         plan = db.session.get(Plan, ids["basic"])
-        assert plan is not None
+        customer = db.session.get(Customer, ids["ann"])
+        assert plan is not None and customer is not None
     with tenant_jobs.switch("globex"):
-        assert [o.label for o in plan.orders] == ["g1"]
+        with pytest.raises(TenantMismatchError) as raised:
+            _ = plan.orders
+        assert (raised.value.tenant, raised.value.current) == ("acme", "globex")
+        with pytest.raises(TenantMismatchError):
+            _ = customer.orders
+    with tenant_jobs.switch("acme"):
+        again = db.session.get(Plan, ids["basic"])
+        assert again is plan and [o.label for o in again.orders] == ["a1", "a2"]
 
 
-def test_lazy_loads_without_tenant_are_unfiltered(tenant_jobs: TenantJobs, ids: Ids) -> None:
+def test_lazy_loads_without_tenant_are_refused_on_a_tenants_object(
+    tenant_jobs: TenantJobs, ids: Ids
+) -> None:
     with tenant_jobs.switch("acme"):
         plan = db.session.get(Plan, ids["basic"])
         assert plan is not None
     with tenant_jobs.without_tenant():
-        assert [o.label for o in plan.orders] == ["a1", "a2", "g1"]
+        with pytest.raises(TenantMismatchError):
+            _ = plan.orders
+        unscoped = db.session.get(Plan, ids["basic"])
+        assert unscoped is not plan
+        assert unscoped is not None and [o.label for o in unscoped.orders] == ["a1", "a2", "g1"]
+    with tenant_jobs.switch("acme"):
+        assert [o.label for o in plan.orders] == ["a1", "a2"]
 
 
 def test_reading_an_expired_object_of_another_tenant_is_refused(

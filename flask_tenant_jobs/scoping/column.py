@@ -3,24 +3,27 @@
 ``TenantScoped`` adds the column; the session hooks do the rest:
 
 * ``do_orm_execute`` adds ``tenant_id = <current>`` to every ORM SELECT,
-  UPDATE and DELETE (joins, aliases and relationship loads included), fills
-  and checks ``tenant_id`` in ORM INSERTs, refuses ORM UPDATEs that would move
+  UPDATE and DELETE (joins, aliases, relationship loads, unscoped base classes
+  of scoped subclasses and ``with_expression()`` included), fills and checks
+  ``tenant_id`` in ORM INSERTs and upserts, refuses ORM UPDATEs that would move
   rows to another tenant or reach another tenant's rows by primary key, and
   loads objects under an identity token naming the tenant;
 * the session class looks objects up in the identity map under the same
   token, so after a switch ``session.get()`` and many-to-one loads never hand
-  back an object (or a shared object's collection) loaded for another tenant;
-* ``before_flush`` assigns ``tenant_id`` to new objects and refuses writes to
-  objects of another tenant.
+  back an object (or a shared object's collection) loaded for another tenant,
+  and scopes the legacy bulk methods, which fire no event;
+* ``before_flush`` assigns ``tenant_id`` to new objects (the tenant current when
+  they were added) and refuses writes to objects of another tenant.
 
 With no current tenant (and ``TENANT_JOBS_REQUIRE_TENANT`` on), a statement
 that reaches a ``TenantScoped`` table raises ``NoTenantError``; statements on
-shared models only run as usual.
+shared models only run as usual. See docs/column-strategy.md for every path.
 """
 
 from __future__ import annotations
 
 import typing as t
+from collections import defaultdict
 from contextlib import suppress
 from weakref import WeakKeyDictionary
 
@@ -28,15 +31,8 @@ import sqlalchemy as sa
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import event
-from sqlalchemy.orm import (
-    Mapped,
-    Mapper,
-    ORMExecuteState,
-    Session,
-    UOWTransaction,
-    mapped_column,
-    with_loader_criteria,
-)
+from sqlalchemy.orm import Mapper, ORMExecuteState, Session, UOWTransaction
+from sqlalchemy.orm.state import InstanceState
 
 from .. import context
 from ..errors import (
@@ -47,61 +43,121 @@ from ..errors import (
     TenantMismatchError,
 )
 from ..settings import current_settings
+from . import _sqla
+from .criteria import (
+    REGISTRY,
+    TENANT_CRITERIA,
+    UNSCOPED_TOKEN,
+    TenantScoped,
+    base_criteria,
+    is_scoped,
+)
+from .statements import (
+    check_rows,
+    param_rows,
+    refuse_nested_scoped_dml,
+    scope_insert,
+    scope_query_expressions,
+)
+from .statements import given_tenant as _given_tenant
 
-#: Identity token of objects loaded while no tenant filter applies (``without_tenant``,
-#: or no tenant with ``TENANT_JOBS_REQUIRE_TENANT`` off). It is not a valid tenant
-#: name, so such objects never answer a tenant's lookups.
-UNSCOPED_TOKEN = "*"
+__all__ = ["UNSCOPED_TOKEN", "ColumnStrategy", "TenantScoped", "TenantSession"]
 
 #: How many primary keys one bulk UPDATE ownership check looks up at a time.
 _PK_CHUNK = 500
 
-
-class TenantScoped:
-    """Mixin for models whose rows belong to one tenant (column strategy).
-
-    Adds an indexed, non-null ``tenant_id`` column; queries are filtered to the
-    current tenant and new objects take its name on flush.
-    """
-
-    tenant_id: Mapped[str] = mapped_column(
-        sa.String(63), index=True, nullable=False, active_history=True
-    )
+#: Where ``InstanceState.info`` keeps the tenant current when an object was added.
+_ADDED_IN = "flask_tenant_jobs.added_in"
 
 
-class TenantSession(Session):
+class TenantSession(_sqla.TokenChoosingSession):
     """Mixed into the session class of ``db``: identity-map lookups use the tenant's token.
 
     ``Session.get()`` and many-to-one lazy loads consult the identity map before
     any SQL runs; the token makes them see only objects loaded for the current
-    tenant (``Session._identity_lookup`` is SQLAlchemy's documented hook for
-    this, as used by its horizontal sharding extension).
+    tenant. The legacy bulk methods fire no ORM event, so they are scoped here.
     """
 
     def get(self, entity: t.Any, ident: t.Any, **kwargs: t.Any) -> t.Any:
         """``Session.get()``; a ``TenantScoped`` entity's query is built already filtered,
-        under the tenant's identity token, so the execute hook has nothing to add."""
+        under the tenant's identity token, so the execute hook has nothing to add.
+
+        An ``identity_token`` naming another tenant is refused."""
         if isinstance(entity, type) and issubclass(entity, TenantScoped):
             kwargs["options"] = (*(kwargs.get("options") or ()), TENANT_CRITERIA)
-            if kwargs.get("identity_token") is None:
-                kwargs["identity_token"] = _filter_tenant() or UNSCOPED_TOKEN
+            kwargs["identity_token"] = _checked_token(
+                entity.__name__, kwargs.get("identity_token"), _filter_tenant() or UNSCOPED_TOKEN
+            )
         return super().get(entity, ident, **kwargs)
 
-    def _identity_lookup(  # type: ignore[override]
-        self,
-        mapper: Mapper[t.Any],
-        primary_key_identity: t.Any,
-        identity_token: t.Any = None,
-        **kwargs: t.Any,
+    def lookup_token(
+        self, mapper: t.Any, given: t.Any, lazy_loaded_from: InstanceState[t.Any] | None
     ) -> t.Any:
-        if identity_token is None:
-            if _is_scoped(mapper):
-                identity_token = _filter_tenant() or UNSCOPED_TOKEN
-            else:
-                identity_token = _shared_token()
-        return super()._identity_lookup(
-            mapper, primary_key_identity, identity_token=identity_token, **kwargs
-        )
+        """The current tenant's token; another tenant's (given, or a lazy load's parent's)
+        is refused."""
+        if lazy_loaded_from is not None:
+            check_loaded_in_this_tenant(lazy_loaded_from)
+        expected = (_filter_tenant() or UNSCOPED_TOKEN) if is_scoped(mapper) else _shared_token()
+        return _checked_token(mapper.class_.__name__, given, expected)
+
+    def bulk_insert_mappings(
+        self, mapper: t.Any, mappings: t.Iterable[dict[str, t.Any]], *args: t.Any, **kw: t.Any
+    ) -> None:
+        """``Session.bulk_insert_mappings()``; a scoped model's rows get the current tenant.
+
+        The rows are given ``tenant_id`` in place, as SQLAlchemy itself fills their
+        primary keys in place with ``return_defaults``.
+        """
+        rows = list(mappings)
+        target = sa.inspect(mapper)
+        if is_scoped(target):
+            what = f"A new {target.class_.__name__} row"
+            tenant = _filter_tenant(f"Bulk-inserting {target.class_.__name__} rows")
+            if tenant is not None:
+                check_rows(rows, tenant, what)
+            for row in rows:
+                row["tenant_id"] = tenant or _required_tenant_of(row, what)
+        super().bulk_insert_mappings(mapper, rows, *args, **kw)
+
+    def bulk_update_mappings(
+        self, mapper: t.Any, mappings: t.Iterable[dict[str, t.Any]]
+    ) -> None:
+        """``Session.bulk_update_mappings()``; refused for rows of another tenant."""
+        rows = list(mappings)
+        target = sa.inspect(mapper)
+        if is_scoped(target) or base_criteria(target) is not None:
+            tenant = _filter_tenant(f"Bulk-updating {target.class_.__name__} rows")
+            if tenant is not None:
+                check_rows_by_key(self, target, rows, tenant)
+        super().bulk_update_mappings(mapper, rows)
+
+    def bulk_save_objects(self, objects: t.Iterable[object], *args: t.Any, **kw: t.Any) -> None:
+        """``Session.bulk_save_objects()``, checked like a flush of the same objects."""
+        objs = list(objects)
+        scoped = [obj for obj in objs if isinstance(obj, TenantScoped)]
+        if scoped:
+            tenant = _filter_tenant("Bulk-saving tenant-scoped objects")
+            new = [obj for obj in scoped if sa.inspect(obj).key is None]
+            for obj in new:
+                _assign_tenant(obj, tenant)
+            existing = [obj for obj in scoped if sa.inspect(obj).key is not None]
+            for obj in existing:
+                _check_unchanged(obj)
+            if tenant is not None:
+                check_owners(self, existing, tenant, "Updating")
+        super().bulk_save_objects(objs, *args, **kw)
+
+
+def _checked_token(name: str, given: t.Any, expected: t.Any) -> t.Any:
+    """``expected``, unless the caller gave another tenant's identity token."""
+    if given is None or given == expected:
+        return expected
+    raise TenantMismatchError(
+        given,
+        None if expected in (None, UNSCOPED_TOKEN) else expected,
+        f"A {name} looked up with identity_token={given!r}",
+        "leave 'identity_token' out: the session looks up the current tenant's objects.",
+    )
 
 
 class ColumnStrategy:
@@ -115,10 +171,12 @@ class ColumnStrategy:
         if not event.contains(db.session, "do_orm_execute", scope_orm_execute):
             event.listen(db.session, "do_orm_execute", scope_orm_execute)
             event.listen(db.session, "before_flush", check_flush)
+            event.listen(db.session, "transient_to_pending", note_tenant_added_in)
         with app.app_context():
             for engine in db.engines.values():
                 if not event.contains(engine, "handle_error", unwrap_tenant_errors):
                     event.listen(engine, "handle_error", unwrap_tenant_errors)
+                    event.listen(engine, "before_cursor_execute", refuse_inserts_in_ctes)
 
     def check_tenant(self, name: str) -> None:
         """Any known tenant can be entered: its rows simply share the tables."""
@@ -143,29 +201,76 @@ def scope_orm_execute(state: ORMExecuteState) -> None:
         return
     tenant = context.get_tenant()
     if context.is_unscoped() or (tenant is None and not current_settings().require_tenant):
-        state.statement = _unfiltered(state.statement)
-        if state.is_select and _names_scoped_entity(state):
-            state.update_execution_options(identity_token=UNSCOPED_TOKEN)
+        if state.is_select:
+            _scope_unfiltered_select(state)
+        else:
+            state.statement = _unfiltered(state.statement)
         return
     if tenant is None:
         if _names_scoped_entity(state):
             raise NoTenantError("Querying a tenant-scoped model")
+        _check_core_only(state)
         state.statement = _filtered(state.statement)  # reaching tenant rows raises then
         return
     if state.is_select:
-        if state.is_column_load:
-            _check_refresh(state, tenant)
-        if not _prepared_by_get(state, tenant):
-            state.statement = _filtered_for(state.statement, tenant)
+        _scope_select(state, tenant)
         return
     mapper = state.bind_mapper
-    if mapper is not None and _is_scoped(mapper):
+    if mapper is not None and is_scoped(mapper):
         if state.is_insert:
-            _scope_insert(state, mapper, tenant)
+            scope_insert(state, mapper, tenant)
             return
         if state.is_update:
             _check_update(state, mapper, tenant)
+    elif mapper is not None and state.is_update and base_criteria(mapper) is not None:
+        _check_bulk_update(state, mapper, tenant)
+    _check_core_only(state)
     state.statement = _filtered(state.statement)
+
+
+def _scope_select(state: ORMExecuteState, tenant: str) -> None:
+    """Filter a SELECT to ``tenant`` and key what it loads by ``tenant``."""
+    token = _given_identity_token(state)
+    if token is not None and token != tenant and not _prepared_by_get(state, tenant):
+        _checked_token("query", token, tenant)
+    if state.is_column_load:
+        _check_refresh(state, tenant)
+    if state.lazy_loaded_from is not None:
+        check_loaded_in_this_tenant(state.lazy_loaded_from)
+    if not _prepared_by_get(state, tenant):
+        state.statement = _filtered_for(state.statement, tenant)
+
+
+def _scope_unfiltered_select(state: ORMExecuteState) -> None:
+    """Without a filter, a SELECT loads under the unscoped token, never a tenant's."""
+    token = _given_identity_token(state)
+    unscoped = context.is_unscoped() or _names_scoped_entity(state)
+    expected = UNSCOPED_TOKEN if unscoped else None
+    if token not in (None, UNSCOPED_TOKEN):
+        _checked_token("query", token, expected)
+    if state.lazy_loaded_from is not None:
+        check_loaded_in_this_tenant(state.lazy_loaded_from)
+    state.statement = _unfiltered(state.statement)
+    if expected is not None:
+        state.update_execution_options(identity_token=expected)
+
+
+def _given_identity_token(state: ORMExecuteState) -> t.Any:
+    """The ``identity_token`` execution option given to the execution or the statement.
+
+    Read from both dictionaries: ``state.execution_options`` would merge them anew.
+    """
+    token = state.local_execution_options.get("identity_token")
+    return token if token is not None else state.statement.get_execution_options().get(
+        "identity_token"
+    )
+
+
+def _check_core_only(state: ORMExecuteState) -> None:
+    """Refuse ``dml_strategy="core_only"`` (no loader criteria) where tenant rows are reached."""
+    if state.execution_options.get("dml_strategy") == "core_only" and not state.is_select:
+        what = "This ORM UPDATE or DELETE with dml_strategy='core_only'"
+        refuse_nested_scoped_dml(state.statement, what)
 
 
 def unwrap_tenant_errors(error_context: sa.engine.ExceptionContext) -> BaseException | None:
@@ -173,6 +278,56 @@ def unwrap_tenant_errors(error_context: sa.engine.ExceptionContext) -> BaseExcep
     if isinstance(error_context.original_exception, TenantError):
         return error_context.original_exception
     return None
+
+
+def refuse_inserts_in_ctes(
+    connection: sa.engine.Connection,
+    cursor: t.Any,
+    statement: str,
+    parameters: t.Any,
+    execution_context: t.Any,
+    executemany: bool,
+) -> None:
+    """Refuse an INSERT into a tenant table nested in a CTE (PostgreSQL runs those).
+
+    Only the outermost statement reaches the execute hook, so such an INSERT would
+    keep any ``tenant_id`` it names. Read from the compiled statement, where SQLAlchemy
+    lists the CTEs it rendered: nothing is walked for a statement without CTEs.
+    """
+    ctes = getattr(getattr(execution_context, "compiled", None), "ctes", None)
+    if not ctes or context.is_unscoped():
+        return
+    for cte in ctes:
+        nested = getattr(cte, "element", None)
+        table = getattr(nested, "table", None)
+        if isinstance(nested, sa.Insert) and _sqla.plain_table(table) in REGISTRY.tenant_columns:
+            raise TenantError(
+                f"An INSERT into {nested.table.name} inside a CTE is not scoped to the tenant: "
+                "run it as its own statement (session.execute(insert(Model).values(...)))."
+            )
+
+
+def note_tenant_added_in(session: Session, obj: object) -> None:
+    """Remember the tenant current when an object is added, for its flush to check."""
+    sa.inspect(obj).info[_ADDED_IN] = _shared_token()
+
+
+def added_in(obj: object) -> str | None:
+    """The tenant an object was added in, or ``None`` (no tenant, or ``without_tenant()``)."""
+    token = sa.inspect(obj).info.get(_ADDED_IN)
+    return None if token in (None, UNSCOPED_TOKEN) else t.cast(str, token)
+
+
+def check_added_in(obj: object, tenant: str | None) -> None:
+    """Refuse to flush, in ``tenant``, an object that was added while another tenant was current."""
+    owner = added_in(obj)
+    if owner is not None and tenant is not None and owner != tenant:
+        raise TenantMismatchError(
+            owner,
+            tenant,
+            f"The new {type(obj).__name__} (added while {owner!r} was current)",
+            "commit or flush before switching tenants, or add it again in this tenant.",
+        )
 
 
 def check_flush(session: Session, flush_context: UOWTransaction, instances: object) -> None:
@@ -189,18 +344,13 @@ def check_flush(session: Session, flush_context: UOWTransaction, instances: obje
         return
     tenant = _filter_tenant("Saving a tenant-scoped object")
     for obj in new:
+        check_added_in(obj, tenant)
         _assign_tenant(obj, tenant)
     for obj in changed:
         _check_unchanged(obj)
     if tenant is not None:
-        for obj in changed:
-            _check_owner(obj, tenant, "Updating")
-        for obj in deleted:
-            _check_owner(obj, tenant, "Deleting")
-
-
-def _is_scoped(mapper: Mapper[t.Any]) -> bool:
-    return issubclass(mapper.class_, TenantScoped)
+        check_owners(session, changed, tenant, "Updating")
+        check_owners(session, deleted, tenant, "Deleting")
 
 
 def _filter_tenant(action: str = "Querying a tenant-scoped model") -> str | None:
@@ -214,46 +364,38 @@ def _filter_tenant(action: str = "Querying a tenant-scoped model") -> str | None
 
 
 def _shared_token() -> str | None:
-    """The identity token of shared objects loaded now: the filter tenant, if any.
+    """The identity token of shared objects loaded now: the tenant, the unscoped token, or none.
 
     Shared objects are keyed by tenant too, so that a collection of tenant rows
     loaded on one (``plan.orders``) is never handed to another tenant.
     """
-    return None if context.is_unscoped() else context.get_tenant()
+    return UNSCOPED_TOKEN if context.is_unscoped() else context.get_tenant()
 
 
-def _criteria_tenant() -> str:
-    """The tenant a filtered statement is bound to, read as it executes.
+def check_loaded_in_this_tenant(parent: InstanceState[t.Any]) -> None:
+    """Refuse to lazy-load a relationship of an object loaded for another tenant.
 
-    Raising here refuses, with no tenant, every statement that reaches tenant rows,
-    however indirectly (a join, a subquery, an eager or lazy load);
-    ``unwrap_tenant_errors`` hands the error to the caller unwrapped.
+    The load would be filtered to the current tenant and its rows kept on the
+    object, which then hands them to the tenant it belongs to (a shared object's
+    collection, or a scoped object's), or the other way round.
     """
-    tenant = context.get_tenant()
-    if tenant is None:
-        raise NoTenantError("Querying a tenant-scoped model")
-    return tenant
+    owner = t.cast("str | None", parent.identity_token)
+    now = _shared_token()
+    if owner is None and is_scoped(parent.mapper):
+        return  # never loaded through the hooks (a detached stub): its flush is checked
+    if owner == now or (owner in (None, UNSCOPED_TOKEN) and now in (None, UNSCOPED_TOKEN)):
+        return
+    if now is None and context.get_tenant() is None:
+        return  # no tenant: the load's criteria raise NoTenantError when they reach tenant rows
+    raise TenantMismatchError(
+        None if owner == UNSCOPED_TOKEN else owner,
+        None if now == UNSCOPED_TOKEN else now,
+        f"Lazy-loading a relationship of {parent.class_.__name__} {parent.identity}",
+        RELOAD_HINT,
+    )
 
 
-#: The current tenant as a bound parameter, read each time a statement executes.
-CURRENT_TENANT = sa.bindparam(
-    "tenant_jobs_tenant", callable_=_criteria_tenant, type_=sa.String(), unique=False
-)
-
-#: Filters every ``TenantScoped`` entity (joins, aliases, eager and lazy loads) to
-#: the current tenant. One option serves every tenant, since the tenant is a
-#: parameter: scoped statements, their cache keys and compiled forms are shared,
-#: and criteria a lazy load inherits from its parent's query read the tenant
-#: current when it runs, never the parent's.
-TENANT_CRITERIA = with_loader_criteria(
-    TenantScoped,
-    lambda cls: cls.tenant_id == CURRENT_TENANT,
-    include_aliases=True,
-    track_closure_variables=False,
-)
-
-
-_filtered_statements: WeakKeyDictionary[t.Any, t.Any] = WeakKeyDictionary()
+_filtered_statements: WeakKeyDictionary[t.Any, tuple[int, t.Any]] = WeakKeyDictionary()
 
 
 def _filtered(statement: t.Any) -> t.Any:
@@ -263,18 +405,32 @@ def _filtered(statement: t.Any) -> t.Any:
     are thus filtered once, not at every execution.
     """
     with suppress(KeyError, TypeError):
-        return _filtered_statements[statement]
+        generation, filtered = _filtered_statements[statement]
+        if generation == REGISTRY.generation:
+            return filtered
     filtered = _with_criteria(statement)
     with suppress(TypeError):  # a statement that cannot be weakly referenced is not kept
-        _filtered_statements[statement] = filtered
+        _filtered_statements[statement] = (REGISTRY.generation, filtered)
     return filtered
 
 
 def _with_criteria(statement: t.Any) -> t.Any:
     """``statement`` with the tenant criteria (it may have them from ``get()`` or its parent)."""
-    if TENANT_CRITERIA in statement._with_options:
-        return statement
-    return statement.options(TENANT_CRITERIA)
+    if TENANT_CRITERIA not in _sqla.options_of(statement):
+        statement = statement.options(*REGISTRY.options)
+    if statement.is_select:
+        statement = scope_query_expressions(statement, _entity_tables)
+    return statement
+
+
+def _entity_tables(statement: t.Any) -> set[t.Any]:
+    """The tables of the entities a SELECT returns (those the criteria filter)."""
+    tables = set()
+    for description in statement.column_descriptions:
+        entity = description.get("entity")
+        if entity is not None:
+            tables.update(sa.inspect(entity).mapper.tables)
+    return tables
 
 
 #: Per statement, its filtered SELECT for each recent tenant (bounded, see below).
@@ -293,8 +449,9 @@ def _filtered_for(statement: t.Any, tenant: str) -> t.Any:
     selected = _with_criteria(statement).execution_options(identity_token=tenant)
     with suppress(TypeError):  # a statement that cannot be weakly referenced is not kept
         per_tenant = _selects_by_tenant.setdefault(statement, {})
-        if len(per_tenant) >= _TENANTS_PER_STATEMENT:
+        if len(per_tenant) >= _TENANTS_PER_STATEMENT or per_tenant.get("") != REGISTRY.generation:
             per_tenant.clear()
+            per_tenant[""] = REGISTRY.generation
         per_tenant[tenant] = selected
     return selected
 
@@ -302,24 +459,22 @@ def _filtered_for(statement: t.Any, tenant: str) -> t.Any:
 def _prepared_by_get(state: ORMExecuteState, tenant: str) -> bool:
     """Whether ``TenantSession.get()`` built this load filtered and under ``tenant``'s token."""
     return (
-        state.load_options._identity_token == tenant
-        and TENANT_CRITERIA in state.statement._with_options
+        _sqla.load_identity_token(state) == tenant
+        and TENANT_CRITERIA in _sqla.options_of(state.statement)
     )
 
 
 def _unfiltered(statement: t.Any) -> t.Any:
     """``statement`` without the tenant criteria a relationship load or ``get()`` gave it."""
-    options = statement._with_options
+    options = _sqla.options_of(statement)
     if TENANT_CRITERIA not in options:
         return statement
-    unfiltered = statement._generate()
-    unfiltered._with_options = tuple(o for o in options if o is not TENANT_CRITERIA)
-    return unfiltered
+    return _sqla.with_options_replaced(statement, (o for o in options if o is not TENANT_CRITERIA))
 
 
 def _names_scoped_entity(state: ORMExecuteState) -> bool:
     """Whether the statement's subject (what it returns or changes) is ``TenantScoped``."""
-    return any(_is_scoped(mapper) for mapper in state.all_mappers)
+    return any(is_scoped(mapper) for mapper in state.all_mappers)
 
 
 def _check_refresh(state: ORMExecuteState, tenant: str) -> None:
@@ -329,10 +484,10 @@ def _check_refresh(state: ORMExecuteState, tenant: str) -> None:
     primary key), so an object kept across a switch would read the other
     tenant's row.
     """
-    refreshing = state.load_options._refresh_state
-    if refreshing is None or not _is_scoped(refreshing.mapper):
+    refreshing = _sqla.refreshed_state(state)
+    if refreshing is None or not is_scoped(refreshing.mapper):
         return
-    owner = refreshing.identity_token
+    owner = t.cast("str | None", refreshing.identity_token)
     if owner not in (tenant, None, UNSCOPED_TOKEN):
         raise TenantMismatchError(
             owner,
@@ -342,48 +497,11 @@ def _check_refresh(state: ORMExecuteState, tenant: str) -> None:
         )
 
 
-def _given_tenant(values: t.Mapping[t.Any, t.Any]) -> tuple[bool, t.Any]:
-    """Whether a row of statement values names ``tenant_id``, and the value it gives."""
-    for key, value in values.items():
-        if (key if isinstance(key, str) else getattr(key, "key", None)) == "tenant_id":
-            return True, getattr(value, "value", value)
-    return False, None
-
-
-def _param_rows(params: t.Any) -> list[dict[str, t.Any]]:
-    """The parameter rows of an executemany (a list of dicts) or of one execution (a dict)."""
-    return [dict(row) for row in params] if isinstance(params, list) else [dict(params)]
-
-
-def _check_rows(rows: t.Iterable[t.Mapping[t.Any, t.Any]], tenant: str, what: str) -> None:
-    """Refuse rows that name a tenant other than ``tenant``."""
-    for row in rows:
-        named, given = _given_tenant(row)
-        if named and given != tenant:
-            raise TenantMismatchError(given, tenant, what)
-
-
-def _scope_insert(state: ORMExecuteState, mapper: Mapper[t.Any], tenant: str) -> None:
-    """Fill ``tenant_id`` into an ORM INSERT; refuse rows naming another tenant."""
-    what = f"A new {mapper.class_.__name__} row"
-    statement: t.Any = state.statement
-    if state.parameters:
-        rows = _param_rows(state.parameters)
-        _check_rows(rows, tenant, what)
-        state.parameters = [{**row, "tenant_id": tenant} for row in rows]
-        return
-    if statement._multi_values:
-        multi = [list(rows) for rows in statement._multi_values]
-        for rows in multi:
-            _check_rows(rows, tenant, what)
-        statement = statement._generate()
-        statement._multi_values = tuple(
-            [{**row, "tenant_id": tenant} for row in rows] for rows in multi
-        )
-        state.statement = statement
-        return
-    _check_rows([statement._values or {}], tenant, what)
-    state.statement = statement.values(tenant_id=tenant)
+def _required_tenant_of(row: t.Mapping[str, t.Any], what: str) -> t.Any:
+    """The ``tenant_id`` a row names where no tenant applies; it must name one."""
+    if row.get("tenant_id") is None:
+        raise NoTenantError(f"{what} without a 'tenant_id'")
+    return row["tenant_id"]
 
 
 def _check_update(state: ORMExecuteState, mapper: Mapper[t.Any], tenant: str) -> None:
@@ -394,53 +512,69 @@ def _check_update(state: ORMExecuteState, mapper: Mapper[t.Any], tenant: str) ->
     row that the tenant criteria never reach, so the rows' owners are checked first.
     """
     statement = t.cast(sa.Update, state.statement)
-    named, given = _given_tenant(statement._values or {})
-    if named and given != tenant:
-        raise TenantImmutableError(
-            tenant, given, f"Each {mapper.class_.__name__} row this UPDATE reaches"
-        )
-    if not state.parameters:
-        return
-    rows = _param_rows(state.parameters)
+    for values in (_sqla.update_values(statement), dict(_sqla.update_ordered_values(statement))):
+        named, given = _given_tenant(values)
+        if named and getattr(given, "value", given) != tenant:
+            raise TenantImmutableError(
+                tenant, given, f"Each {mapper.class_.__name__} row this UPDATE reaches"
+            )
+    _check_bulk_update(state, mapper, tenant)
+
+
+def _check_bulk_update(state: ORMExecuteState, mapper: Mapper[t.Any], tenant: str) -> None:
+    """Refuse a bulk UPDATE by primary key that names rows of another tenant."""
+    if state.parameters:
+        check_rows_by_key(state.session, mapper, param_rows(state.parameters), tenant)
+
+
+def check_rows_by_key(
+    session: Session, mapper: Mapper[t.Any], rows: list[dict[str, t.Any]], tenant: str
+) -> None:
+    """Refuse rows (updates by primary key) that name, or belong to, another tenant."""
     what = f"A bulk {mapper.class_.__name__} row"
-    _check_rows(rows, tenant, what)
+    check_rows(rows, tenant, what)
     keys = [mapper.get_property_by_column(column).key for column in mapper.primary_key]
     idents = {tuple(row.get(key) for key in keys) for row in rows}
     idents.discard(tuple(None for _ in keys))
-    owners = _owners(state.session, mapper, idents)
+    owners = _owners(session, mapper, idents)
     for ident in sorted(idents, key=repr):
-        owner = owners.get(ident, tenant)  # a missing row is SQLAlchemy's to report
-        if owner != tenant:
+        owner = owners.get(ident)  # a missing row is SQLAlchemy's to report
+        if owner is not None and owner != tenant:
             raise TenantMismatchError(owner, tenant, f"{what} with primary key {ident!r}")
+
+
+def _tenant_columns(mapper: Mapper[t.Any]) -> list[sa.Column[t.Any]]:
+    """The ``tenant_id`` columns that say who owns a row of ``mapper`` (several for a base)."""
+    if is_scoped(mapper):
+        return [mapper.columns["tenant_id"]]
+    return list(REGISTRY.mixed_bases.get(mapper, ()))
 
 
 def _owners(
     session: Session, mapper: Mapper[t.Any], idents: t.Collection[tuple[t.Any, ...]]
 ) -> dict[tuple[t.Any, ...], str]:
     """The tenant of each existing row among ``idents``, read without any filter."""
-    columns = list(mapper.primary_key)
-    key = sa.tuple_(*columns) if len(columns) > 1 else columns[0]
     connection = session.connection(bind_arguments={"mapper": mapper})
     pending = list(idents)
     owners: dict[tuple[t.Any, ...], str] = {}
-    for start in range(0, len(pending), _PK_CHUNK):
-        chunk = pending[start : start + _PK_CHUNK]
-        wanted = chunk if len(columns) > 1 else [ident[0] for ident in chunk]
-        query = (
-            sa.select(*columns, mapper.columns["tenant_id"])
-            .select_from(mapper.persist_selectable)
-            .where(key.in_(wanted))
-        )
-        for row in connection.execute(query):
-            owners[tuple(row[: len(columns)])] = row[-1]
+    for tenant_column in _tenant_columns(mapper):
+        columns = list(tenant_column.table.primary_key.columns)
+        key = sa.tuple_(*columns) if len(columns) > 1 else columns[0]
+        for start in range(0, len(pending), _PK_CHUNK):
+            chunk = pending[start : start + _PK_CHUNK]
+            wanted = chunk if len(columns) > 1 else [ident[0] for ident in chunk]
+            query = sa.select(*columns, tenant_column).where(key.in_(wanted))
+            for row in connection.execute(query):
+                if row[-1] is not None:
+                    owners[tuple(row[: len(columns)])] = row[-1]
     return owners
 
 
 def _assign_tenant(obj: TenantScoped, tenant: str | None) -> None:
-    """Fill ``tenant_id`` (from the filter tenant, else any current one) and key it by tenant."""
+    """Fill ``tenant_id`` (the filter tenant, else the one it was added in) and key it by tenant."""
     given = obj.tenant_id
     if given is None:
-        given = tenant or context.get_tenant()
+        given = tenant or added_in(obj) or context.get_tenant()
         if given is None:
             raise NoTenantError(f"Saving a new {type(obj).__name__} without a 'tenant_id'")
         obj.tenant_id = given
@@ -455,17 +589,34 @@ def _check_unchanged(obj: TenantScoped) -> None:
         raise TenantImmutableError(history.deleted[0], obj.tenant_id, type(obj).__name__)
 
 
-def _owner(obj: TenantScoped) -> str:
-    """The tenant a persistent object belongs to, without a filtered (and failing) refresh."""
-    state = sa.inspect(obj)
-    if state.identity_token not in (None, UNSCOPED_TOKEN):
-        return t.cast(str, state.identity_token)
-    return obj.tenant_id  # loaded without a tenant: its own column says
+def check_owners(session: Session, objs: list[TenantScoped], tenant: str, action: str) -> None:
+    """Refuse to write objects that belong to another tenant than ``tenant``.
+
+    An object loaded through these hooks is keyed by its tenant. One that never
+    was (``make_transient_to_detached()``, ``merge(load=False)``) says nothing
+    trustworthy about itself: its row's owner is read from the database.
+    """
+    unknown: dict[Mapper[t.Any], list[TenantScoped]] = defaultdict(list)
+    for obj in objs:
+        state = sa.inspect(obj)
+        owner = state.identity_token
+        if owner is None:
+            unknown[state.mapper].append(obj)
+            continue
+        if owner == UNSCOPED_TOKEN:
+            owner = obj.tenant_id  # loaded without a filter: its own column says
+        if owner != tenant:
+            _refuse_owner(obj, owner, tenant, action)
+    for mapper, stubs in unknown.items():
+        keys = {sa.inspect(obj).identity: obj for obj in stubs}
+        owners = _owners(session, mapper, list(keys))
+        for ident, obj in keys.items():
+            owner = owners.get(ident)
+            if owner is not None and owner != tenant:
+                _refuse_owner(obj, owner, tenant, action)
 
 
-def _check_owner(obj: TenantScoped, tenant: str | None, action: str) -> None:
-    owner = _owner(obj)
-    if owner != tenant:
-        raise TenantMismatchError(
-            owner, tenant, f"{action} {type(obj).__name__} {sa.inspect(obj).identity}"
-        )
+def _refuse_owner(obj: TenantScoped, owner: str | None, tenant: str, action: str) -> None:
+    raise TenantMismatchError(
+        owner, tenant, f"{action} {type(obj).__name__} {sa.inspect(obj).identity}"
+    )

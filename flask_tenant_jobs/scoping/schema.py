@@ -28,6 +28,7 @@ import re
 import threading
 import typing as t
 from contextlib import contextmanager
+from weakref import WeakKeyDictionary
 
 import sqlalchemy as sa
 from flask import Flask, current_app
@@ -35,6 +36,7 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import ORMExecuteState, Session, UOWTransaction
+from sqlalchemy.sql import visitors
 
 from .. import context
 from ..errors import (
@@ -46,7 +48,8 @@ from ..errors import (
     TenantMismatchError,
 )
 from ..settings import Settings, current_settings
-from .column import ColumnStrategy
+from . import _sqla
+from .column import ColumnStrategy, check_added_in
 
 _PATH = "tenant_jobs_search_path"
 _SESSION_PATH = "tenant_jobs_session_search_path"
@@ -55,6 +58,8 @@ _SET_PATH = (
     "to_regnamespace(%(schema)s) IS NOT NULL"
 )
 _MAX_CACHED_PATHS = 10_000
+#: Schema names PostgreSQL keeps for itself: a tenant must never get one.
+_RESERVED_SCHEMA = re.compile(r"pg_.*|information_schema", re.IGNORECASE)
 #: Statements that begin, end or roll back a transaction or savepoint: they need no
 #: path, and the path remembered for the connection may not survive them.
 _TRANSACTION_CONTROL = re.compile(
@@ -79,6 +84,14 @@ class SchemaStrategy:
         self.db = db
         self.schema_format = settings.schema_format
         self.shared_schema = settings.shared_schema
+        self.require_tenant = settings.require_tenant
+        if _RESERVED_SCHEMA.match(settings.schema_format):
+            raise ConfigurationError(
+                f"'TENANT_JOBS_SCHEMA_FORMAT' is {settings.schema_format!r}: PostgreSQL keeps "
+                "names starting with 'pg_' for itself; use e.g. 'tenant_{tenant}'."
+            )
+        #: compiled statement -> whether it reaches a tenant table (for statements with no tenant)
+        self._reaches_tenant_tables: WeakKeyDictionary[t.Any, bool] = WeakKeyDictionary()
         self._known_schemas: frozenset[str] = frozenset()
         self._lock = threading.Lock()
         self._paths: dict[str | None, tuple[str, str]] = {}
@@ -167,6 +180,13 @@ class SchemaStrategy:
         schema = self.schema_format.format(tenant=name)
         if len(schema.encode()) > 63:
             raise InvalidTenantNameError(name, f"its schema name {schema!r} is over 63 bytes")
+        if schema == self.shared_schema or _RESERVED_SCHEMA.fullmatch(schema):
+            what = "the shared schema" if schema == self.shared_schema else "a PostgreSQL schema"
+            raise InvalidTenantNameError(
+                name,
+                f"its schema name {schema!r} is {what}; pick another tenant name, or a "
+                "'TENANT_JOBS_SCHEMA_FORMAT' such as 'tenant_{tenant}'",
+            )
         return schema
 
     def search_path(self, tenant: str | None) -> str:
@@ -264,6 +284,8 @@ class SchemaStrategy:
                 info.pop(_PATH, None)
                 return
             tenant = context.get_tenant()
+            if tenant is None and self.require_tenant and not context.is_unscoped():
+                self._refuse_tenant_tables(execution_context)
             path, schema = self._path_and_schema(tenant)
             if info.get(_PATH) == path:
                 return
@@ -294,6 +316,35 @@ class SchemaStrategy:
         for name in ("begin", "commit", "rollback", "rollback_savepoint", "release_savepoint"):
             event.listen(engine, name, forget_path)
         event.listen(engine.pool, "checkin", _reset_path_on_checkin)
+
+    def _refuse_tenant_tables(self, execution_context: t.Any) -> None:
+        """With no tenant, refuse a statement that reaches a tenant table in any way.
+
+        The path is then the shared schema alone: a tenant table reached through a
+        join, ``any()``, a subquery, ``select_from()`` or an eager load would be read
+        from the shared schema's table of the same name, or fail. The compiled
+        statement is looked at (the ORM's eager joins are in it), once per compiled
+        form; ``text()`` SQL names no tables and is not refused.
+        """
+        compiled = getattr(execution_context, "compiled", None)
+        if not isinstance(compiled, sa.sql.compiler.SQLCompiler):
+            return
+        try:
+            reaches = self._reaches_tenant_tables[compiled]
+        except KeyError:
+            tenant_tables = set(self.tenant_tables())
+            compile_state = getattr(compiled, "compile_state", None)
+            statements = [compiled.statement, getattr(compile_state, "statement", None)]
+            reaches = any(
+                _sqla.plain_table(node) in tenant_tables
+                for statement in statements
+                if statement is not None
+                for node in visitors.iterate(statement)
+                if isinstance(node, sa.sql.FromClause)
+            )
+            self._reaches_tenant_tables[compiled] = reaches
+        if reaches:
+            raise NoTenantError("Querying a tenant model")
 
     def _note_schema(self, schema: str, *, exists: bool) -> None:
         """Record that ``schema`` exists (or not) now, without reading ``pg_namespace``."""
@@ -366,7 +417,7 @@ def _guard_orm_execute(state: ORMExecuteState) -> None:
 
 def _check_loaded_from(state: ORMExecuteState, tenant: str | None) -> None:
     """Refuse to refresh or lazy-load an object of another tenant with this tenant's schema."""
-    parent = state.lazy_loaded_from or state.load_options._refresh_state
+    parent = state.lazy_loaded_from or _sqla.refreshed_state(state)
     if parent is None or is_shared_model(parent.class_):
         return
     owner = t.cast("str | None", parent.identity_token)
@@ -384,6 +435,7 @@ def _guard_flush(session: Session, flush_context: UOWTransaction, instances: obj
         return
     tenant = _require_tenant("Saving a tenant model")
     for obj in pending:
+        check_added_in(obj, tenant)
         sa.inspect(obj).identity_token = tenant
     for obj in touched:
         owner = sa.inspect(obj).identity_token

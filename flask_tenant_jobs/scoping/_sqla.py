@@ -1,0 +1,240 @@
+"""Every use of SQLAlchemy's private API by the scoping strategies, in one place.
+
+SQLAlchemy has no public accessor for some parts of a statement that tenant
+scoping must read or rewrite (the values of an INSERT, its ON CONFLICT clause,
+the expression of ``with_expression()``), nor for some parts of an ORM execution
+(whether a load is a refresh, which identity token a load uses). Each helper
+below says which private name it touches and why; the supported SQLAlchemy
+releases (``pyproject.toml``) are the ones the test suite ran these helpers on.
+"""
+
+from __future__ import annotations
+
+import typing as t
+from copy import copy
+
+import sqlalchemy as sa
+from sqlalchemy.orm import ORMExecuteState, Session
+from sqlalchemy.orm.state import InstanceState
+
+#: The strategy key of a ``with_expression()`` load element.
+_QUERY_EXPRESSION = (("query_expression", True),)
+
+
+def options_of(statement: t.Any) -> tuple[t.Any, ...]:
+    """The loader options given to ``statement`` (``Executable._with_options``).
+
+    Read to tell whether the tenant criteria are on a statement already (from
+    ``get()`` or a relationship load it inherited them from).
+    """
+    return t.cast("tuple[t.Any, ...]", statement._with_options)
+
+
+def with_options_replaced(statement: t.Any, options: t.Iterable[t.Any]) -> t.Any:
+    """A copy of ``statement`` whose loader options are ``options``.
+
+    There is no public way to remove an option (``without_tenant()`` drops the
+    criteria a relationship load inherited), so the copy is made with
+    ``_generate()`` and ``_with_options`` is set on it.
+    """
+    replaced = statement._generate()
+    replaced._with_options = tuple(options)
+    return replaced
+
+
+def refreshed_state(state: ORMExecuteState) -> InstanceState[t.Any] | None:
+    """The object whose expired attributes this load refreshes (``load_options._refresh_state``).
+
+    Refreshes load by primary key without loader criteria, so the object's owner
+    has to be checked before one runs.
+    """
+    return t.cast("InstanceState[t.Any] | None", state.load_options._refresh_state)
+
+
+def load_identity_token(state: ORMExecuteState) -> t.Any:
+    """The identity token this load keys its objects with (``load_options._identity_token``).
+
+    Set by ``Session.get()`` from its ``identity_token`` argument; the execution
+    option of that name reaches it only once the hooks have run.
+    """
+    return state.load_options._identity_token
+
+
+class TokenChoosingSession(Session):
+    """A session whose identity-map lookups choose their identity token.
+
+    ``Session._identity_lookup`` is the lookup behind ``get()`` and many-to-one
+    lazy loads, consulted before any SQL runs; SQLAlchemy's horizontal sharding
+    extension overrides it to choose the token, and so does this class, through
+    :meth:`lookup_token`.
+    """
+
+    def lookup_token(
+        self, mapper: t.Any, given: t.Any, lazy_loaded_from: InstanceState[t.Any] | None
+    ) -> t.Any:
+        """The identity token to look ``mapper``'s objects up with (``given`` by the caller)."""
+        return given
+
+    def _identity_lookup(  # type: ignore[override]
+        self,
+        mapper: t.Any,
+        primary_key_identity: t.Any,
+        identity_token: t.Any = None,
+        lazy_loaded_from: InstanceState[t.Any] | None = None,
+        **kwargs: t.Any,
+    ) -> t.Any:
+        token = self.lookup_token(mapper, identity_token, lazy_loaded_from)
+        return super()._identity_lookup(
+            mapper,
+            primary_key_identity,
+            identity_token=token,
+            lazy_loaded_from=lazy_loaded_from,
+            **kwargs,
+        )
+
+
+# -- INSERT -------------------------------------------------------------------------------
+
+
+def insert_values(statement: t.Any) -> t.Mapping[t.Any, t.Any]:
+    """The single row given by ``Insert.values(**row)`` (``_values``), or an empty mapping."""
+    return t.cast("t.Mapping[t.Any, t.Any]", statement._values or {})
+
+
+def insert_multi_values(statement: t.Any) -> list[list[t.Mapping[t.Any, t.Any]]]:
+    """The rows given by ``Insert.values([row, ...])`` (``_multi_values``)."""
+    return [list(rows) for rows in statement._multi_values]
+
+
+def with_multi_values(statement: t.Any, multi: list[list[dict[str, t.Any]]]) -> t.Any:
+    """A copy of ``statement`` whose ``values([...])`` rows are ``multi``.
+
+    ``values()`` would add the rows to the existing ones, not replace them.
+    """
+    replaced = statement._generate()
+    replaced._multi_values = tuple(multi)
+    return replaced
+
+
+def insert_select(statement: t.Any) -> tuple[list[str], t.Any] | None:
+    """The column names and SELECT of ``Insert.from_select()`` (``_select_names``), or ``None``."""
+    if statement._select_names is None:
+        return None
+    return list(statement._select_names), statement.select
+
+
+def with_select(statement: t.Any, names: list[str], select: t.Any) -> t.Any:
+    """A copy of a ``from_select()`` INSERT that inserts ``names`` from ``select``.
+
+    ``from_select()`` refuses to be called twice on one statement, so the copy
+    forgets the first call (``_select_names``, ``select``) before calling it again.
+    """
+    replaced = statement._generate()
+    replaced._select_names = None
+    replaced.select = None
+    return replaced.from_select(names, select)
+
+
+def plain_table(from_: t.Any) -> t.Any:
+    """``from_`` without the ORM's annotations (``_deannotate()``), to look its table up."""
+    return from_._deannotate() if hasattr(from_, "_deannotate") else from_
+
+
+def post_values_clause(statement: t.Any) -> t.Any:
+    """The ``ON CONFLICT`` (or ``ON DUPLICATE KEY``) clause of an INSERT (``_post_values_clause``).
+    """
+    return statement._post_values_clause
+
+
+def is_on_conflict_do_update(clause: t.Any) -> bool:
+    """Whether ``clause`` is the ``on_conflict_do_update()`` of PostgreSQL or SQLite."""
+    return hasattr(clause, "update_values_to_set") and hasattr(clause, "update_whereclause")
+
+
+def is_on_conflict_do_nothing(clause: t.Any) -> bool:
+    """Whether ``clause`` is the ``on_conflict_do_nothing()`` of PostgreSQL or SQLite."""
+    return type(clause).__name__ == "OnConflictDoNothing"
+
+
+def conflict_update_values(clause: t.Any) -> list[tuple[t.Any, t.Any]]:
+    """The ``set_`` of an ``on_conflict_do_update()`` as (key, value) pairs.
+
+    ``update_values_to_set`` is a list of pairs in SQLAlchemy 2.0, a dict in 2.1.
+    """
+    values = clause.update_values_to_set
+    return list(values.items()) if isinstance(values, dict) else list(values)
+
+
+def with_conflict_where(statement: t.Any, clause: t.Any, where: t.Any) -> t.Any:
+    """A copy of an upsert whose ``DO UPDATE`` also requires ``where`` of the existing row.
+
+    The clause's ``update_whereclause`` is and-ed with ``where`` on a copy of it,
+    since ``on_conflict_do_update()`` may be called once per statement.
+    """
+    restricted = copy(clause)
+    existing = clause.update_whereclause
+    restricted.update_whereclause = where if existing is None else sa.and_(existing, where)
+    replaced = statement._generate()
+    replaced._post_values_clause = restricted
+    return replaced
+
+
+# -- UPDATE -------------------------------------------------------------------------------
+
+
+def update_values(statement: t.Any) -> t.Mapping[t.Any, t.Any]:
+    """The ``SET`` of ``update().values()`` (``_values``), or an empty mapping."""
+    return t.cast("t.Mapping[t.Any, t.Any]", statement._values or {})
+
+
+def update_ordered_values(statement: t.Any) -> list[tuple[t.Any, t.Any]]:
+    """The ``SET`` of ``update().ordered_values()`` (``_ordered_values``), or none."""
+    return list(getattr(statement, "_ordered_values", None) or ())
+
+
+# -- with_expression() --------------------------------------------------------------------
+
+
+def query_expressions(option: t.Any) -> list[t.Any]:
+    """The SQL expressions ``with_expression()`` gave in one loader option.
+
+    They sit on the option's load elements (``Load.context``): in
+    ``_extra_criteria`` (SQLAlchemy 2.1, later 2.0) or ``local_opts["expression"]``
+    (earlier 2.0). ``with_expression()`` strips their ORM annotations, so loader
+    criteria never reach them.
+    """
+    found: list[t.Any] = []
+    for element in getattr(option, "context", ()):
+        if getattr(element, "strategy", None) != _QUERY_EXPRESSION:
+            continue
+        found.extend(element._extra_criteria)
+        expression = element.local_opts.get("expression")
+        if expression is not None:
+            found.append(expression)
+    return found
+
+
+def with_query_expressions_replaced(option: t.Any, replace: t.Callable[[t.Any], t.Any]) -> t.Any:
+    """A copy of a loader option whose ``with_expression()`` expressions went through
+    ``replace``."""
+    elements = []
+    for element in option.context:
+        if getattr(element, "strategy", None) == _QUERY_EXPRESSION:
+            element = element._clone()
+            element._extra_criteria = tuple(replace(e) for e in element._extra_criteria)
+            expression = element.local_opts.get("expression")
+            if expression is not None:
+                element.local_opts = element.local_opts.union({"expression": replace(expression)})
+        elements.append(element)
+    replaced = option._clone()
+    replaced.context = tuple(elements)
+    return replaced
+
+
+def add_where(select: t.Any, criteria: t.Sequence[t.Any]) -> None:
+    """Add ``criteria`` to a SELECT being cloned by ``visitors.cloned_traverse``.
+
+    The clone is modified in place (``_where_criteria``), as SQLAlchemy's own
+    traversals do, so that the SELECTs nested in it are visited as well.
+    """
+    select._where_criteria += tuple(criteria)

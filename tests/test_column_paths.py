@@ -1,0 +1,744 @@
+"""Every read and write path of the column strategy, on SQLite and on the real PostgreSQL.
+
+Each test is a way one tenant could read, change or plant another tenant's rows
+(or touch them with no tenant) through ordinary SQLAlchemy API; docs/column-strategy.md
+lists them with what happens. Data: a shared ``Plan`` "basic"; per tenant ``Order``
+rows (acme: a1, a2; globex: g1) and ``Tag`` rows linked to them; an unscoped
+``Document`` base with a scoped single-table subclass ``Secret``, and an unscoped
+``Asset`` base with a scoped joined-table subclass ``Vault`` (one of each per tenant,
+plus one shared base row each).
+"""
+
+from __future__ import annotations
+
+import typing as t
+from contextlib import contextmanager
+
+import pytest
+import sqlalchemy as sa
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.orm import (
+    Mapped,
+    WriteOnlyMapped,
+    aliased,
+    contains_eager,
+    immediateload,
+    joinedload,
+    make_transient_to_detached,
+    mapped_column,
+    query_expression,
+    raiseload,
+    relationship,
+    selectinload,
+    subqueryload,
+    with_expression,
+    with_polymorphic,
+)
+
+from flask_tenant_jobs import (
+    NoTenantError,
+    TenantError,
+    TenantImmutableError,
+    TenantJobs,
+    TenantMismatchError,
+    TenantScoped,
+)
+
+from .core_app import make_app, tables
+
+db = SQLAlchemy()
+
+order_tags = sa.Table(
+    "path_order_tag",
+    db.metadata,
+    sa.Column("order_id", sa.ForeignKey("path_order.id"), primary_key=True),
+    sa.Column("tag_id", sa.ForeignKey("path_tag.id"), primary_key=True),
+)
+
+
+class Plan(db.Model):  # type: ignore[name-defined,misc]
+    __tablename__ = "path_plan"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(40))
+    orders: Mapped[list[Order]] = relationship(back_populates="plan", order_by="Order.label")
+    order_log: WriteOnlyMapped[Order] = relationship(viewonly=True, order_by="Order.label")
+    order_count: Mapped[int] = query_expression()
+
+
+class Order(TenantScoped, db.Model):  # type: ignore[name-defined,misc]
+    __tablename__ = "path_order"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    label: Mapped[str] = mapped_column(sa.String(40))
+    status: Mapped[str] = mapped_column(sa.String(20), default="pending")
+    plan_id: Mapped[int | None] = mapped_column(sa.ForeignKey("path_plan.id"))
+    plan: Mapped[Plan | None] = relationship(back_populates="orders")
+    tags: Mapped[list[Tag]] = relationship(secondary=order_tags, order_by="Tag.name")
+    lines: Mapped[list[Line]] = relationship(cascade="all, delete-orphan")
+
+
+class Line(TenantScoped, db.Model):  # type: ignore[name-defined,misc]
+    __tablename__ = "path_line"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    order_id: Mapped[int] = mapped_column(sa.ForeignKey("path_order.id"))
+
+
+class Tag(TenantScoped, db.Model):  # type: ignore[name-defined,misc]
+    __tablename__ = "path_tag"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(40))
+
+
+class Document(db.Model):  # type: ignore[name-defined,misc]
+    """Unscoped base; ``Secret`` rows share its table (single-table inheritance)."""
+
+    __tablename__ = "path_document"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(sa.String(20))
+    title: Mapped[str] = mapped_column(sa.String(40))
+    __mapper_args__: t.ClassVar[dict[str, t.Any]] = {
+        "polymorphic_on": "kind",
+        "polymorphic_identity": "doc",
+    }
+
+
+class Secret(TenantScoped, Document):
+    __mapper_args__: t.ClassVar[dict[str, t.Any]] = {"polymorphic_identity": "secret"}
+
+
+class Asset(db.Model):  # type: ignore[name-defined,misc]
+    """Unscoped base; ``Vault`` rows have their own table (joined-table inheritance)."""
+
+    __tablename__ = "path_asset"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(sa.String(20))
+    name: Mapped[str] = mapped_column(sa.String(40))
+    __mapper_args__: t.ClassVar[dict[str, t.Any]] = {
+        "polymorphic_on": "kind",
+        "polymorphic_identity": "asset",
+    }
+
+
+class Vault(TenantScoped, Asset):
+    __tablename__ = "path_vault"
+    id: Mapped[int] = mapped_column(sa.ForeignKey("path_asset.id"), primary_key=True)
+    code: Mapped[str] = mapped_column(sa.String(40))
+    __mapper_args__: t.ClassVar[dict[str, t.Any]] = {"polymorphic_identity": "vault"}
+
+
+Ids = dict[str, int]
+
+
+def seed(tenant_jobs: TenantJobs) -> Ids:
+    plan = Plan(name="basic")
+    db.session.add_all([plan, Document(title="public-doc"), Asset(name="public-asset")])
+    db.session.commit()
+    for tenant, labels in (("acme", ["a1", "a2"]), ("globex", ["g1"])):
+        with tenant_jobs.switch(tenant):
+            tag = Tag(name=f"{tenant}-tag")
+            db.session.add_all(
+                [Order(label=label, plan=plan, tags=[tag], lines=[Line()]) for label in labels]
+            )
+            db.session.add_all(
+                [Secret(title=f"{tenant}-secret"), Vault(name=f"{tenant}-vault", code=tenant)]
+            )
+            db.session.commit()
+    with tenant_jobs.without_tenant():
+        ids = {o.label: o.id for o in db.session.scalars(sa.select(Order))}
+        ids.update({d.title: d.id for d in db.session.scalars(sa.select(Document))})
+        ids.update({a.name: a.id for a in db.session.scalars(sa.select(Asset))})
+    ids["basic"] = plan.id
+    db.session.remove()
+    return ids
+
+
+@pytest.fixture
+def app_state(database_url: str) -> t.Iterator[tuple[TenantJobs, Ids, str]]:
+    app, tenant_jobs = make_app(db, database_url)
+    with tables(app, db):
+        with app.app_context():
+            ids = seed(tenant_jobs)
+        with app.app_context():
+            yield tenant_jobs, ids, db.engine.dialect.name
+
+
+@pytest.fixture
+def tenant_jobs(app_state: tuple[TenantJobs, Ids, str]) -> TenantJobs:
+    return app_state[0]
+
+
+@pytest.fixture
+def ids(app_state: tuple[TenantJobs, Ids, str]) -> Ids:
+    return app_state[1]
+
+
+@pytest.fixture
+def dialect(app_state: tuple[TenantJobs, Ids, str]) -> str:
+    return app_state[2]
+
+
+def orders() -> dict[str, tuple[str, str]]:
+    """Every committed order row (label -> tenant, status), read with Core on its own connection."""
+    db.session.rollback()
+    with db.engine.connect() as connection:
+        rows = connection.execute(sa.select(Order.label, Order.tenant_id, Order.status)).all()
+    return {label: (tenant, status) for label, tenant, status in rows}
+
+
+def titles(model: type[t.Any], column: str) -> dict[str, tuple[str | None, str]]:
+    """Every committed row of an inheritance table: name -> (tenant, kind)."""
+    db.session.rollback()
+    table = model.__table__
+    with db.engine.connect() as connection:
+        if model is Document:
+            query = sa.select(table.c.title, table.c.tenant_id, table.c.kind)
+        else:
+            vault = Vault.__table__
+            query = sa.select(table.c.name, vault.c.tenant_id, table.c.kind).outerjoin(
+                vault, vault.c.id == table.c.id
+            )
+        return {name: (tenant, kind) for name, tenant, kind in connection.execute(query)}
+
+
+ORIGINAL = {"a1": ("acme", "pending"), "a2": ("acme", "pending"), "g1": ("globex", "pending")}
+
+
+@contextmanager
+def refused(error: type[Exception] = TenantError) -> t.Iterator[None]:
+    """The block raises ``error`` (a ``TenantError``); the session is rolled back after."""
+    with pytest.raises(error) as raised:
+        yield
+    assert isinstance(raised.value, TenantError)
+    assert "\n" not in str(raised.value)
+    db.session.rollback()
+
+
+# -- legacy bulk methods ---------------------------------------------------------------------
+
+
+def test_bulk_insert_mappings_fill_and_check_the_tenant(tenant_jobs: TenantJobs) -> None:
+    with tenant_jobs.switch("globex"):
+        db.session.bulk_insert_mappings(Order, [{"label": "b1"}, {"label": "b2"}])
+        db.session.commit()
+        with refused(TenantMismatchError):
+            db.session.bulk_insert_mappings(Order, [{"label": "b3", "tenant_id": "acme"}])
+    with refused(NoTenantError):
+        db.session.bulk_insert_mappings(Order, [{"label": "b4"}])
+    with tenant_jobs.without_tenant():
+        db.session.bulk_insert_mappings(Order, [{"label": "b5", "tenant_id": "acme"}])
+        db.session.commit()
+        with refused(NoTenantError):
+            db.session.bulk_insert_mappings(Order, [{"label": "b6"}])
+    rows = orders()
+    assert (rows["b1"][0], rows["b2"][0], rows["b5"][0]) == ("globex", "globex", "acme")
+    assert "b3" not in rows and "b4" not in rows
+
+
+def test_bulk_update_mappings_never_reach_another_tenant(tenant_jobs: TenantJobs, ids: Ids) -> None:
+    with tenant_jobs.switch("globex"):
+        with refused(TenantMismatchError):
+            db.session.bulk_update_mappings(Order, [{"id": ids["a1"], "status": "hacked"}])
+        with refused(TenantMismatchError):
+            db.session.bulk_update_mappings(Order, [{"id": ids["g1"], "tenant_id": "acme"}])
+        db.session.bulk_update_mappings(Order, [{"id": ids["g1"], "status": "shipped"}])
+        db.session.commit()
+    with refused(NoTenantError):
+        db.session.bulk_update_mappings(Order, [{"id": ids["a1"], "status": "hacked"}])
+    assert orders() == {**ORIGINAL, "g1": ("globex", "shipped")}
+
+
+def test_bulk_save_objects_are_checked_like_a_flush(tenant_jobs: TenantJobs, ids: Ids) -> None:
+    with tenant_jobs.switch("globex"):
+        db.session.bulk_save_objects([Order(label="b1")])
+        db.session.commit()
+        with refused(TenantMismatchError):
+            db.session.bulk_save_objects([Order(label="b2", tenant_id="acme")])
+        stub = Order(id=ids["a1"], label="a1", status="hacked", tenant_id="globex")
+        make_transient_to_detached(stub)
+        with refused(TenantMismatchError):
+            db.session.bulk_save_objects([stub])
+    with refused(NoTenantError):
+        db.session.bulk_save_objects([Order(label="b3")])
+    rows = orders()
+    assert rows["b1"] == ("globex", "pending")
+    assert {k: rows[k] for k in ORIGINAL} == ORIGINAL and "b2" not in rows and "b3" not in rows
+
+
+# -- upserts ---------------------------------------------------------------------------------
+
+
+def upsert(dialect: str) -> t.Any:
+    return (postgresql if dialect == "postgresql" else sqlite).insert(Order)
+
+
+def test_an_upsert_never_updates_another_tenants_row(
+    tenant_jobs: TenantJobs, ids: Ids, dialect: str
+) -> None:
+    with tenant_jobs.switch("globex"):
+        statement = upsert(dialect).values(id=ids["a1"], label="a1")
+        statement = statement.on_conflict_do_update(
+            index_elements=[Order.id], set_={"status": "hacked", "label": statement.excluded.label}
+        ).returning(Order.id, Order.status)
+        assert db.session.execute(statement).all() == []  # acme's row is not handed back
+        db.session.commit()
+        own = upsert(dialect).values(id=ids["g1"], label="g1")
+        own = own.on_conflict_do_update(
+            index_elements=[Order.id],
+            set_={"status": "shipped", "tenant_id": own.excluded.tenant_id},
+        )
+        db.session.execute(own)
+        db.session.commit()
+    assert orders() == {**ORIGINAL, "g1": ("globex", "shipped")}
+
+
+def test_an_upsert_cannot_move_rows(tenant_jobs: TenantJobs, ids: Ids, dialect: str) -> None:
+    with tenant_jobs.switch("globex"):
+        statement = upsert(dialect).values(id=ids["g1"], label="g1")
+        with refused(TenantImmutableError):
+            db.session.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[Order.id], set_={"tenant_id": "acme"}
+                )
+            )
+        with refused(TenantMismatchError):
+            db.session.execute(
+                upsert(dialect).values(id=ids["a1"], label="a1", tenant_id="acme")
+                .on_conflict_do_nothing()
+            )
+    assert orders() == ORIGINAL
+
+
+def test_an_upsert_without_a_where_clause_form_is_refused(tenant_jobs: TenantJobs) -> None:
+    statement = mysql.insert(Order).values(label="x")
+    with tenant_jobs.switch("globex"), refused():
+        db.session.execute(statement.on_duplicate_key_update(status="hacked"))
+
+
+def test_an_upsert_needs_a_tenant(tenant_jobs: TenantJobs, ids: Ids, dialect: str) -> None:
+    statement = upsert(dialect).values(id=ids["a1"], label="a1")
+    with refused(NoTenantError):
+        db.session.execute(
+            statement.on_conflict_do_update(index_elements=[Order.id], set_={"status": "x"})
+        )
+    assert orders() == ORIGINAL
+
+
+# -- inheritance: scoped subclasses of unscoped bases ----------------------------------------
+
+
+def test_an_unscoped_single_table_base_hides_other_tenants_subclass_rows(
+    tenant_jobs: TenantJobs,
+) -> None:
+    with tenant_jobs.switch("globex"):
+        found = sorted(d.title for d in db.session.scalars(sa.select(Document)))
+        assert found == ["globex-secret", "public-doc"]
+        alias = aliased(Document)
+        assert sorted(db.session.scalars(sa.select(alias.title))) == found
+        assert db.session.scalars(sa.select(Secret.title)).all() == ["globex-secret"]
+        db.session.execute(sa.update(Document).values(title=Document.title + "!"))
+        db.session.commit()
+    assert titles(Document, "title") == {
+        "public-doc!": (None, "doc"),
+        "acme-secret": ("acme", "secret"),
+        "globex-secret!": ("globex", "secret"),
+    }
+
+
+def test_an_unscoped_joined_table_base_hides_other_tenants_subclass_rows(
+    tenant_jobs: TenantJobs, ids: Ids
+) -> None:
+    with tenant_jobs.switch("globex"):
+        expected = ["globex-vault", "public-asset"]
+        assert sorted(a.name for a in db.session.scalars(sa.select(Asset))) == expected
+        polymorphic = with_polymorphic(Asset, "*")
+        assert sorted(a.name for a in db.session.scalars(sa.select(polymorphic))) == expected
+        assert db.session.get(Asset, ids["acme-vault"]) is None
+        with refused(TenantMismatchError):
+            db.session.execute(sa.update(Asset), [{"id": ids["acme-vault"], "name": "hacked"}])
+        db.session.execute(sa.update(Asset).values(name=Asset.name + "!"))
+        db.session.commit()
+    assert set(titles(Asset, "name")) == {"public-asset!", "globex-vault!", "acme-vault"}
+
+
+def test_an_unscoped_base_with_scoped_subclasses_needs_a_tenant(tenant_jobs: TenantJobs) -> None:
+    for model in (Document, Asset):
+        with refused(NoTenantError):
+            db.session.scalars(sa.select(model)).all()
+    with tenant_jobs.without_tenant():
+        assert len(db.session.scalars(sa.select(Document)).all()) == 3
+
+
+def test_a_single_table_base_row_needs_no_tenant_id(tenant_jobs: TenantJobs) -> None:
+    with tenant_jobs.switch("acme"):
+        db.session.add(Document(title="another-doc"))
+        db.session.commit()
+    assert titles(Document, "title")["another-doc"] == (None, "doc")
+
+
+# -- with_expression() -----------------------------------------------------------------------
+
+
+def order_count() -> t.Any:
+    counted = sa.select(sa.func.count(Order.id)).where(Order.plan_id == Plan.id)
+    return with_expression(Plan.order_count, counted.scalar_subquery())
+
+
+def test_with_expression_is_filtered(tenant_jobs: TenantJobs) -> None:
+    statement = sa.select(Plan).options(order_count()).execution_options(populate_existing=True)
+    with tenant_jobs.switch("acme"):
+        assert db.session.scalars(statement).one().order_count == 2
+    with tenant_jobs.switch("globex"):
+        assert db.session.scalars(statement).one().order_count == 1
+    with tenant_jobs.without_tenant():
+        assert db.session.scalars(statement).one().order_count == 3
+    with refused(NoTenantError):
+        db.session.scalars(statement).all()
+
+
+def test_with_expression_on_another_table_outside_a_subquery_is_refused(
+    tenant_jobs: TenantJobs,
+) -> None:
+    statement = sa.select(Plan).options(with_expression(Plan.order_count, Order.id))
+    with tenant_jobs.switch("globex"), refused():
+        db.session.scalars(statement).all()
+
+
+# -- INSERT forms ------------------------------------------------------------------------------
+
+
+def test_a_tenant_id_given_as_an_expression_is_refused(tenant_jobs: TenantJobs) -> None:
+    with tenant_jobs.switch("globex"):
+        bound = sa.insert(Order).values(label="x", tenant_id=sa.bindparam("t"))
+        with refused():
+            db.session.execute(bound, {"t": "acme"})
+        many = sa.insert(Order).values([{"label": "x", "tenant_id": sa.bindparam("t")}])
+        with refused():
+            db.session.execute(many, {"t": "acme"})
+        subquery = sa.select(Order.tenant_id).limit(1).scalar_subquery()
+        with refused():
+            db.session.execute(sa.insert(Order).values(label="x", tenant_id=subquery))
+        with refused(TenantMismatchError):
+            db.session.execute(
+                sa.insert(Order).values(tenant_id="acme"), [{"label": "x"}, {"label": "y"}]
+            )
+    assert orders() == ORIGINAL
+
+
+def test_insert_from_select_is_scoped(tenant_jobs: TenantJobs) -> None:
+    with tenant_jobs.switch("globex"):
+        copied = sa.select(Order.label + "-copy", Order.tenant_id)
+        db.session.execute(sa.insert(Order).from_select(["label", "tenant_id"], copied))
+        planted = sa.select(sa.literal("p1"), sa.literal("acme"))
+        db.session.execute(sa.insert(Order).from_select(["label", "tenant_id"], planted))
+        db.session.execute(sa.insert(Order).from_select(["label"], sa.select(sa.literal("p2"))))
+        db.session.commit()
+    rows = orders()
+    assert {k: rows[k] for k in ("g1-copy", "p1", "p2")} == dict.fromkeys(
+        ("g1-copy", "p1", "p2"), ("globex", "pending")
+    )
+    assert "a1-copy" not in rows
+
+
+@pytest.mark.postgres
+def test_an_insert_inside_a_cte_is_refused(tenant_jobs: TenantJobs, dialect: str) -> None:
+    if dialect != "postgresql":
+        pytest.skip("only PostgreSQL runs DML inside a CTE")
+    planted = sa.insert(Order).values(label="p1", tenant_id="acme").returning(Order.id).cte()
+    with tenant_jobs.switch("globex"), refused():
+        db.session.execute(sa.select(planted.c.id)).all()
+    moved = sa.update(Order).values(status="hacked").returning(Order.id).cte()
+    with tenant_jobs.switch("globex"):
+        assert len(db.session.execute(sa.select(moved.c.id)).all()) == 1
+        db.session.commit()
+    assert orders() == {**ORIGINAL, "g1": ("globex", "hacked")}
+
+
+# -- dml_strategy ----------------------------------------------------------------------------
+
+
+def test_core_only_dml_is_refused_where_it_reaches_tenant_rows(
+    tenant_jobs: TenantJobs, ids: Ids
+) -> None:
+    core_only = {"dml_strategy": "core_only"}
+    with tenant_jobs.switch("globex"):
+        with refused():
+            db.session.execute(
+                sa.update(Order).values(status="hacked").execution_options(**core_only)
+            )
+        with refused():
+            db.session.execute(sa.delete(Order).execution_options(**core_only))
+        reaches = sa.update(Plan).where(Plan.id.in_(sa.select(Order.plan_id)))
+        with refused():
+            db.session.execute(reaches.values(name="x").execution_options(**core_only))
+        db.session.execute(sa.update(Plan).values(name="pro").execution_options(**core_only))
+        db.session.execute(
+            sa.update(Order).values(status="shipped").execution_options(dml_strategy="orm")
+        )
+        db.session.execute(
+            sa.update(Order).execution_options(dml_strategy="bulk"),
+            [{"id": ids["g1"], "status": "bulk"}],
+        )
+        db.session.commit()
+        with refused(TenantMismatchError):
+            db.session.execute(
+                sa.update(Order).execution_options(dml_strategy="bulk"),
+                [{"id": ids["a1"], "status": "hacked"}],
+            )
+        db.session.execute(
+            sa.insert(Order).values(label="raw").execution_options(dml_strategy="raw")
+        )
+        db.session.commit()
+    assert orders() == {**ORIGINAL, "g1": ("globex", "bulk"), "raw": ("globex", "pending")}
+
+
+@pytest.mark.parametrize("synchronize_session", ["auto", "fetch", "evaluate", False])
+def test_legacy_query_update_and_delete_stay_in_the_tenant(
+    tenant_jobs: TenantJobs, synchronize_session: t.Any
+) -> None:
+    with tenant_jobs.switch("globex"):
+        query = Order.query.filter(Order.status == "pending")
+        query.update({"status": "shipped"}, synchronize_session=synchronize_session)
+        Order.query.filter(Order.label == "a1").delete(synchronize_session=synchronize_session)
+        db.session.commit()
+    assert orders() == {**ORIGINAL, "g1": ("globex", "shipped")}
+
+
+def test_an_update_from_another_table_stays_in_the_tenant(tenant_jobs: TenantJobs) -> None:
+    with tenant_jobs.switch("globex"):
+        other = aliased(Order)
+        db.session.execute(
+            sa.update(Order)
+            .where(Order.plan_id == other.plan_id, other.label == "a1")
+            .values(status="hacked")
+        )
+        db.session.execute(
+            sa.update(Order)
+            .where(Order.plan_id == Plan.id, Plan.name == "basic")
+            .values(status="joined")
+        )
+        db.session.commit()
+    assert orders() == {**ORIGINAL, "g1": ("globex", "joined")}
+
+
+# -- identity map ----------------------------------------------------------------------------
+
+
+def test_a_given_identity_token_of_another_tenant_is_refused(
+    tenant_jobs: TenantJobs, ids: Ids
+) -> None:
+    with tenant_jobs.switch("acme"):
+        a1 = db.session.get(Order, ids["a1"])
+        plan = db.session.get(Plan, ids["basic"])
+        assert a1 is not None and plan is not None
+    with tenant_jobs.switch("globex"):
+        with refused(TenantMismatchError):
+            db.session.get(Order, ids["a1"], identity_token="acme")
+        with refused(TenantMismatchError):
+            db.session.get(Plan, ids["basic"], identity_token="acme")
+        with refused(TenantMismatchError):  # would key globex's rows as acme's
+            db.session.scalars(sa.select(Order), execution_options={"identity_token": "acme"})
+        with refused(TenantMismatchError):
+            Order.query.execution_options(identity_token="acme").all()
+        assert db.session.get(Order, ids["g1"], identity_token="globex") is not None
+    with tenant_jobs.switch("acme"):
+        assert [o.label for o in db.session.scalars(sa.select(Order).order_by(Order.label))] == [
+            "a1",
+            "a2",
+        ]
+
+
+def test_many_to_one_loads_of_another_tenants_object_are_refused(
+    tenant_jobs: TenantJobs, ids: Ids
+) -> None:
+    with tenant_jobs.switch("acme"):
+        a1 = db.session.get(Order, ids["a1"])
+        assert a1 is not None
+    with tenant_jobs.switch("globex"):
+        assert db.session.get(Plan, ids["basic"]) is not None  # in the identity map for globex
+        with refused(TenantMismatchError):
+            _ = a1.plan
+    with tenant_jobs.switch("acme"):
+        assert a1.plan is not None and a1.plan.name == "basic"
+
+
+def test_a_detached_stub_naming_another_tenant_is_refused(
+    tenant_jobs: TenantJobs, ids: Ids
+) -> None:
+    with tenant_jobs.switch("globex"):
+        stub = Order(id=ids["a1"], label="a1", status="pending", tenant_id="globex")
+        make_transient_to_detached(stub)
+        db.session.add(stub)
+        stub.status = "hacked"
+        with refused(TenantMismatchError):
+            db.session.commit()
+        db.session.expunge_all()
+        stub = Order(id=ids["a1"], label="a1", status="pending", tenant_id="globex")
+        make_transient_to_detached(stub)
+        db.session.add(stub)
+        db.session.delete(stub)
+        with refused(TenantMismatchError):
+            db.session.commit()
+        db.session.expunge_all()
+        stub = Order(id=ids["a2"], label="a2", status="pending", tenant_id="globex")
+        make_transient_to_detached(stub)
+        merged = db.session.merge(stub, load=False)
+        merged.status = "hacked"
+        with refused(TenantMismatchError):
+            db.session.commit()
+    assert orders() == ORIGINAL
+
+
+def test_merge_never_reaches_another_tenants_row(tenant_jobs: TenantJobs, ids: Ids) -> None:
+    with tenant_jobs.switch("acme"):
+        a1 = db.session.get(Order, ids["a1"])
+        assert a1 is not None
+        db.session.expunge(a1)
+    with tenant_jobs.switch("globex"):
+        with refused(TenantMismatchError):
+            db.session.merge(a1)
+        db.session.merge(Order(id=ids["a1"], label="a1", status="hacked"))
+        with pytest.raises(sa.exc.IntegrityError):  # a new row with acme's primary key
+            db.session.flush()
+        db.session.rollback()
+        merged = db.session.merge(Order(id=ids["g1"], label="g1", status="merged"))
+        assert merged.tenant_id == "globex"
+        db.session.commit()
+    assert orders() == {**ORIGINAL, "g1": ("globex", "merged")}
+
+
+def test_refresh_of_another_tenants_object_is_refused(tenant_jobs: TenantJobs, ids: Ids) -> None:
+    with tenant_jobs.switch("acme"):
+        a1 = db.session.get(Order, ids["a1"])
+        assert a1 is not None
+    with tenant_jobs.switch("globex"):
+        with refused(TenantMismatchError):
+            db.session.refresh(a1)
+        with refused(TenantMismatchError):
+            db.session.get(Order, ids["a1"], populate_existing=True, identity_token="acme")
+    with tenant_jobs.switch("acme"):
+        db.session.refresh(a1)
+        assert a1.status == "pending"
+
+
+def test_get_with_for_update_is_filtered(tenant_jobs: TenantJobs, ids: Ids) -> None:
+    with tenant_jobs.switch("globex"):
+        assert db.session.get(Order, ids["a1"], with_for_update=True) is None
+        assert db.session.get(Order, ids["g1"], with_for_update=True) is not None
+
+
+# -- pending objects across a switch ---------------------------------------------------------
+
+
+def test_an_object_added_in_one_tenant_is_never_saved_in_another(
+    tenant_jobs: TenantJobs, ids: Ids
+) -> None:
+    with tenant_jobs.switch("acme"):
+        db.session.add(Order(label="a3"))
+    with tenant_jobs.switch("globex"), refused(TenantMismatchError):
+        db.session.flush()
+    with tenant_jobs.switch("acme"):
+        db.session.add(Order(label="a3"))
+    with tenant_jobs.switch("globex"), refused(TenantMismatchError):  # autoflush first
+        db.session.scalars(sa.select(Order)).all()
+    with tenant_jobs.switch("acme"):
+        plan = db.session.get(Plan, ids["basic"])
+        assert plan is not None
+        order = Order(label="a4")
+        plan.orders.append(order)  # added through the collection's cascade
+    with tenant_jobs.switch("globex"), refused(TenantMismatchError):
+        db.session.flush()
+    with tenant_jobs.switch("acme"):
+        db.session.add(Order(label="a5"))
+    with tenant_jobs.without_tenant():
+        db.session.commit()  # saved as the tenant it was added in
+    assert orders()["a5"] == ("acme", "pending")
+    assert "a3" not in orders() and "a4" not in orders()
+
+
+# -- loaders and relationships ---------------------------------------------------------------
+
+LOADERS: dict[str, t.Callable[[], t.Any]] = {
+    "lazy": lambda: (),
+    "joinedload": lambda: (joinedload(Plan.orders).joinedload(Order.tags),),
+    "selectinload": lambda: (selectinload(Plan.orders).selectinload(Order.tags),),
+    "subqueryload": lambda: (subqueryload(Plan.orders).subqueryload(Order.tags),),
+    "immediateload": lambda: (immediateload(Plan.orders).immediateload(Order.tags),),
+    "load_only": lambda: (selectinload(Plan.orders).load_only(Order.label),),
+}
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_every_loader_is_filtered(tenant_jobs: TenantJobs, loader: str) -> None:
+    with tenant_jobs.switch("globex"):
+        statement = sa.select(Plan).options(*LOADERS[loader]())
+        plan = db.session.scalars(statement).unique().one()
+        assert [o.label for o in plan.orders] == ["g1"]
+        assert [tag.name for tag in plan.orders[0].tags] == ["globex-tag"]
+
+
+def test_raiseload_and_write_only_collections(tenant_jobs: TenantJobs, ids: Ids) -> None:
+    with tenant_jobs.switch("globex"):
+        plan = db.session.scalars(sa.select(Plan).options(raiseload(Plan.orders))).one()
+        with pytest.raises(sa.exc.InvalidRequestError):
+            _ = plan.orders
+        assert [o.label for o in db.session.scalars(plan.order_log.select())] == ["g1"]
+
+
+def test_contains_eager_and_populate_existing(tenant_jobs: TenantJobs) -> None:
+    with tenant_jobs.switch("globex"):
+        statement = (
+            sa.select(Plan)
+            .outerjoin(Plan.orders)
+            .options(contains_eager(Plan.orders))
+            .execution_options(populate_existing=True)
+        )
+        plan = db.session.scalars(statement).unique().one()
+        assert [o.label for o in plan.orders] == ["g1"]
+
+
+def test_yield_per_is_filtered(tenant_jobs: TenantJobs) -> None:
+    with tenant_jobs.switch("acme"):
+        statement = sa.select(Order.label).order_by(Order.label).execution_options(yield_per=1)
+        assert db.session.scalars(statement).all() == ["a1", "a2"]
+
+
+def test_secondary_relationships_and_their_joins_are_filtered(tenant_jobs: TenantJobs) -> None:
+    with tenant_jobs.without_tenant():  # a bad link: acme's order tagged with globex's tag
+        a1 = db.session.scalars(sa.select(Order).where(Order.label == "a1")).one()
+        globex_tag = db.session.scalars(sa.select(Tag).where(Tag.name == "globex-tag")).one()
+        db.session.execute(order_tags.insert().values(order_id=a1.id, tag_id=globex_tag.id))
+        db.session.commit()
+    db.session.remove()
+    with tenant_jobs.switch("acme"):
+        order = db.session.scalars(sa.select(Order).where(Order.label == "a1")).one()
+        assert [tag.name for tag in order.tags] == ["acme-tag"]
+        joined = sa.select(Tag.name).join(Order.tags).where(Order.label == "a1")
+        assert db.session.scalars(joined).all() == ["acme-tag"]
+        assert db.session.scalar(sa.select(sa.func.count(Order.id)).where(Order.tags.any())) == 2
+
+
+def test_delete_cascades_stay_in_the_tenant(tenant_jobs: TenantJobs, ids: Ids) -> None:
+    with tenant_jobs.switch("globex"):
+        g1 = db.session.get(Order, ids["g1"])
+        db.session.delete(g1)
+        db.session.commit()
+    with tenant_jobs.without_tenant():
+        assert sorted(line.tenant_id for line in db.session.scalars(sa.select(Line))) == [
+            "acme",
+            "acme",
+        ]
+
+
+def test_set_operations_ctes_and_scalar_subqueries_are_filtered(tenant_jobs: TenantJobs) -> None:
+    with tenant_jobs.switch("globex"):
+        union = sa.union(sa.select(Order.label), sa.select(Order.label + "!"))
+        assert sorted(db.session.scalars(sa.select(union.subquery().c[0]))) == ["g1", "g1!"]
+        cte = sa.select(Order.label).cte()
+        assert db.session.scalars(sa.select(cte.c.label)).all() == ["g1"]
+        counted = sa.select(sa.func.count(Order.id)).scalar_subquery()
+        assert db.session.scalar(sa.select(counted)) == 1
+        assert db.session.scalar(sa.select(sa.exists().where(Order.label == "a1"))) is False
+        stolen = sa.select(Order.status).where(Order.label == "a1").scalar_subquery()
+        db.session.execute(sa.update(Order).values(label=sa.func.coalesce(stolen, "kept")))
+        db.session.commit()
+    assert orders()["kept"] == ("globex", "pending")
