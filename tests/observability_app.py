@@ -10,6 +10,7 @@ metrics of all its pool processes there (``PROMETHEUS_MULTIPROC_DIR`` set by the
 from __future__ import annotations
 
 import os
+import time
 import typing as t
 
 from celery import Task, shared_task
@@ -35,6 +36,13 @@ class Note(TenantScoped, db.Model):  # type: ignore[name-defined,misc]
 @tenant_task(name="obs.report")
 def report(label: t.Any = None) -> str | None:
     """Return the current tenant (chains pass the previous result in as ``label``)."""
+    return current_tenant()
+
+
+@tenant_task(name="obs.nap")
+def nap(seconds: float) -> str | None:
+    """Sleep, then return the current tenant (so that every pool process gets work)."""
+    time.sleep(seconds)
     return current_tenant()
 
 
