@@ -12,6 +12,7 @@ import threading
 import time
 import typing as t
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from flask import Flask
@@ -27,33 +28,64 @@ ACME = " /*tenant='acme'*/"
 SCHEMA_FORMAT = "ftjobs_{tenant}"
 
 
+#: What the driver was handed, in order (see ``_recording_app``).
+RECORDED: list[str] = []
+
+
+class RecordingCursor(psycopg.Cursor):  # type: ignore[type-arg]
+    """A psycopg cursor that records each query it is given."""
+
+    def execute(self, query: t.Any, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        RECORDED.append(str(query))
+        return super().execute(query, *args, **kwargs)
+
+    def executemany(self, query: t.Any, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        RECORDED.append(str(query))
+        return super().executemany(query, *args, **kwargs)
+
+
+def _recording_app(database_url: str, **config: t.Any) -> Flask:
+    """An app whose driver records the SQL it gets: psycopg's cursors, SQLite's trace."""
+    options = config.pop("SQLALCHEMY_ENGINE_OPTIONS", {})
+    if database_url.startswith("postgresql"):
+        options = {**options, "connect_args": {
+            **options.get("connect_args", {}), "cursor_factory": RecordingCursor,
+        }}
+    app = observability_app.create_app(
+        SQLALCHEMY_DATABASE_URI=database_url, SQLALCHEMY_ENGINE_OPTIONS=options, **config
+    )
+    if database_url.startswith("sqlite"):
+        with app.app_context():
+            event.listen(db.engine, "connect", _trace_sqlite)
+    return app
+
+
+def _trace_sqlite(dbapi_connection: t.Any, record: t.Any) -> None:
+    dbapi_connection.set_trace_callback(RECORDED.append)
+
+
 @pytest.fixture
 def app(database_url: str) -> t.Iterator[Flask]:
     """A column-strategy app with comments on, its tables made; on SQLite and PostgreSQL."""
-    app = observability_app.create_app(
-        SQLALCHEMY_DATABASE_URI=database_url, TENANT_JOBS_SQL_COMMENT=True
-    )
+    app = _recording_app(database_url, TENANT_JOBS_SQL_COMMENT=True)
     with app.app_context():
         db.drop_all()
         db.create_all()
         yield app
         db.session.remove()
         db.drop_all()
+        db.engine.dispose()
 
 
 @pytest.fixture
-def executed(app: Flask) -> t.Iterator[list[str]]:
-    """Every statement as the driver got it (after the comment was added)."""
-    statements: list[str] = []
+def executed(app: Flask) -> list[str]:
+    """The statements the driver gets from now on (SQLite's own BEGIN and COMMIT left out)."""
+    RECORDED.clear()
+    return RECORDED
 
-    def record(conn: t.Any, cursor: t.Any, statement: str, *_: t.Any) -> None:
-        statements.append(statement)
 
-    event.listen(db.engine, "after_cursor_execute", record)
-    try:
-        yield statements
-    finally:
-        event.remove(db.engine, "after_cursor_execute", record)
+def _statements(recorded: list[str]) -> list[str]:
+    return [s for s in recorded if s.split(None, 1)[0].upper() not in ("BEGIN", "COMMIT")]
 
 
 def _is_postgres() -> bool:
@@ -67,28 +99,26 @@ def test_orm_statements_carry_the_tenant(app: Flask, executed: list[str]) -> Non
         assert [n.text for n in db.session.scalars(sa.select(Note))] == ["a"]
         db.session.execute(sa.update(Note).values(text="b"))
         db.session.commit()
-    assert executed and all(statement.endswith(ACME) for statement in executed), executed
+    statements = _statements(executed)
+    assert statements and all(statement.endswith(ACME) for statement in statements), executed
 
 
 def test_no_tenant_no_comment(app: Flask, executed: list[str]) -> None:
     with tenant_jobs.without_tenant():
         db.session.scalars(sa.select(Note)).all()
     db.session.execute(sa.text("SELECT 1"))
-    assert executed and not any("/*" in statement for statement in executed), executed
+    assert _statements(executed) and not any("/*" in s for s in executed), executed
 
 
 def test_it_is_off_by_default(database_url: str) -> None:
-    app = observability_app.create_app(SQLALCHEMY_DATABASE_URI=database_url)
-    seen: list[str] = []
-
-    def record(conn: t.Any, cursor: t.Any, statement: str, *_: t.Any) -> None:
-        seen.append(statement)
-
+    app = _recording_app(database_url)
     with app.app_context(), tenant_jobs.switch("acme"):
-        event.listen(db.engine, "after_cursor_execute", record)
         db.session.execute(sa.text("SELECT 1"))
+        RECORDED.clear()
+        db.session.execute(sa.text("SELECT 2"))
         db.session.remove()
-    assert seen == ["SELECT 1"]
+        db.engine.dispose()
+    assert RECORDED == ["SELECT 2"]
 
 
 def test_the_server_sees_the_comment(app: Flask) -> None:
@@ -121,6 +151,7 @@ def test_executemany_and_bulk_inserts(app: Flask, executed: list[str]) -> None:
         texts = sorted(n.text for n in db.session.scalars(sa.select(Note)))
     assert texts == sorted([f"{kind}-{i}" for kind in ("orm", "bulk", "core") for i in range(5)])
     inserts = [s for s in executed if s.startswith("INSERT")]
+    assert len(inserts) >= 3
     assert inserts and all(s.endswith(ACME) and s.count("/*") == 1 for s in inserts), inserts
 
 
@@ -140,7 +171,7 @@ def test_statements_with_comments_and_semicolons(
 ) -> None:
     with tenant_jobs.switch("acme"):
         row = db.session.execute(sa.text(sql)).one()
-    assert executed[-1] == sent
+    assert _statements(executed)[-1] == sent
     assert row[0] in (1, "/*")
 
 
@@ -174,10 +205,26 @@ def test_a_name_that_bypassed_validation_stays_inside_the_comment(
         count = db.session.execute(sa.text("SELECT count(*) FROM obs_note")).scalar_one()
         received = (
             db.session.execute(sa.text("SELECT current_query()")).scalar_one()
-            if _is_postgres() else executed[0]
+            if _is_postgres() else _statements(executed)[0]
         )
     assert (value, count) == (7, 0)  # the table is still there
     assert received.endswith(sql_comment(HOSTILE)), received
+
+
+def test_statements_run_without_parameters(app: Flask, executed: list[str]) -> None:
+    """``no_parameters`` hands the driver the bare string: ``%`` is not doubled there."""
+    for name in ("acme", HOSTILE):
+        with context.active(name), db.engine.connect() as connection:
+            bare = connection.execution_options(no_parameters=True)
+            received = bare.exec_driver_sql(
+                "SELECT current_query()" if _is_postgres() else "SELECT '100%'"
+            ).scalar_one()
+            if _is_postgres():
+                assert received.endswith(sql_comment(name)), received
+    assert _statements(executed) == [
+        ("SELECT current_query()" if _is_postgres() else "SELECT '100%'") + sql_comment(name)
+        for name in ("acme", HOSTILE)
+    ]
 
 
 def test_the_compiled_cache_is_not_per_tenant(database_url: str) -> None:
@@ -268,8 +315,8 @@ def test_pg_stat_activity_shows_the_tenant(postgres_url: str) -> None:
 
 @pytest.fixture
 def schema_app(postgres_url: str) -> t.Iterator[Flask]:
-    app = observability_app.create_app(
-        SQLALCHEMY_DATABASE_URI=postgres_url, TENANT_JOBS_SQL_COMMENT=True,
+    app = _recording_app(
+        postgres_url, TENANT_JOBS_SQL_COMMENT=True,
         TENANT_JOBS_STRATEGY="schema", TENANT_JOBS_SCHEMA_FORMAT=SCHEMA_FORMAT,
     )
     with app.app_context():
@@ -287,8 +334,7 @@ def schema_app(postgres_url: str) -> t.Iterator[Flask]:
 def test_schema_strategy(schema_app: Flask) -> None:
     """The strategy's own ``set_config`` runs on a cursor of its own, uncommented; every
     statement of the app is commented, and each tenant still reads its own schema."""
-    statements: list[str] = []
-    event.listen(db.engine, "after_cursor_execute", lambda c, k, s, *a: statements.append(s))
+    RECORDED.clear()
     for name in ("acme", "globex", "acme"):
         with tenant_jobs.switch(name):
             db.session.add(Note(text=f"of {name}"))
@@ -298,4 +344,7 @@ def test_schema_strategy(schema_app: Flask) -> None:
             texts = set(db.session.scalars(sa.select(Note.text)))
             assert texts == {f"of {name}"}
             db.session.commit()
+    set_paths = [s for s in RECORDED if "set_config('search_path'" in s]
+    statements = [s for s in RECORDED if s not in set_paths]
+    assert set_paths and not any("/*" in s for s in set_paths), set_paths
     assert statements and all(s.endswith("'*/") for s in statements), statements
