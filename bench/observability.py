@@ -9,7 +9,7 @@ ratio is what this package adds to them.
 * OpenTelemetry: a tenant request (test client) with no tracing configured (the API's
   non-recording span) and with the Flask instrumentation recording into the SDK; a
   tenant task through Celery's tracer (what a worker runs per message) with the Celery
-  instrumentation recording.
+  instrumentation installed but not set up, and recording.
 * Sentry (initialised, events kept in memory): a tenant request and a tenant task that
   report nothing, and capturing an error event.
 * SQL comments (``TENANT_JOBS_SQL_COMMENT``): a scoped SELECT of 10 of 10,000 rows and a
@@ -145,6 +145,8 @@ def _otel_rows() -> list[Row]:
                 request_receivers(untraced), number=200),
         _on_off("OpenTelemetry: request, Flask instrumentation recording", _request(traced),
                 request_receivers(traced), number=100),
+        _on_off("OpenTelemetry: task in the worker, Celery instrumentation installed, not set up",
+                _task_run(traced), task_receivers, number=1000),
     ]
     CeleryInstrumentor().instrument(tracer_provider=provider)
     try:
