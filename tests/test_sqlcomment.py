@@ -44,6 +44,14 @@ class RecordingCursor(psycopg.Cursor):  # type: ignore[type-arg]
         return super().executemany(query, *args, **kwargs)
 
 
+class RecordingServerCursor(psycopg.ServerCursor):  # type: ignore[type-arg]
+    """A psycopg server-side cursor (``yield_per``, ``stream_results``) that records too."""
+
+    def execute(self, query: t.Any, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        RECORDED.append(str(query))
+        return super().execute(query, *args, **kwargs)
+
+
 def _recording_app(database_url: str, **config: t.Any) -> Flask:
     """An app whose driver records the SQL it gets: psycopg's cursors, SQLite's trace."""
     options = config.pop("SQLALCHEMY_ENGINE_OPTIONS", {})
@@ -54,14 +62,16 @@ def _recording_app(database_url: str, **config: t.Any) -> Flask:
     app = observability_app.create_app(
         SQLALCHEMY_DATABASE_URI=database_url, SQLALCHEMY_ENGINE_OPTIONS=options, **config
     )
-    if database_url.startswith("sqlite"):
-        with app.app_context():
-            event.listen(db.engine, "connect", _trace_sqlite)
+    with app.app_context():
+        event.listen(db.engine, "connect", _record_driver_sql)
     return app
 
 
-def _trace_sqlite(dbapi_connection: t.Any, record: t.Any) -> None:
-    dbapi_connection.set_trace_callback(RECORDED.append)
+def _record_driver_sql(dbapi_connection: t.Any, record: t.Any) -> None:
+    if isinstance(dbapi_connection, psycopg.Connection):
+        dbapi_connection.server_cursor_factory = RecordingServerCursor
+    else:
+        dbapi_connection.set_trace_callback(RECORDED.append)
 
 
 @pytest.fixture
@@ -153,6 +163,18 @@ def test_executemany_and_bulk_inserts(app: Flask, executed: list[str]) -> None:
     inserts = [s for s in executed if s.startswith("INSERT")]
     assert len(inserts) >= 3
     assert inserts and all(s.endswith(ACME) and s.count("/*") == 1 for s in inserts), inserts
+
+
+def test_streamed_results(app: Flask, executed: list[str]) -> None:
+    """``yield_per`` streams through a server-side cursor on PostgreSQL (a DECLARE)."""
+    with tenant_jobs.switch("acme"):
+        db.session.add_all(Note(text=f"n{i}") for i in range(5))
+        db.session.commit()
+        RECORDED.clear()
+        streamed = db.session.scalars(sa.select(Note.text).execution_options(yield_per=2))
+        assert sorted(streamed) == [f"n{i}" for i in range(5)]
+    selects = [s for s in _statements(executed) if "obs_note" in s]
+    assert selects and all(s.endswith(ACME) for s in selects), executed
 
 
 @pytest.mark.parametrize(
