@@ -213,11 +213,13 @@ def test_each_tenant_fan_out_with_no_tenant_current(
 
 
 def test_plain_tasks_get_no_tenant(jobs: Flask, spans: InMemorySpanExporter) -> None:
+    """Also when the message names one: a plain task runs with none."""
+    plain = _task(jobs, "obs.plain_report")
     with observability_app.tenant_jobs.switch("acme"):
-        result = _task(jobs, "obs.plain_report").delay()
-    assert result.get(timeout=TIMEOUT) is None
-    assert _wait_for(spans, "run/obs.plain_report", 1) == [None]
-    assert _sent(jobs, spans, "obs.plain_report", 1) == _expected_sent(jobs, [None])
+        results = [plain.delay(), plain.apply_async(headers={HEADER: "acme"})]
+    assert [result.get(timeout=TIMEOUT) for result in results] == [None, None]
+    assert _wait_for(spans, "run/obs.plain_report", 2) == [None, None]
+    assert _sent(jobs, spans, "obs.plain_report", 2) == _expected_sent(jobs, [None, None])
 
 
 def test_a_refused_tenant_tags_nothing(jobs: Flask, spans: InMemorySpanExporter) -> None:

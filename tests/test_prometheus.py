@@ -178,8 +178,10 @@ def test_chains_and_fan_out(jobs: Flask) -> None:
 
 def test_plain_tasks_are_not_counted(jobs: Flask) -> None:
     metrics = Metrics("obs.plain_report")
+    plain = _task(jobs, "obs.plain_report")
     with observability_app.tenant_jobs.switch("acme"):
-        assert _task(jobs, "obs.plain_report").delay().get(timeout=TIMEOUT) is None
+        assert plain.delay().get(timeout=TIMEOUT) is None
+        assert plain.apply_async(headers={"tenant_for_job": "acme"}).get(timeout=TIMEOUT) is None
     time.sleep(0.2)
     assert metrics.changes() == {}
 

@@ -27,6 +27,7 @@ from flask import Flask, got_request_exception, request_finished
 from opentelemetry import trace
 
 from .. import context
+from ..tasks import TenantTask
 
 try:
     from opentelemetry.instrumentation.celery import utils as celery_spans
@@ -73,9 +74,9 @@ def _tag_publish_span(**message: t.Any) -> None:
     task = celery_spans.retrieve_task_from_sender(message)
     attribute = _attribute_for(task)
     headers = message.get("headers")
-    if attribute is None or not headers:
-        return
-    tenant = headers.get(task.app.tenant_header)  # type: ignore[union-attr]
+    if attribute is None or not headers or not isinstance(task, TenantTask):
+        return  # a plain task carries no tenant, whatever its headers say
+    tenant = headers.get(task.app.tenant_header)
     task_id = celery_spans.retrieve_task_id_from_message(message)
     if tenant is None or task_id is None:
         return

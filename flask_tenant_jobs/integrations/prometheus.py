@@ -42,6 +42,7 @@ from prometheus_client import (
 )
 
 from .. import context, signals
+from ..tasks import TenantTask
 
 #: The label of the tenants beyond the cap.
 OTHER = "other"
@@ -92,7 +93,6 @@ class TenantLabels:
 
 #: The labels of this process (``TENANT_JOBS_METRICS_MAX_TENANTS`` of the latest app set up).
 tenant_label = TenantLabels(100)
-_headers: set[str] = set()
 _celery_apps: WeakSet[Celery] = WeakSet()
 
 
@@ -103,7 +103,6 @@ def install(app: Flask, max_tenants: int) -> None:
     if celery_app is None:
         return
     _celery_apps.add(celery_app)
-    _headers.add(celery_app.tenant_header)
     before_task_publish.connect(_count_sent)
     task_prerun.connect(_count_started)
     task_postrun.connect(_count_finished)
@@ -137,14 +136,22 @@ def _count_sent(
     sender: str | None = None, headers: dict[str, t.Any] | None = None, **_: t.Any
 ) -> None:
     """Count a published tenant task and stamp the time it was sent into its headers."""
+    tenant = _tenant_of_message(sender, headers)
+    if tenant is not None:
+        _labelled(SENT, tenant_label(tenant), str(sender)).inc()
+        headers[SENT_AT] = time.time()  # type: ignore[index]
+
+
+def _tenant_of_message(sender: str | None, headers: dict[str, t.Any] | None) -> str | None:
+    """The tenant a message of one of our tenant tasks carries (a plain task's carries none,
+    whatever its headers say)."""
     if not headers:
-        return
-    for header in _headers:
-        tenant = headers.get(header)
-        if isinstance(tenant, str):
-            _labelled(SENT, tenant_label(tenant), str(sender)).inc()
-            headers[SENT_AT] = time.time()
-            return
+        return None
+    for celery_app in _celery_apps:
+        if isinstance(celery_app.tasks.get(sender), TenantTask):
+            tenant = headers.get(celery_app.tenant_header)
+            return tenant if isinstance(tenant, str) else None
+    return None
 
 
 def _count_started(task: Task | None = None, **_: t.Any) -> None:
