@@ -182,7 +182,9 @@ def _count_finished(task: Task | None = None, state: str | None = None, **_: t.A
 
 
 def _count_held_back(sender: t.Any, task: str = "", tenant: str = "", **_: t.Any) -> None:
-    record_held_back(task, tenant)
+    """Receive the limiter's ``task_held_back`` signal (keywords ``task`` and ``tenant``)."""
+    if task and tenant:
+        record_held_back(task, tenant)
 
 
 def _labelled(metric: t.Any, label: str, task: str) -> t.Any:
