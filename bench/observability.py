@@ -2,10 +2,11 @@
 
 Every row times the same work with the integration off (baseline) and on (measured),
 interleaved in one process, in short batches (about a millisecond, so that many of
-them run uninterrupted on a busy machine; the best batch of each side counts). "Off" connects nothing: it is what an app without the
-library installed runs. The libraries' own instrumentation (OpenTelemetry's Flask and
-Celery instrumentation, sentry-sdk's integrations) is set up on both sides, so the
-ratio is what this package adds to them.
+them run uninterrupted on a busy machine; the best batch of each side counts). "Off"
+connects nothing: it is what an app without the library installed runs. The
+libraries' own instrumentation (OpenTelemetry's Flask and Celery instrumentation,
+sentry-sdk's integrations) is set up on both sides, so the ratio is what this
+package adds to them.
 
 * OpenTelemetry: a tenant request (test client) with no tracing configured (the API's
   non-recording span) and with the Flask instrumentation recording into the SDK; a
