@@ -15,7 +15,7 @@ import traceback
 from . import Row, format_table
 
 #: Benchmark modules, each exposing ``run() -> list[Row]``. Add new ones here.
-MODULES = ["bench.core", "bench.jobs", "bench.schema", "bench.caching"]
+MODULES = ["bench.core", "bench.jobs", "bench.schema", "bench.caching", "bench.observability"]
 
 
 def main(argv: list[str]) -> int:

@@ -15,6 +15,7 @@ from flask_sqlalchemy import SQLAlchemy
 from . import context, signals
 from .cli import tenant_jobs_cli
 from .errors import ConfigurationError, NoTenantError, SchemaNotFoundError, TenantError
+from .integrations import install_observability
 from .registry import TenantRegistry, validate_name
 from .resolvers import Resolver, excluded_path_matcher, make_resolver
 from .scoping import Strategy, make_strategy
@@ -71,6 +72,7 @@ class TenantJobs:
         self._states[app] = state
         app.extensions["tenant_jobs"] = self
         state.strategy.install(app, db)
+        install_observability(app, settings, db)
         is_excluded = excluded_path_matcher(settings)
 
         def resolve_request_tenant() -> None:

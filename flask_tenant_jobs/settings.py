@@ -34,6 +34,10 @@ class Settings:
     cache_seconds: float
     schema_format: str
     shared_schema: str
+    otel_attribute: str | None
+    sql_comment: bool
+    metrics: bool
+    metrics_max_tenants: int
     scope_caches: bool = True
     shared_session: bool = False
 
@@ -66,6 +70,10 @@ class Settings:
             shared_schema=config.get("TENANT_JOBS_SHARED_SCHEMA", "public"),
             scope_caches=bool(config.get("TENANT_JOBS_SCOPE_CACHES", True)),
             shared_session=bool(config.get("TENANT_JOBS_SHARED_SESSION", False)),
+            otel_attribute=config.get("TENANT_JOBS_OTEL_ATTRIBUTE", "tenant"),
+            sql_comment=bool(config.get("TENANT_JOBS_SQL_COMMENT", False)),
+            metrics=bool(config.get("TENANT_JOBS_METRICS", True)),
+            metrics_max_tenants=config.get("TENANT_JOBS_METRICS_MAX_TENANTS", 100),
         )
         settings._check()
         return settings
@@ -93,6 +101,18 @@ class Settings:
             )
         if not self.header:
             raise ConfigurationError("'TENANT_JOBS_HEADER' must be a non-empty string.")
+        if self.otel_attribute is not None and not (
+            isinstance(self.otel_attribute, str) and self.otel_attribute
+        ):
+            raise ConfigurationError(
+                "'TENANT_JOBS_OTEL_ATTRIBUTE' must be a span attribute name such as 'tenant', "
+                "or None to leave spans alone."
+            )
+        if type(self.metrics_max_tenants) is not int or self.metrics_max_tenants < 0:
+            raise ConfigurationError(
+                "'TENANT_JOBS_METRICS_MAX_TENANTS' must be a whole number of 0 or more "
+                "(the tenants beyond it share the label 'other')."
+            )
 
 
 def _base_domain(explicit: str | None, config: t.Mapping[str, t.Any]) -> str | None:

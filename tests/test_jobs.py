@@ -76,6 +76,7 @@ from .jobs_app import (
     spawn_child,
     write_seen,
 )
+from .worker_processes import wait_until
 
 pytestmark = pytest.mark.filterwarnings(
     # celery's Redis result backend calls redis-py's deprecated setex
@@ -685,7 +686,9 @@ def test_no_tenant_is_left_after_any_outcome(jobs: Jobs, task: t.Any, stores_res
     assert_next_plain_task_sees_no_tenant(jobs)
     assert jobs.started[result.id], "the task did not run"
     assert all(run == ("globex", True) for run in jobs.started[result.id])
-    if not jobs.eager:
+    if not jobs.eager:  # the plain task's postrun may still be running when its result is in
+        wait_until(lambda: jobs.worker_after[-1][0] == "tests.jobs_app.plain_observe", TIMEOUT,
+                   "the plain task's task_postrun", lambda: str(jobs.worker_after[first_record:]))
         after = jobs.worker_after[first_record:]
         assert after[-1] == ("tests.jobs_app.plain_observe", None, False)
         assert all(record[1:] == (None, False) for record in after), after
