@@ -148,9 +148,9 @@ CONFIGURATION_ERRORS: list[tuple[dict[str, t.Any], str]] = [
     ({"TENANT_JOBS_STRATEGY": "rows"}, "'TENANT_JOBS_STRATEGY' is 'rows': use one of"),
     ({"TENANT_JOBS_RESOLVER": "cookie"}, "'TENANT_JOBS_RESOLVER' is 'cookie': use one of"),
     ({"SERVER_NAME": None}, "set 'SERVER_NAME' or 'TENANT_JOBS_BASE_DOMAIN'"),
-    ({"TENANT_JOBS_CACHE_SECONDS": -1}, "'TENANT_JOBS_CACHE_SECONDS' must be 0 or more"),
-    ({"TENANT_JOBS_SCHEMA_FORMAT": "t_"}, "'TENANT_JOBS_SCHEMA_FORMAT' must contain '{tenant}'"),
-    ({"TENANT_JOBS_HEADER": ""}, "'TENANT_JOBS_HEADER' must be a non-empty string"),
+    ({"TENANT_JOBS_CACHE_SECONDS": -1}, "'TENANT_JOBS_CACHE_SECONDS' is -1: use a number"),
+    ({"TENANT_JOBS_SCHEMA_FORMAT": "t_"}, "use a string containing '{tenant}'"),
+    ({"TENANT_JOBS_HEADER": ""}, "'TENANT_JOBS_HEADER' is '': use a non-empty string"),
 ]
 
 
