@@ -8,12 +8,12 @@ from contextvars import Token
 from dataclasses import dataclass
 from weakref import WeakKeyDictionary
 
-from flask import Flask, abort, current_app, g, has_app_context, request
+from flask import Flask, current_app, g, has_app_context, request
 from flask_sqlalchemy import SQLAlchemy
 
-from . import context, signals
+from . import context, responses, signals
 from .cli import tenant_jobs_cli
-from .errors import ConfigurationError, NoTenantError, SchemaNotFoundError, TenantError
+from .errors import ConfigurationError, TenantError
 from .registry import TenantRegistry, validate_name
 from .resolvers import Resolver, excluded_path_matcher, make_resolver
 from .scoping import Strategy, make_strategy
@@ -76,8 +76,7 @@ class TenantJobs:
 
         app.before_request_funcs.setdefault(None, []).insert(0, resolve_request_tenant)
         app.teardown_request(self._end_request)
-        app.register_error_handler(NoTenantError, _no_tenant_response)
-        app.register_error_handler(SchemaNotFoundError, _schema_not_found_response)
+        responses.install(app)
         app.cli.add_command(tenant_jobs_cli)
         if settings.resolver == "path":
             _route_tenant_segment(app)
@@ -263,7 +262,7 @@ class TenantJobs:
             except TenantError:
                 pass
         signals.tenant_not_found.send(app, tenant=candidate, source="request")
-        abort(404, description="No such tenant.")
+        raise responses.TenantNotFound(responses.NO_SUCH_TENANT)
 
     def _end_request(self, exc: BaseException | None) -> None:
         """After each request, also a failed one: restore the tenant that was current before."""
@@ -275,16 +274,6 @@ class TenantJobs:
 def current_tenant() -> str | None:
     """The current tenant name, or ``None``: in a request, inside ``switch`` and in a task."""
     return context.get_tenant()
-
-
-def _no_tenant_response(error: NoTenantError) -> tuple[str, int]:
-    """A request without a tenant that reached tenant-scoped data is not found, not a 500."""
-    return "This page belongs to a tenant: use a tenant's address.", 404
-
-
-def _schema_not_found_response(error: SchemaNotFoundError) -> tuple[str, int]:
-    """The tenant's schema vanished after the request was resolved: not found, not a 500."""
-    return "No such tenant.", 404
 
 
 def _route_tenant_segment(app: Flask) -> None:

@@ -74,8 +74,9 @@ def test_tenant_not_found() -> None:
     error = TenantNotFoundError("umbrella")
     assert error.tenant == "umbrella"
     assert "Unknown tenant 'umbrella'" in str(error)
-    assert "'TENANT_JOBS_TENANTS'" in str(error)
-    assert "flask tenant-jobs create" in str(error)
+    assert "add the name to 'TENANT_JOBS_TENANTS' or to the source it reads" in str(error)
+    assert "or create it" not in str(error)  # create makes storage; it registers nothing
+    assert "'flask tenant-jobs create' only makes a tenant's storage" in str(error)
 
 
 def test_no_tenant() -> None:

@@ -8,6 +8,7 @@ starts from fresh schemas and they are all dropped afterwards.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -549,6 +550,26 @@ def test_a_schema_dropped_behind_the_cache_is_never_read_through(
         pass
     with jobs.switch("acme"):
         assert item_names() == ["acme-1"]
+
+
+def test_a_schema_dropped_behind_the_cache_is_a_logged_404_and_json_for_json_clients(
+    app: Flask, admin: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    jobs.validate("acme-eu")  # cached as existing
+    with admin.begin() as connection:
+        connection.execute(sa.schema.DropSchema(schema_of("acme-eu"), cascade=True))
+    client = app.test_client()
+    with caplog.at_level(logging.WARNING):
+        response = client.get(
+            "/items", base_url="http://acme-eu.example.test", headers={"Accept": "application/json"}
+        )
+    assert response.status_code == 404
+    assert response.get_json() == {"error": "No such tenant.", "status": 404}
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert record.getMessage().startswith("SchemaNotFoundError in view 'items'")
+    assert f"The schema '{schema_of('acme-eu')}' of tenant 'acme-eu' does not exist" in (
+        record.getMessage()
+    )
 
 
 # -- 5. lifecycle -------------------------------------------------------------------------
