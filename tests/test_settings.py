@@ -8,10 +8,11 @@ import typing as t
 from pathlib import Path
 
 import pytest
+from celery import Celery
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
-from flask_tenant_jobs import ConfigurationError, TenantJobs
+from flask_tenant_jobs import ConfigurationError, TenantJobs, tenant_task
 from flask_tenant_jobs.settings import known_keys
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,3 +154,32 @@ def test_the_configuration_page_documents_every_key_and_no_other() -> None:
     sections = set(re.findall(r"^## `(TENANT_JOBS_[A-Z_]+)`$", page, re.MULTILINE))
     assert table == set(known_keys())
     assert sections == set(known_keys())
+
+
+@tenant_task
+def ship_parcel(parcel_id: int) -> None:
+    """A tenant task of an app without ``CELERY``."""
+
+
+def test_a_tenant_task_of_an_app_without_celery_is_refused_not_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without ``app.config["CELERY"]`` a tenant task would go to Celery's default app, which
+    publishes to a broker on localhost; it is refused before anything is published."""
+    published: list[t.Any] = []
+    monkeypatch.setattr(Celery, "send_task", lambda self, *a, **k: published.append(a))
+    tenant_jobs = init(TENANT_JOBS_TENANTS=["acme"])
+    app = next(iter(tenant_jobs._states))
+    with app.app_context(), tenant_jobs.switch("acme"):
+        for send in (
+            lambda: ship_parcel.delay(1),
+            lambda: ship_parcel.apply_async((1,), countdown=5),
+            lambda: ship_parcel.s(1).apply_async(),
+            lambda: ship_parcel.apply((1,)),
+        ):
+            with pytest.raises(ConfigurationError) as raised:
+                send()
+            assert "has no Celery app to go through: set app.config['CELERY']" in str(
+                raised.value
+            )
+    assert published == []
