@@ -10,6 +10,7 @@ from weakref import WeakKeyDictionary
 
 from flask import Flask, current_app, g, has_app_context, request
 from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy.exc import SQLAlchemyError
 
 from . import context, responses, signals
 from .cli import tenant_jobs_cli
@@ -69,6 +70,7 @@ class TenantJobs:
         self._states[app] = state
         app.extensions["tenant_jobs"] = self
         state.strategy.install(app, db)
+        _warn_about_storage(app, state.strategy)
         is_excluded = excluded_path_matcher(settings)
 
         def resolve_request_tenant() -> None:
@@ -157,26 +159,34 @@ class TenantJobs:
         """Whether ``name`` is a known tenant (``False`` for malformed names)."""
         return self._state().registry.exists(name)
 
-    def create(self, name: str) -> None:
+    def create(self, name: str) -> list[str]:
         """Create tenant ``name``'s storage (schema strategy: its schema and tables, or
         with Flask-Migrate its schema and the Alembic migrations run to head).
 
-        Add the name to the ``TENANT_JOBS_TENANTS`` source too; the cache is
-        refreshed so that it is seen at once. Sends ``tenant_created``.
+        Returns the tables made (none with the column strategy). It does not make
+        the tenant known: add the name to the ``TENANT_JOBS_TENANTS`` source too;
+        the cache is refreshed so that it is seen at once. Sends ``tenant_created``.
         """
         state = self._state()
         tenant = validate_name(name)
-        state.strategy.create(tenant)
+        made = state.strategy.create(tenant)
         state.registry.invalidate()
         signals.tenant_created.send(self._app(), tenant=tenant)
+        return made
 
-    def drop(self, name: str) -> None:
-        """Remove tenant ``name``'s storage (schema strategy: its schema); sends a signal."""
+    def drop(self, name: str) -> dict[str, int]:
+        """Remove tenant ``name``'s data; return the rows removed per table.
+
+        Column strategy: its rows in every ``TenantScoped`` table, in one
+        transaction. Schema strategy: its schema and everything in it. Sends
+        ``tenant_dropped``.
+        """
         state = self._state()
         tenant = validate_name(name)
-        state.strategy.drop(tenant)
+        removed = state.strategy.drop(tenant)
         state.registry.invalidate()
         signals.tenant_dropped.send(self._app(), tenant=tenant)
+        return removed
 
     def migrate(self, name: str) -> None:
         """Bring tenant ``name``'s storage up to date.
@@ -186,6 +196,14 @@ class TenantJobs:
         """
         state = self._state()
         state.strategy.migrate(state.registry.require(name))
+
+    def check_storage(self) -> list[str]:
+        """What is wrong with the tenants' storage, each with what to do about it.
+
+        Schema strategy: tenant tables in the shared schema. ``init_app`` logs these
+        as warnings and ``flask tenant-jobs migrate`` prints them.
+        """
+        return self._state().strategy.check_storage()
 
     def describe(self, name: str) -> dict[str, str]:
         """Facts about tenant ``name``'s storage (schema strategy: schema, whether it exists)."""
@@ -274,6 +292,17 @@ class TenantJobs:
 def current_tenant() -> str | None:
     """The current tenant name, or ``None``: in a request, inside ``switch`` and in a task."""
     return context.get_tenant()
+
+
+def _warn_about_storage(app: Flask, strategy: Strategy) -> None:
+    """Log what is wrong with the storage of the models known now; skip an unreachable database."""
+    try:
+        with app.app_context():
+            problems = strategy.check_storage()
+    except SQLAlchemyError:
+        return
+    for problem in problems:
+        app.logger.warning(problem)
 
 
 def _route_tenant_segment(app: Flask) -> None:
