@@ -112,8 +112,10 @@ def _delete_results(celery_app: Celery, expired_only: bool) -> None:
         session.close()
 
 
-@worker_ready.connect
 def _clean_up_when_a_worker_starts(sender: t.Any = None, **_: t.Any) -> None:
     celery_app = getattr(sender, "app", None)
     if celery_app is not None and is_embedded(celery_app):
         clean_up(celery_app)
+
+
+worker_ready.connect(_clean_up_when_a_worker_starts)
