@@ -27,18 +27,19 @@ from sqlalchemy.pool import NullPool
 TRANSPORT = "example_app.broker:EmbeddedTransport"
 
 
-class EmbeddedTransport(kombu_sqlalchemy.Transport):  # type: ignore[misc]
+class EmbeddedTransport(kombu_sqlalchemy.Transport):
     """kombu's SQLAlchemy transport, looking for new messages every 50 ms (kombu: 1 s)."""
 
     polling_interval = 0.05
 
-    def drain_events(self, connection: t.Any, timeout: float | None = None) -> None:
+    def drain_events(self, connection: t.Any, timeout: t.Any = None) -> t.Any:
         """Give up waiting for a message after 0.1 s at most (``socket.timeout``).
 
         Celery's worker loop waits 2 s per call and checks for shutdown between
         calls; this way a stopping worker (Ctrl-C, the demo's worker) stops at once.
         """
-        super().drain_events(connection, timeout=None if timeout is None else min(timeout, 0.1))
+        shorter = None if timeout is None else min(timeout, 0.1)
+        return super().drain_events(connection, timeout=shorter)  # type: ignore[no-untyped-call]
 
 
 def embedded_config(instance_path: str) -> dict[str, t.Any]:
