@@ -32,7 +32,7 @@ class EmbeddedTransport(kombu_sqlalchemy.Transport):
 
     polling_interval = 0.05
 
-    def drain_events(self, connection: t.Any, timeout: t.Any = None) -> t.Any:
+    def drain_events(self, connection: t.Any, timeout: t.Any = None) -> t.Any:  # type: ignore[override]
         """Give up waiting for a message after 0.1 s at most (``socket.timeout``).
 
         Celery's worker loop waits 2 s per call and checks for shutdown between
