@@ -178,8 +178,8 @@ class TenantJobs:
         """Remove tenant ``name``'s data; return the rows removed per table.
 
         Column strategy: its rows in every ``TenantScoped`` table, in one
-        transaction. Schema strategy: its schema and everything in it. Sends
-        ``tenant_dropped``.
+        transaction of its own (end the session's transaction first). Schema
+        strategy: its schema and everything in it. Sends ``tenant_dropped``.
         """
         state = self._state()
         tenant = validate_name(name)
