@@ -79,12 +79,16 @@ def _schema_not_found(error: SchemaNotFoundError) -> ResponseReturnValue:
 def _not_found(error: TenantError, description: str) -> ResponseReturnValue:
     """Log ``error`` with the view, then answer 404 through the app's own 404 handler."""
     current_app.logger.warning(
-        "%s in view %r (%s %s%s), answered 404: %s",
+        "%s in view %r (%s %s), answered 404: %s",
         type(error).__name__,
         request.endpoint,
         request.method,
-        request.host,
-        request.path,
+        _one_line(request.host + request.path),
         error,
     )
     return current_app.handle_http_exception(TenantNotFound(description))
+
+
+def _one_line(text: str) -> str:
+    """``text`` with control characters escaped: a URL cannot add lines to the log."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

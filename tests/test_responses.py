@@ -43,6 +43,10 @@ def add_views(app: Flask) -> None:
         archive_memos.delay()
         return {"sent": "yes"}
 
+    @app.get("/memos/<label>")
+    def labelled_memos(label: str) -> dict[str, int]:
+        return {"count": len(db.session.scalars(sa.select(Memo)).all())}
+
     @app.get("/vanished")
     def vanished() -> str:
         raise SchemaNotFoundError("acme", "tenant_acme")
@@ -206,3 +210,14 @@ def test_init_app_on_an_app_factory_registers_the_handlers_per_app(tmp_path: Pat
     for app in apps:
         response = app.test_client().get("http://example.test/memos", headers=JSON)
         assert response.status_code == 404 and response.is_json
+
+
+def test_a_url_cannot_forge_log_lines(app: Flask, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        response = app.test_client().get(
+            "http://example.test/memos/x%0AWARNING%20forged%0D%1b[31m"
+        )
+    assert response.status_code == 404
+    (message,) = warnings_of(caplog)
+    assert "\n" not in message and "\r" not in message and "\x1b" not in message
+    assert "(GET example.test/memos/x\\nWARNING forged\\r\\x1b[31m)" in message
