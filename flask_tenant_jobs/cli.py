@@ -177,15 +177,7 @@ def drop_command(name: str, yes: bool) -> None:
         facts = extension.describe(name)
         if not yes:
             click.confirm(_drop_question(name, facts.get("schema")), abort=True)
-        # SQLAlchemy is imported only here: this module loads before "-P gevent" patches.
-        from sqlalchemy.exc import SQLAlchemyError
-
-        try:
-            removed = extension.drop(name)
-        except SQLAlchemyError as error:
-            raise click.ClickException(
-                f"Nothing of tenant {name!r} was deleted: {_first_line(error)}"
-            ) from None
+        removed = extension.drop(name)
     click.echo(_dropped(name, facts, removed))
     for table, rows in removed.items():
         click.echo(f"  {table}: {rows} {'row' if rows == 1 else 'rows'}")
@@ -193,6 +185,7 @@ def drop_command(name: str, yes: bool) -> None:
 
 
 def _drop_question(name: str, schema: str | None) -> str:
+    """What ``drop`` asks before it deletes anything."""
     if schema is None:
         return f"Delete every row of tenant {name!r} from the tenant tables, in one transaction?"
     return f"Drop schema {schema!r} of tenant {name!r} and everything in it?"
@@ -267,13 +260,20 @@ def _migrate_each(extension: t.Any, names: list[str], jobs: int) -> list[str]:
 
 
 def _first_line(error: BaseException) -> str:
+    """The first line of an error's message (SQLAlchemy's add the SQL and a link)."""
     return str(error).strip().split("\n", 1)[0]
 
 
 @contextmanager
 def _one_line_errors() -> t.Iterator[None]:
-    """Turn a tenant error into one clear line and a non-zero exit."""
+    """Turn a tenant or database error into one clear line and a non-zero exit."""
+    # Imported here, not with the module: Flask loads this module before "worker -P gevent"
+    # monkey-patches, and every command gets here after that.
+    from sqlalchemy.exc import SQLAlchemyError
+
     try:
         yield
     except TenantError as error:
         raise click.ClickException(str(error)) from None
+    except SQLAlchemyError as error:
+        raise click.ClickException(f"The database refused: {_first_line(error)}") from None
