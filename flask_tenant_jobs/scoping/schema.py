@@ -175,6 +175,8 @@ class SchemaStrategy:
         ``search_path``); such tables usually come from ``db.create_all()``.
         """
         expected = {table.name for table in self.tenant_tables() if table.schema is None}
+        if not expected:  # no tenant models defined (yet): nothing to look for
+            return []
         with self.db.engine.connect() as connection:
             found = sorted(_tables_in(connection, self.shared_schema) & expected)
         if not found:
