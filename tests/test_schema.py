@@ -771,6 +771,18 @@ def test_cli_create_and_drop(app: Flask, admin: Engine) -> None:
     )
 
 
+def test_drop_counts_rows_of_tables_with_hostile_names(app: Flask, admin: Engine) -> None:
+    """Tables a tenant made itself, with quotes and SQL in their names, are counted, not run."""
+    schema = schema_of("acme-eu")
+    with admin.begin() as connection:
+        connection.execute(sa.text(f'CREATE TABLE "{schema}"."we""ird; DROP TABLE x" (id int)'))
+        connection.execute(sa.text(f'INSERT INTO "{schema}"."we""ird; DROP TABLE x" VALUES (1)'))
+    assert jobs.drop("acme-eu") == {
+        "items": 0, "notes": 0, "orders": 0, 'we"ird; DROP TABLE x': 1
+    }
+    assert schema not in run_schemas(admin)
+
+
 def test_cli_create_of_a_name_not_yet_listed_says_what_is_left(app: Flask, admin: Engine) -> None:
     result = app.test_cli_runner().invoke(args=["tenant-jobs", "create", "initech"])
     try:
