@@ -10,7 +10,8 @@ tenant-jobs worker`` to run its jobs. Environment variables:
   ``tenant_id`` column (needs a PostgreSQL ``DATABASE_URL``); the schemas are
   created at start-up when missing;
 * ``CELERY_BROKER_URL`` and ``CELERY_RESULT_BACKEND``: another broker than the
-  embedded one (files in the instance folder), e.g. ``redis://127.0.0.1:6379/0``;
+  embedded one (SQLite files in the instance folder, see ``broker.py``), e.g.
+  ``redis://127.0.0.1:6379/0``;
 * ``FLASK_*``: any other setting, e.g. ``FLASK_SERVER_NAME=localhost:5000`` or
   ``FLASK_TENANT_JOBS_SCHEMA_FORMAT=shop_{tenant}``.
 """
@@ -25,15 +26,23 @@ from flask_sqlalchemy import SQLAlchemy
 
 from flask_tenant_jobs import TenantJobs
 
+from .broker import embedded_config
+
 db = SQLAlchemy()
 tenant_jobs = TenantJobs()
 
 TENANTS = ["acme", "globex"]
 
 
-def create_app(config: t.Mapping[str, t.Any] | None = None) -> Flask:
-    """Build the app; ``config`` overrides the defaults (and ``FLASK_*`` variables)."""
-    app = Flask(__name__)
+def create_app(
+    config: t.Mapping[str, t.Any] | None = None, instance_path: str | None = None
+) -> Flask:
+    """Build the app; ``config`` overrides the defaults (and ``FLASK_*`` variables).
+
+    ``instance_path`` holds the default SQLite database and the embedded broker
+    (default: ``instance/`` next to this package).
+    """
+    app = Flask(__name__, instance_path=os.path.abspath(instance_path) if instance_path else None)
     app.config.from_mapping(
         SERVER_NAME="example.test",
         SQLALCHEMY_DATABASE_URI=database_url(app.instance_path),
@@ -45,11 +54,11 @@ def create_app(config: t.Mapping[str, t.Any] | None = None) -> Flask:
     if config:
         app.config.update(config)
 
-    db.init_app(app)
-    tenant_jobs.init_app(app, db=db)
-
+    # The models are defined before init_app, which checks where their tables are.
     from . import jobs, models, views  # noqa: F401 - jobs registers the tasks
 
+    db.init_app(app)
+    tenant_jobs.init_app(app, db=db)
     app.register_blueprint(views.bp)
     app.cli.add_command(models.init_db_command)
     with app.app_context():
@@ -70,26 +79,12 @@ def database_url(instance_path: str) -> str:
 
 
 def celery_config(instance_path: str) -> dict[str, t.Any]:
-    """Celery settings: ``CELERY_BROKER_URL`` etc., else an embedded broker made of files."""
+    """Celery settings: ``CELERY_BROKER_URL`` etc., else the embedded broker (SQLite files)."""
     broker = os.environ.get("CELERY_BROKER_URL")
     if broker:
         backend = os.environ.get("CELERY_RESULT_BACKEND", broker)
         return {"broker_url": broker, "result_backend": backend, **BEAT}
-    folder = os.path.join(instance_path, "celery")
-    queue, control, results = (os.path.join(folder, n) for n in ("queue", "control", "results"))
-    for path in (queue, control, results):
-        os.makedirs(path, exist_ok=True)
-    return {
-        "broker_url": "filesystem://localhost/",
-        "broker_transport_options": {
-            "data_folder_in": queue,
-            "data_folder_out": queue,
-            "control_folder": control,
-            "polling_interval": 0.05,
-        },
-        "result_backend": f"file://{results}",
-        **BEAT,
-    }
+    return {**embedded_config(instance_path), **BEAT}
 
 
 #: Beat runs ``send_digest`` once per tenant every day (``flask tenant-jobs beat``).

@@ -13,6 +13,7 @@ from uuid import uuid4
 from celery import states
 from flask import Blueprint, abort, g, jsonify, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
+from werkzeug.exceptions import HTTPException
 
 from flask_tenant_jobs import current_tenant
 
@@ -54,6 +55,22 @@ def list_orders() -> ResponseReturnValue:
     if wants_json():
         return jsonify(tenant=current_tenant(), orders=[o.to_dict() for o in orders])
     return render_template("orders.html", title=shop_title(), orders=orders, error=None)
+
+
+@bp.get("/orders/<int:order_id>")
+def show_order(order_id: int) -> ResponseReturnValue:
+    """One order of the current tenant (HTML: its job's page).
+
+    ``db.session.get`` is scoped to the tenant: another tenant's order id is a 404.
+    """
+    order = db.session.get(Order, order_id)
+    if order is None:
+        abort(404, description="No such order in this shop.")
+    if wants_json():
+        return jsonify(order.to_dict())
+    if order.job_id is None:
+        return redirect(url_for("shop.list_orders"))
+    return redirect(url_for("shop.job_status", job_id=order.job_id))
 
 
 @bp.post("/orders")
@@ -101,3 +118,12 @@ def job_status(job_id: str) -> ResponseReturnValue:
         "job.html", title=shop_title(), job_id=job_id, state=state, order=order,
         result=result.result if done else None, finished=state in states.READY_STATES,
     )
+
+
+@bp.app_errorhandler(404)
+def not_found(error: HTTPException) -> ResponseReturnValue:
+    """Every 404 of the app, also the extension's (unknown tenant, a page that needs one):
+    JSON for JSON clients, else Werkzeug's page."""
+    if wants_json() or request.is_json:
+        return jsonify(error=error.description), 404
+    return error

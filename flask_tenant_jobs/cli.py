@@ -67,7 +67,16 @@ def _patch_for_pool(ctx: click.Context, celery_args: tuple[str, ...]) -> None:
             "flask-tenant-jobs so that Flask finds 'tenant-jobs' through its entry point.",
             err=True,
         )
-    maybe_patch_concurrency(["celery", "worker", "-P", pool])
+    try:
+        maybe_patch_concurrency(["celery", "worker", "-P", pool])
+    except ModuleNotFoundError as error:
+        if (error.name or "").partition(".")[0] != pool:
+            raise
+        extra = "flask-tenant-jobs[gevent]" if pool == "gevent" else pool
+        raise click.ClickException(
+            f"'-P {pool}' needs the {pool} package, which is not installed: "
+            f"pip install '{extra}'"
+        ) from None
 
 
 def _pool_option(celery_args: tuple[str, ...]) -> str | None:
@@ -103,23 +112,94 @@ def list_command() -> None:
 @tenant_jobs_cli.command("create")
 @click.argument("name")
 def create_command(name: str) -> None:
-    """Create tenant NAME's storage (schema strategy: its schema, then its tables or migrations)."""
+    """Create tenant NAME's storage (schema strategy: its schema, then its tables or migrations).
+
+    Says what was made and what is left to do: a tenant is known only once its
+    name is in TENANT_JOBS_TENANTS (or the source it reads).
+    """
+    extension = _extension(current_app)
     with _one_line_errors():
-        _extension(current_app).create(name)
-    click.echo(f"created {name}")
+        validate_name(name)
+        facts = extension.describe(name)
+        made = extension.create(name)
+        click.echo(_created(name, facts, made, extension.describe(name)))
+        click.echo(_left_to_add(extension, name))
+
+
+def _created(name: str, before: dict[str, str], made: list[str], after: dict[str, str]) -> str:
+    """One line saying what ``create`` made."""
+    if "schema" not in after:
+        return (
+            f"Nothing to create for tenant {name!r}: with the column strategy its rows go in "
+            "the shared tables."
+        )
+    schema = after["schema"]
+    revision = f" (migrated to revision {after['revision']})" if "revision" in after else ""
+    tables = ", ".join(made) or "none"
+    if before.get("exists") != "yes":
+        return f"Created schema {schema!r} with its tables: {tables}{revision}."
+    if made:
+        return f"Schema {schema!r} existed; created its missing tables: {tables}{revision}."
+    return f"Schema {schema!r} existed with every table: nothing was created{revision}."
+
+
+def _left_to_add(extension: t.Any, name: str) -> str:
+    """What is left to do after ``create``: make the name known, unless it is already."""
+    source = _tenant_source(extension)
+    if extension.exists(name):
+        return f"{name!r} is in {source}: the tenant is ready."
+    return (
+        f"Left to do: add {name!r} to {source}. Until then its requests answer 404 and its "
+        "tasks are refused."
+    )
+
+
+def _tenant_source(extension: t.Any) -> str:
+    """Where tenant names come from, as a user would look for it."""
+    if callable(extension.settings.tenants):
+        return "the source that TENANT_JOBS_TENANTS reads (e.g. your tenants table)"
+    return "the TENANT_JOBS_TENANTS list in the app's config"
 
 
 @tenant_jobs_cli.command("drop")
 @click.argument("name")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def drop_command(name: str, yes: bool) -> None:
-    """Drop tenant NAME's storage (schema strategy: its schema and all its data)."""
+    """Delete tenant NAME's data: its rows in every tenant table (column strategy, in one
+    transaction) or its schema (schema strategy). Reports the rows removed per table."""
+    extension = _extension(current_app)
     with _one_line_errors():
-        validate_name(name)
+        if not extension.exists(validate_name(name)):
+            raise click.ClickException(
+                f"Unknown tenant {name!r}: it is not in {_tenant_source(extension)}, so "
+                "there is nothing to drop. Drop a tenant before removing its name."
+            )
+        facts = extension.describe(name)
         if not yes:
-            click.confirm(f"Drop tenant {name!r} and all its data?", abort=True)
-        _extension(current_app).drop(name)
-    click.echo(f"dropped {name}")
+            click.confirm(_drop_question(name, facts.get("schema")), abort=True)
+        removed = extension.drop(name)
+    click.echo(_dropped(name, facts, removed))
+    for table, rows in removed.items():
+        click.echo(f"  {table}: {rows} {'row' if rows == 1 else 'rows'}")
+    click.echo(f"Left to do: remove {name!r} from {_tenant_source(extension)}.")
+
+
+def _drop_question(name: str, schema: str | None) -> str:
+    """What ``drop`` asks before it deletes anything."""
+    if schema is None:
+        return f"Delete every row of tenant {name!r} from the tenant tables, in one transaction?"
+    return f"Drop schema {schema!r} of tenant {name!r} and everything in it?"
+
+
+def _dropped(name: str, facts: dict[str, str], removed: dict[str, int]) -> str:
+    """One line saying what ``drop`` removed (the rows per table follow it)."""
+    total, tables = sum(removed.values()), len(removed)
+    if "schema" not in facts:
+        return f"Deleted tenant {name!r} in one transaction: {total} rows in {tables} tables."
+    schema = facts["schema"]
+    if facts.get("exists") != "yes":
+        return f"Tenant {name!r} had no schema {schema!r}: nothing was dropped."
+    return f"Dropped schema {schema!r} of tenant {name!r}: {total} rows in {tables} tables."
 
 
 @tenant_jobs_cli.command("migrate")
@@ -135,11 +215,29 @@ def migrate_command(only: str | None, jobs: int) -> None:
     """Bring every tenant's storage up to date; a failed tenant does not stop the others.
 
     Schema strategy: create the missing tables of each tenant's schema or, with
-    Flask-Migrate, run the Alembic migrations to head in each tenant's schema.
+    Flask-Migrate, run the Alembic migrations to head in each tenant's schema;
+    then report tenant tables found in the shared schema. Column strategy:
+    nothing per tenant.
     """
     extension = _extension(current_app)
     with _one_line_errors():
         names = [extension.validate(only)] if only is not None else extension.tenant_names()
+    if extension.settings.strategy == "column":
+        click.echo(
+            "Nothing to migrate per tenant with the column strategy: all tenants share the "
+            "tables; migrate them once (e.g. 'flask db upgrade')."
+        )
+        return
+    failed = _migrate_each(extension, names, jobs)
+    click.echo(f"migrated {len(names) - len(failed)} of {len(names)} tenants")
+    for problem in extension.check_storage():
+        click.echo(f"Warning: {problem}", err=True)
+    if failed:
+        raise click.ClickException(f"failed tenants: {', '.join(sorted(failed))}")
+
+
+def _migrate_each(extension: t.Any, names: list[str], jobs: int) -> list[str]:
+    """Migrate ``names``, ``jobs`` at a time, printing a line per tenant; return the failed."""
     app = current_app._get_current_object()  # type: ignore[attr-defined]
 
     def migrate_one(name: str) -> str | None:
@@ -147,8 +245,7 @@ def migrate_command(only: str | None, jobs: int) -> None:
             try:
                 extension.migrate(name)
             except Exception as error:  # reported per tenant, then summed up
-                first_line = str(error).strip().split("\n", 1)[0]
-                return f"{type(error).__name__}: {first_line}"
+                return f"{type(error).__name__}: {_first_line(error)}"
         return None
 
     failed = []
@@ -159,15 +256,24 @@ def migrate_command(only: str | None, jobs: int) -> None:
             click.echo(f"{name}: {'failed: ' + error if error else 'ok'}")
             if error:
                 failed.append(name)
-    click.echo(f"migrated {len(names) - len(failed)} of {len(names)} tenants")
-    if failed:
-        raise click.ClickException(f"failed tenants: {', '.join(sorted(failed))}")
+    return failed
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message (SQLAlchemy's add the SQL and a link)."""
+    return str(error).strip().split("\n", 1)[0]
 
 
 @contextmanager
 def _one_line_errors() -> t.Iterator[None]:
-    """Turn a tenant error into one clear line and a non-zero exit."""
+    """Turn a tenant or database error into one clear line and a non-zero exit."""
+    # Imported here, not with the module: Flask loads this module before "worker -P gevent"
+    # monkey-patches, and every command gets here after that.
+    from sqlalchemy.exc import SQLAlchemyError
+
     try:
         yield
     except TenantError as error:
         raise click.ClickException(str(error)) from None
+    except SQLAlchemyError as error:
+        raise click.ClickException(f"The database refused: {_first_line(error)}") from None

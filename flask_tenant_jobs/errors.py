@@ -46,8 +46,9 @@ class TenantNotFoundError(TenantError, LookupError):
 
     def __init__(self, tenant: str) -> None:
         super().__init__(
-            f"Unknown tenant {tenant!r}: add it to 'TENANT_JOBS_TENANTS' (or to the source "
-            "it reads) or create it with 'flask tenant-jobs create'.",
+            f"Unknown tenant {tenant!r}: add the name to 'TENANT_JOBS_TENANTS' or to the "
+            "source it reads (e.g. your tenants table); 'flask tenant-jobs create' only makes "
+            "a tenant's storage, it does not add the name.",
             tenant,
         )
         self.args = (tenant,)

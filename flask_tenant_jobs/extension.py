@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from importlib.util import find_spec
 from weakref import WeakKeyDictionary
 
-from flask import Flask, abort, current_app, g, has_app_context, request
+from flask import Flask, current_app, g, has_app_context, request
 from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy.exc import SQLAlchemyError
 
-from . import context, signals
+from . import context, responses, signals
 from .cli import tenant_jobs_cli
-from .errors import ConfigurationError, NoTenantError, SchemaNotFoundError, TenantError
+from .errors import ConfigurationError, TenantError
 from .integrations import install_observability
 from .registry import TenantRegistry, validate_name
 from .resolvers import Resolver, excluded_path_matcher, make_resolver
@@ -73,6 +74,7 @@ class TenantJobs:
         app.extensions["tenant_jobs"] = self
         state.strategy.install(app, db)
         install_observability(app, settings, db)
+        _warn_about_storage(app, state.strategy)
         is_excluded = excluded_path_matcher(settings)
 
         def resolve_request_tenant() -> None:
@@ -80,8 +82,7 @@ class TenantJobs:
 
         app.before_request_funcs.setdefault(None, []).insert(0, resolve_request_tenant)
         app.teardown_request(self._end_request)
-        app.register_error_handler(NoTenantError, _no_tenant_response)
-        app.register_error_handler(SchemaNotFoundError, _schema_not_found_response)
+        responses.install(app)
         app.cli.add_command(tenant_jobs_cli)
         if settings.resolver == "path":
             _route_tenant_segment(app)
@@ -168,26 +169,34 @@ class TenantJobs:
         """Whether ``name`` is a known tenant (``False`` for malformed names)."""
         return self._state().registry.exists(name)
 
-    def create(self, name: str) -> None:
+    def create(self, name: str) -> list[str]:
         """Create tenant ``name``'s storage (schema strategy: its schema and tables, or
         with Flask-Migrate its schema and the Alembic migrations run to head).
 
-        Add the name to the ``TENANT_JOBS_TENANTS`` source too; the cache is
-        refreshed so that it is seen at once. Sends ``tenant_created``.
+        Returns the tables made (none with the column strategy). It does not make
+        the tenant known: add the name to the ``TENANT_JOBS_TENANTS`` source too;
+        the cache is refreshed so that it is seen at once. Sends ``tenant_created``.
         """
         state = self._state()
         tenant = validate_name(name)
-        state.strategy.create(tenant)
+        made = state.strategy.create(tenant)
         state.registry.invalidate()
         signals.tenant_created.send(self._app(), tenant=tenant)
+        return made
 
-    def drop(self, name: str) -> None:
-        """Remove tenant ``name``'s storage (schema strategy: its schema); sends a signal."""
+    def drop(self, name: str) -> dict[str, int]:
+        """Remove tenant ``name``'s data; return the rows removed per table.
+
+        Column strategy: its rows in every ``TenantScoped`` table, in one
+        transaction of its own (end the session's transaction first). Schema
+        strategy: its schema and everything in it. Sends ``tenant_dropped``.
+        """
         state = self._state()
         tenant = validate_name(name)
-        state.strategy.drop(tenant)
+        removed = state.strategy.drop(tenant)
         state.registry.invalidate()
         signals.tenant_dropped.send(self._app(), tenant=tenant)
+        return removed
 
     def migrate(self, name: str) -> None:
         """Bring tenant ``name``'s storage up to date.
@@ -197,6 +206,14 @@ class TenantJobs:
         """
         state = self._state()
         state.strategy.migrate(state.registry.require(name))
+
+    def check_storage(self) -> list[str]:
+        """What is wrong with the tenants' storage, each with what to do about it.
+
+        Schema strategy: tenant tables in the shared schema. ``init_app`` logs these
+        as warnings and ``flask tenant-jobs migrate`` prints them.
+        """
+        return self._state().strategy.check_storage()
 
     def describe(self, name: str) -> dict[str, str]:
         """Facts about tenant ``name``'s storage (schema strategy: schema, whether it exists)."""
@@ -273,7 +290,7 @@ class TenantJobs:
             except TenantError:
                 pass
         signals.tenant_not_found.send(app, tenant=candidate, source="request")
-        abort(404, description="No such tenant.")
+        raise responses.TenantNotFound(responses.NO_SUCH_TENANT)
 
     def _end_request(self, exc: BaseException | None) -> None:
         """After each request, also a failed one: restore the tenant that was current before."""
@@ -287,14 +304,15 @@ def current_tenant() -> str | None:
     return context.get_tenant()
 
 
-def _no_tenant_response(error: NoTenantError) -> tuple[str, int]:
-    """A request without a tenant that reached tenant-scoped data is not found, not a 500."""
-    return "This page belongs to a tenant: use a tenant's address.", 404
-
-
-def _schema_not_found_response(error: SchemaNotFoundError) -> tuple[str, int]:
-    """The tenant's schema vanished after the request was resolved: not found, not a 500."""
-    return "No such tenant.", 404
+def _warn_about_storage(app: Flask, strategy: Strategy) -> None:
+    """Log what is wrong with the storage of the models known now; skip an unreachable database."""
+    try:
+        with app.app_context():
+            problems = strategy.check_storage()
+    except SQLAlchemyError:
+        return
+    for problem in problems:
+        app.logger.warning(problem)
 
 
 def _route_tenant_segment(app: Flask) -> None:

@@ -126,6 +126,7 @@ class TenantTask(Task):  # type: ignore[misc]
         ``sent``: the task is being sent (``task_enqueued`` fires), not run by ``apply()``
         (which eager ``apply_async`` also ends in: the signal fires once).
         """
+        _require_tenant_celery(self)
         header = self._header
         headers = dict(options.get("headers") or {})
         tenant = headers.get(header)
@@ -174,6 +175,22 @@ def flask_app_of(celery_app: Celery) -> Flask:
 def header_name(celery_app: Celery) -> str:
     """The message header that carries the tenant for this Celery app."""
     return t.cast(str, getattr(celery_app, "tenant_header", DEFAULT_HEADER))
+
+
+def _require_tenant_celery(task: TenantTask) -> None:
+    """Refuse to send or run a tenant task through a Celery app that ``init_app`` did not make.
+
+    Without ``app.config["CELERY"]`` the task would go to Celery's default app,
+    which publishes to a broker on localhost, and no worker would restore its tenant.
+    """
+    flask_app = current_app if has_app_context() else None
+    unconfigured = flask_app is not None and "celery" not in flask_app.extensions
+    if getattr(task.app, "flask_app", None) is None or unconfigured:
+        raise ConfigurationError(
+            f"The tenant task {task.name!r} has no Celery app to go through: set "
+            "app.config['CELERY'] to a dict of Celery settings, e.g. {'broker_url': "
+            "'redis://127.0.0.1:6379/0'}, before 'tenant_jobs.init_app(app)'."
+        )
 
 
 def _extension(app: Flask) -> t.Any:

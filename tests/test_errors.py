@@ -74,8 +74,9 @@ def test_tenant_not_found() -> None:
     error = TenantNotFoundError("umbrella")
     assert error.tenant == "umbrella"
     assert "Unknown tenant 'umbrella'" in str(error)
-    assert "'TENANT_JOBS_TENANTS'" in str(error)
-    assert "flask tenant-jobs create" in str(error)
+    assert "add the name to 'TENANT_JOBS_TENANTS' or to the source it reads" in str(error)
+    assert "or create it" not in str(error)  # create makes storage; it registers nothing
+    assert "'flask tenant-jobs create' only makes a tenant's storage" in str(error)
 
 
 def test_no_tenant() -> None:
@@ -148,9 +149,9 @@ CONFIGURATION_ERRORS: list[tuple[dict[str, t.Any], str]] = [
     ({"TENANT_JOBS_STRATEGY": "rows"}, "'TENANT_JOBS_STRATEGY' is 'rows': use one of"),
     ({"TENANT_JOBS_RESOLVER": "cookie"}, "'TENANT_JOBS_RESOLVER' is 'cookie': use one of"),
     ({"SERVER_NAME": None}, "set 'SERVER_NAME' or 'TENANT_JOBS_BASE_DOMAIN'"),
-    ({"TENANT_JOBS_CACHE_SECONDS": -1}, "'TENANT_JOBS_CACHE_SECONDS' must be 0 or more"),
-    ({"TENANT_JOBS_SCHEMA_FORMAT": "t_"}, "'TENANT_JOBS_SCHEMA_FORMAT' must contain '{tenant}'"),
-    ({"TENANT_JOBS_HEADER": ""}, "'TENANT_JOBS_HEADER' must be a non-empty string"),
+    ({"TENANT_JOBS_CACHE_SECONDS": -1}, "'TENANT_JOBS_CACHE_SECONDS' is -1: use a number"),
+    ({"TENANT_JOBS_SCHEMA_FORMAT": "t_"}, "use a string containing '{tenant}'"),
+    ({"TENANT_JOBS_HEADER": ""}, "'TENANT_JOBS_HEADER' is '': use a non-empty string"),
 ]
 
 

@@ -208,7 +208,7 @@ def test_a_source_with_invalid_names_is_a_configuration_error() -> None:
 
 
 def test_a_single_string_is_a_configuration_error() -> None:
-    with pytest.raises(ConfigurationError, match="list of names"):
+    with pytest.raises(ConfigurationError, match=r"is 'acme': use a list of tenant names"):
         make_app(SQLAlchemy(), "sqlite://", TENANT_JOBS_TENANTS="acme")
 
 

@@ -8,6 +8,7 @@ starts from fresh schemas and they are all dropped afterwards.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -551,6 +552,26 @@ def test_a_schema_dropped_behind_the_cache_is_never_read_through(
         assert item_names() == ["acme-1"]
 
 
+def test_a_schema_dropped_behind_the_cache_is_a_logged_404_and_json_for_json_clients(
+    app: Flask, admin: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    jobs.validate("acme-eu")  # cached as existing
+    with admin.begin() as connection:
+        connection.execute(sa.schema.DropSchema(schema_of("acme-eu"), cascade=True))
+    client = app.test_client()
+    with caplog.at_level(logging.WARNING):
+        response = client.get(
+            "/items", base_url="http://acme-eu.example.test", headers={"Accept": "application/json"}
+        )
+    assert response.status_code == 404
+    assert response.get_json() == {"error": "No such tenant.", "status": 404}
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert record.getMessage().startswith("SchemaNotFoundError in view 'items'")
+    assert f"The schema '{schema_of('acme-eu')}' of tenant 'acme-eu' does not exist" in (
+        record.getMessage()
+    )
+
+
 # -- 5. lifecycle -------------------------------------------------------------------------
 
 
@@ -703,25 +724,133 @@ def test_cli_list_in_a_subprocess(app: Flask, postgres_url: str) -> None:
 
 def test_cli_create_and_drop(app: Flask, admin: Engine) -> None:
     runner = app.test_cli_runner()
+    ready = "'ghost' is in the TENANT_JOBS_TENANTS list in the app's config: the tenant is ready."
     result = runner.invoke(args=["tenant-jobs", "create", "ghost"])
     assert result.exit_code == 0, result.output
-    assert result.output == "created ghost\n"
+    assert result.output.splitlines() == [
+        f"Created schema '{schema_of('ghost')}' with its tables: items, notes, orders.", ready
+    ]
     assert tables_in(admin, schema_of("ghost")) == {"items", "notes", "orders"}
+    with jobs.switch("ghost"):
+        db.session.add_all([Item(id=1, name="boo"), Item(id=2, name="hoo")])
+        db.session.commit()
+
+    result = runner.invoke(args=["tenant-jobs", "create", "ghost"])
+    assert result.output.splitlines()[0] == (
+        f"Schema '{schema_of('ghost')}' existed with every table: nothing was created."
+    )
+    with admin.begin() as connection:
+        connection.execute(sa.text(f'DROP TABLE "{schema_of("ghost")}".notes'))
+    result = runner.invoke(args=["tenant-jobs", "create", "ghost"])
+    assert result.output.splitlines()[0] == (
+        f"Schema '{schema_of('ghost')}' existed; created its missing tables: notes."
+    )
 
     result = runner.invoke(args=["tenant-jobs", "drop", "ghost"], input="n\n")
     assert result.exit_code == 1
-    assert "Drop tenant 'ghost' and all its data?" in result.output
+    assert f"Drop schema '{schema_of('ghost')}' of tenant 'ghost' and everything in it?" in (
+        result.output
+    )
     assert schema_of("ghost") in run_schemas(admin)
 
     result = runner.invoke(args=["tenant-jobs", "drop", "ghost"], input="y\n")
     assert result.exit_code == 0, result.output
-    assert result.output.endswith("dropped ghost\n")
+    assert result.output.splitlines()[1:] == [
+        f"Dropped schema '{schema_of('ghost')}' of tenant 'ghost': 2 rows in 3 tables.",
+        "  items: 2 rows",
+        "  notes: 0 rows",
+        "  orders: 0 rows",
+        "Left to do: remove 'ghost' from the TENANT_JOBS_TENANTS list in the app's config.",
+    ]
     assert schema_of("ghost") not in run_schemas(admin)
 
-    runner.invoke(args=["tenant-jobs", "create", "ghost"])
     result = runner.invoke(args=["tenant-jobs", "drop", "--yes", "ghost"])
-    assert (result.exit_code, result.output) == (0, "dropped ghost\n")
-    assert schema_of("ghost") not in run_schemas(admin)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == (
+        f"Tenant 'ghost' had no schema '{schema_of('ghost')}': nothing was dropped."
+    )
+
+
+def test_drop_counts_rows_of_tables_with_hostile_names(app: Flask, admin: Engine) -> None:
+    """Tables a tenant made itself, with quotes and SQL in their names, are counted, not run."""
+    schema = schema_of("acme-eu")
+    with admin.begin() as connection:
+        connection.execute(sa.text(f'CREATE TABLE "{schema}"."we""ird; DROP TABLE x" (id int)'))
+        connection.execute(sa.text(f'INSERT INTO "{schema}"."we""ird; DROP TABLE x" VALUES (1)'))
+    assert jobs.drop("acme-eu") == {
+        "items": 0, "notes": 0, "orders": 0, 'we"ird; DROP TABLE x': 1
+    }
+    assert schema not in run_schemas(admin)
+
+
+def test_cli_create_of_a_name_not_yet_listed_says_what_is_left(app: Flask, admin: Engine) -> None:
+    result = app.test_cli_runner().invoke(args=["tenant-jobs", "create", "initech"])
+    try:
+        assert result.exit_code == 0, result.output
+        assert result.output.splitlines() == [
+            f"Created schema '{schema_of('initech')}' with its tables: items, notes, orders.",
+            "Left to do: add 'initech' to the TENANT_JOBS_TENANTS list in the app's config. "
+            "Until then its requests answer 404 and its tasks are refused.",
+        ]
+        response = app.test_client().get("/items", base_url="http://initech.example.test")
+        assert response.status_code == 404
+    finally:
+        jobs.drop("initech")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["drop", "--yes", "initech"], "Error: Unknown tenant 'initech': it is not in the "
+         "TENANT_JOBS_TENANTS list in the app's config, so there is nothing to drop."),
+        (["migrate", "--tenant", "initech"], "Error: Unknown tenant 'initech': add the name to"),
+    ],
+)
+def test_cli_drop_and_migrate_of_an_unknown_tenant_fail_in_one_line(
+    app: Flask, admin: Engine, args: list[str], message: str
+) -> None:
+    with StatementLog(db.engine) as log:
+        result = app.test_cli_runner().invoke(args=["tenant-jobs", *args])
+    assert result.exit_code == 1
+    assert result.output.startswith(message), result.output
+    assert result.output.count("\n") == 1
+    assert log.statements == []
+    assert schema_of("initech") not in run_schemas(admin)
+
+
+def test_tenant_tables_in_the_shared_schema_are_reported(
+    app: Flask, admin: Engine, postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``db.create_all()`` outside a tenant puts the tenant tables in the shared schema: init_app
+    warns and ``migrate`` reports them, each with the DROP TABLE that removes them."""
+    def init_app_warnings() -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            other = make_app(postgres_url)
+        with other.app_context():
+            db.engine.dispose()
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+    assert init_app_warnings() == []
+
+    db.create_all()
+    assert tables_in(admin, SHARED) == {"tenants", "items", "notes", "orders"}
+    drop = f'DROP TABLE "{SHARED}"."items", "{SHARED}"."notes", "{SHARED}"."orders";'
+    (warning,) = init_app_warnings()
+    assert warning.startswith(
+        f"Tenant tables found in the shared schema '{SHARED}': items, notes, orders. A tenant "
+        "whose own schema lacks one of them reads and writes the shared one instead."
+    )
+    assert warning.endswith(f"remove them with: {drop}")
+    assert jobs.check_storage() == [warning]
+
+    result = app.test_cli_runner().invoke(args=["tenant-jobs", "migrate"])
+    assert result.exit_code == 1  # ghost has no schema
+    assert f"Warning: {warning}" in result.stderr
+    with admin.begin() as connection:
+        connection.execute(sa.text(drop))
+    assert jobs.check_storage() == []
+    assert tables_in(admin, SHARED) == {"tenants"}
 
 
 def test_cli_migrate_every_tenant(app: Flask, admin: Engine) -> None:

@@ -23,17 +23,20 @@ class Strategy(t.Protocol):
     def check_tenant(self, name: str) -> None:
         """Raise if the tenant cannot be entered (e.g. its schema is missing)."""
 
-    def create(self, name: str) -> None:
-        """Make the storage of a new tenant."""
+    def create(self, name: str) -> list[str]:
+        """Make the storage of a new tenant; return the tables made."""
 
-    def drop(self, name: str) -> None:
-        """Remove the storage of a tenant."""
+    def drop(self, name: str) -> dict[str, int]:
+        """Remove the storage (or rows) of a tenant; return the rows removed per table."""
 
     def migrate(self, name: str) -> None:
         """Bring the storage of an existing tenant up to date."""
 
     def describe(self, name: str) -> dict[str, str]:
         """Facts about the tenant's storage, for ``flask tenant-jobs list``."""
+
+    def check_storage(self) -> list[str]:
+        """Problems with the storage as a whole, each with what to do about it."""
 
 
 def make_strategy(settings: Settings, db: SQLAlchemy) -> Strategy:
@@ -43,4 +46,4 @@ def make_strategy(settings: Settings, db: SQLAlchemy) -> Strategy:
 
     if settings.strategy == "schema":
         return SchemaStrategy(settings, db)
-    return ColumnStrategy()
+    return ColumnStrategy(db)

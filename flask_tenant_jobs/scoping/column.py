@@ -52,6 +52,7 @@ from .criteria import (
     base_criteria,
     is_scoped,
 )
+from .offboarding import delete_tenant_rows
 from .statements import (
     check_rows,
     param_rows,
@@ -163,6 +164,9 @@ def _checked_token(name: str, given: t.Any, expected: t.Any) -> t.Any:
 class ColumnStrategy:
     """Scopes ``TenantScoped`` models by their ``tenant_id`` column."""
 
+    def __init__(self, db: SQLAlchemy) -> None:
+        self.db = db
+
     def install(self, app: Flask, db: SQLAlchemy) -> None:
         """Hook into ``db.session``'s session class (once per ``db``) and ``app``'s engines."""
         factory = db.session.session_factory
@@ -181,11 +185,13 @@ class ColumnStrategy:
     def check_tenant(self, name: str) -> None:
         """Any known tenant can be entered: its rows simply share the tables."""
 
-    def create(self, name: str) -> None:
+    def create(self, name: str) -> list[str]:
         """Nothing to make: a tenant's rows appear as they are written."""
+        return []
 
-    def drop(self, name: str) -> None:
-        """Nothing to remove from the schema; the tenant's rows stay until deleted."""
+    def drop(self, name: str) -> dict[str, int]:
+        """Delete the tenant's rows from every ``TenantScoped`` table, in one transaction."""
+        return delete_tenant_rows(self.db, name)
 
     def migrate(self, name: str) -> None:
         """Nothing per tenant: all tenants share the tables."""
@@ -193,6 +199,10 @@ class ColumnStrategy:
     def describe(self, name: str) -> dict[str, str]:
         """All tenants share the tables: nothing to add."""
         return {}
+
+    def check_storage(self) -> list[str]:
+        """All tenants share the tables: nothing to check per tenant."""
+        return []
 
 
 def scope_orm_execute(state: ORMExecuteState) -> None:

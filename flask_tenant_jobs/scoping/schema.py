@@ -100,7 +100,7 @@ class SchemaStrategy:
 
     def install(self, app: Flask, db: SQLAlchemy) -> None:
         """Hook the engines of ``app`` and ``db``'s sessions; ``TenantScoped`` keeps working."""
-        ColumnStrategy().install(app, db)
+        ColumnStrategy(db).install(app, db)
         with app.app_context():
             for engine in db.engines.values():
                 if engine.dialect.name != "postgresql":
@@ -116,8 +116,8 @@ class SchemaStrategy:
         if not self._schema_exists(schema):
             raise SchemaNotFoundError(name, schema)
 
-    def create(self, name: str) -> None:
-        """Create the tenant's schema and its tables in one transaction.
+    def create(self, name: str) -> list[str]:
+        """Create the tenant's schema and its tables in one transaction; return the tables made.
 
         With Flask-Migrate, run the migrations to head instead; if they fail, the
         schema is dropped again (unless it existed before).
@@ -126,9 +126,11 @@ class SchemaStrategy:
         alembic = _uses_flask_migrate()
         with self.db.engine.begin() as connection:
             existed = self._schema_in_database(connection, schema)
+            before = _tables_in(connection, schema) if existed else set()
             connection.execute(sa.schema.CreateSchema(schema, if_not_exists=True))
             if not alembic:
                 self._create_tables(connection, schema)
+                made = _tables_in(connection, schema) - before
         if alembic:
             try:
                 self._upgrade(name, schema)
@@ -136,14 +138,19 @@ class SchemaStrategy:
                 if not existed:
                     self.drop(name)
                 raise
+            with self.db.engine.connect() as connection:
+                made = _tables_in(connection, schema) - before
         self._note_schema(schema, exists=True)
+        return sorted(made)
 
-    def drop(self, name: str) -> None:
-        """Drop the tenant's schema and everything in it."""
+    def drop(self, name: str) -> dict[str, int]:
+        """Drop the tenant's schema and everything in it; return the rows each table had."""
         schema = self.schema_for(name)
         with self.db.engine.begin() as connection:
+            rows = _row_counts(connection, schema)
             connection.execute(sa.schema.DropSchema(schema, cascade=True, if_exists=True))
         self._note_schema(schema, exists=False)
+        return rows
 
     def migrate(self, name: str) -> None:
         """Bring the tenant's schema up to date: create missing tables.
@@ -172,6 +179,31 @@ class SchemaStrategy:
             if revision is not None:
                 facts["revision"] = revision
         return facts
+
+    def check_storage(self) -> list[str]:
+        """Tenant tables found in the shared schema, with how to remove them.
+
+        A tenant whose schema lacks one of its tables would read and write the
+        shared schema's table of that name instead (it follows on the
+        ``search_path``); such tables usually come from ``db.create_all()``.
+        """
+        expected = {table.name for table in self.tenant_tables() if table.schema is None}
+        if not expected:  # no tenant models defined (yet): nothing to look for
+            return []
+        with self.db.engine.connect() as connection:
+            found = sorted(_tables_in(connection, self.shared_schema) & expected)
+        if not found:
+            return []
+        shared = _quote(self.shared_schema)
+        drops = ", ".join(f"{shared}.{_quote(table)}" for table in found)
+        return [
+            f"Tenant tables found in the shared schema {self.shared_schema!r}: "
+            f"{', '.join(found)}. A tenant whose own schema lacks one of them reads and writes "
+            "the shared one instead. They usually come from db.create_all(): create shared "
+            "tables with db.metadata.create_all(db.engine, tables=[...]) and tenant tables with "
+            "'flask tenant-jobs create' or 'migrate'. Once any rows you need are moved, remove "
+            f"them with: DROP TABLE {drops};"
+        ]
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -368,6 +400,23 @@ def _reset_path_on_checkin(dbapi_connection: t.Any, record: t.Any) -> None:
             dbapi_connection.commit()
     except Exception as error:  # never hand on a connection whose path may be a tenant's
         record.invalidate(error)
+
+
+def _tables_in(connection: Connection, schema: str) -> set[str]:
+    """The names of the tables in ``schema``."""
+    rows = connection.scalars(
+        sa.text("SELECT tablename FROM pg_tables WHERE schemaname = :schema"), {"schema": schema}
+    )
+    return set(rows)
+
+
+def _row_counts(connection: Connection, schema: str) -> dict[str, int]:
+    """How many rows each table of ``schema`` holds (one query for all of them)."""
+    tables = sorted(_tables_in(connection, schema))
+    if not tables:
+        return {}
+    counts = ", ".join(f"(SELECT count(*) FROM {_quote(schema)}.{_quote(t)})" for t in tables)
+    return dict(zip(tables, connection.execute(sa.text(f"SELECT {counts}")).one(), strict=True))
 
 
 def _quote(identifier: str) -> str:

@@ -1,0 +1,94 @@
+"""How a request that has no usable tenant is answered: a 404 that goes through the app's own
+404 handler, answers JSON to JSON clients, and is logged when it comes from the app's code.
+
+An unknown tenant (a foreign host, a typo) is routine and only answered; a
+``NoTenantError`` or ``SchemaNotFoundError`` raised by a view means the view
+reached tenant data where there is no tenant, so it is also logged at warning
+level with the view and the error's message, which says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import typing as t
+
+from flask import Flask, current_app, request
+from flask.typing import ResponseReturnValue
+from werkzeug.exceptions import NotFound
+from werkzeug.wrappers import Request
+
+if t.TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIEnvironment
+
+from .errors import NoTenantError, SchemaNotFoundError, TenantError
+
+#: What the client is told, for each reason there is no tenant.
+NO_SUCH_TENANT = "No such tenant."
+PAGE_NEEDS_TENANT = "This page belongs to a tenant: use a tenant's address."
+
+
+class TenantNotFound(NotFound):
+    """The 404 of a request without a usable tenant; JSON for clients that want JSON.
+
+    A subclass of ``NotFound``, so an ``@app.errorhandler(404)`` handles it.
+    """
+
+    def get_body(
+        self, environ: WSGIEnvironment | None = None, scope: dict[str, t.Any] | None = None
+    ) -> str:
+        """A JSON body for JSON clients, else Werkzeug's HTML page."""
+        if not _json_wanted(environ):
+            return super().get_body(environ, scope)
+        return json.dumps({"error": self.description, "status": self.code})
+
+    def get_headers(
+        self, environ: WSGIEnvironment | None = None, scope: dict[str, t.Any] | None = None
+    ) -> list[tuple[str, str]]:
+        """The content type of the body; the answer depends on ``Accept``."""
+        if not _json_wanted(environ):
+            return [*super().get_headers(environ, scope), ("Vary", "Accept")]
+        return [("Content-Type", "application/json"), ("Vary", "Accept")]
+
+
+def _json_wanted(environ: WSGIEnvironment | None) -> bool:
+    return environ is not None and wants_json(Request(environ))
+
+
+def wants_json(incoming: Request) -> bool:
+    """Whether the client sent JSON or prefers JSON to HTML (``Accept: application/json``)."""
+    best = incoming.accept_mimetypes.best_match(["text/html", "application/json"])
+    return incoming.is_json or best == "application/json"
+
+
+def install(app: Flask) -> None:
+    """Answer ``NoTenantError`` and ``SchemaNotFoundError`` raised in requests as 404s."""
+    app.register_error_handler(NoTenantError, _no_tenant)
+    app.register_error_handler(SchemaNotFoundError, _schema_not_found)
+
+
+def _no_tenant(error: NoTenantError) -> ResponseReturnValue:
+    """Tenant-scoped work in a request that has no tenant (e.g. on the apex domain)."""
+    return _not_found(error, PAGE_NEEDS_TENANT)
+
+
+def _schema_not_found(error: SchemaNotFoundError) -> ResponseReturnValue:
+    """The tenant's schema vanished after the request was resolved."""
+    return _not_found(error, NO_SUCH_TENANT)
+
+
+def _not_found(error: TenantError, description: str) -> ResponseReturnValue:
+    """Log ``error`` with the view, then answer 404 through the app's own 404 handler."""
+    current_app.logger.warning(
+        "%s in view %r (%s %s), answered 404: %s",
+        type(error).__name__,
+        request.endpoint,
+        request.method,
+        _one_line(request.host + request.path),
+        error,
+    )
+    return current_app.handle_http_exception(TenantNotFound(description))
+
+
+def _one_line(text: str) -> str:
+    """``text`` with control characters escaped: a URL cannot add lines to the log."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
