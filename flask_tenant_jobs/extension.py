@@ -11,7 +11,7 @@ from weakref import WeakKeyDictionary
 from flask import Flask, abort, current_app, g, has_app_context, request
 from flask_sqlalchemy import SQLAlchemy
 
-from . import context, signals
+from . import context, rls, signals
 from .cli import tenant_jobs_cli
 from .errors import ConfigurationError, NoTenantError, SchemaNotFoundError, TenantError
 from .registry import TenantRegistry, validate_name
@@ -69,6 +69,8 @@ class TenantJobs:
         self._states[app] = state
         app.extensions["tenant_jobs"] = self
         state.strategy.install(app, db)
+        if settings.rls:
+            rls.install(app, db)
         is_excluded = excluded_path_matcher(settings)
 
         def resolve_request_tenant() -> None:
@@ -199,6 +201,28 @@ class TenantJobs:
         forgotten. Returns whether they were.
         """
         return self._state().registry.invalidate(older_than)
+
+    # -- row-level security (PostgreSQL) ----------------------------------------------
+
+    def enable_rls(self) -> list[str]:
+        """Protect every ``TenantScoped`` table with the ``tenant_jobs_isolation`` policy.
+
+        Idempotent; run it as the tables' owner. Returns the tables' names.
+        """
+        state = self._state()
+        return rls.enable(state.db, state.settings)
+
+    def disable_rls(self) -> list[str]:
+        """Undo :meth:`enable_rls` on every ``TenantScoped`` table; return their names."""
+        state = self._state()
+        return rls.disable(state.db, state.settings)
+
+    def check_rls(self) -> list[str]:
+        """What leaves tenant rows unprotected by row-level security, each with what to do:
+        unprotected tables, and a connecting role that skips policies. Empty when all is well.
+        """
+        state = self._state()
+        return rls.check(state.db, state.settings)
 
     # -- internals --------------------------------------------------------------------
 

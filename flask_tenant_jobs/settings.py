@@ -34,6 +34,7 @@ class Settings:
     cache_seconds: float
     schema_format: str
     shared_schema: str
+    rls: bool
 
     @classmethod
     def from_app(cls, app: Flask) -> Settings:
@@ -62,6 +63,7 @@ class Settings:
             cache_seconds=float(config.get("TENANT_JOBS_CACHE_SECONDS", 60.0)),
             schema_format=config.get("TENANT_JOBS_SCHEMA_FORMAT", "tenant_{tenant}"),
             shared_schema=config.get("TENANT_JOBS_SHARED_SCHEMA", "public"),
+            rls=bool(config.get("TENANT_JOBS_RLS", False)),
         )
         settings._check()
         return settings
@@ -89,6 +91,23 @@ class Settings:
             )
         if not self.header:
             raise ConfigurationError("'TENANT_JOBS_HEADER' must be a non-empty string.")
+        if self.rls:
+            self._check_rls()
+
+    def _check_rls(self) -> None:
+        if self.strategy != "column":
+            raise ConfigurationError(
+                "'TENANT_JOBS_RLS' is for the column strategy, but 'TENANT_JOBS_STRATEGY' is "
+                f"{self.strategy!r}, where each tenant's rows are in its own schema: turn "
+                "TENANT_JOBS_RLS off."
+            )
+        if not self.require_tenant:
+            raise ConfigurationError(
+                "'TENANT_JOBS_RLS' fails closed (no tenant: the database shows no tenant "
+                "rows), which contradicts 'TENANT_JOBS_REQUIRE_TENANT' = False (no tenant: "
+                "every row): set TENANT_JOBS_REQUIRE_TENANT to True and do cross-tenant work "
+                "inside tenant_jobs.without_tenant()."
+            )
 
 
 def _base_domain(explicit: str | None, config: t.Mapping[str, t.Any]) -> str | None:
