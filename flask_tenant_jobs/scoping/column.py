@@ -417,7 +417,10 @@ def _check_update(state: ORMExecuteState, mapper: Mapper[t.Any], tenant: str) ->
 def _owners(
     session: Session, mapper: Mapper[t.Any], idents: t.Collection[tuple[t.Any, ...]]
 ) -> dict[tuple[t.Any, ...], str]:
-    """The tenant of each existing row among ``idents``, read without any filter."""
+    """The tenant of each existing row among ``idents``, read without any filter.
+
+    Unscoped also for row-level security, which would hide another tenant's rows.
+    """
     columns = list(mapper.primary_key)
     key = sa.tuple_(*columns) if len(columns) > 1 else columns[0]
     connection = session.connection(bind_arguments={"mapper": mapper})
@@ -431,7 +434,9 @@ def _owners(
             .select_from(mapper.persist_selectable)
             .where(key.in_(wanted))
         )
-        for row in connection.execute(query):
+        with context.unscoped():
+            rows = connection.execute(query).all()
+        for row in rows:
             owners[tuple(row[: len(columns)])] = row[-1]
     return owners
 
