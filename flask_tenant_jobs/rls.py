@@ -114,8 +114,7 @@ def _check_driver(engine: Engine) -> None:
 
 
 def _listen(engine: Engine) -> None:
-    """Hook the driver's execute calls of ``engine``; forget what a connection carried at
-    check-in."""
+    """Hook the driver's execute calls of ``engine``, and its pool's check-out and check-in."""
     dialect = engine.dialect
 
     def execute(cursor: t.Any, statement: str, parameters: t.Any, ctx: t.Any) -> bool:
@@ -142,7 +141,9 @@ def _listen(engine: Engine) -> None:
     event.listen(engine, "do_execute", execute)
     event.listen(engine, "do_execute_no_params", execute_no_params)
     event.listen(engine, "do_executemany", executemany)
-    event.listen(engine.pool, "checkin", _forget_on_checkin)
+    # first of all checkout listeners: one of the user's may run SQL on the raw connection
+    event.listen(engine.pool, "checkout", _forget, insert=True)
+    event.listen(engine.pool, "checkin", _forget)
 
 
 def _wanted() -> Values:
@@ -179,8 +180,9 @@ def _needs_pipeline(cursor: t.Any, statement: str) -> bool:
     return False
 
 
-def _forget_on_checkin(dbapi_connection: t.Any, record: t.Any) -> None:
-    """A connection back in the pool carries nothing of ours (its transaction has ended)."""
+def _forget(dbapi_connection: t.Any, *args: t.Any) -> None:
+    """At check-out and check-in a connection's transaction is not ours: forget what it
+    carried (a transaction opened by the pool or a listener gets the settings sent)."""
     if dbapi_connection is not None:
         _carried.pop(dbapi_connection, None)
 
@@ -354,11 +356,30 @@ def _apply(
                     f"The tenant table(s) {', '.join(_shown(tb) for tb in missing)} do not "
                     "exist yet: create them (db.create_all() or your migrations) first."
                 )
+            role = connection.scalar(sa.text("SELECT current_user"))
             for table in tables:
-                for statement in statements(table.name, table.schema):
-                    connection.exec_driver_sql(statement)
+                _run_as_owner(connection, role, table, statements(table.name, table.schema))
                 names.append(_name(table))
     return names
+
+
+def _run_as_owner(
+    connection: Connection, role: str, table: sa.Table, statements: list[str]
+) -> None:
+    """Run ``statements`` on ``table``; a role that does not own it gets a clear error."""
+    import psycopg
+
+    try:
+        for statement in statements:
+            connection.exec_driver_sql(statement)
+    except sa.exc.ProgrammingError as error:
+        if not isinstance(error.orig, psycopg.errors.InsufficientPrivilege):
+            raise
+        raise ConfigurationError(
+            f"Changing the row-level security of table {_shown(table)} needs its owner, and "
+            f"the role {role!r} is not: run it with the owner's database URL (the role that "
+            "runs your migrations)."
+        ) from None
 
 
 _TABLE_FACTS = sa.text(
