@@ -15,7 +15,7 @@ import traceback
 from . import Row, format_table
 
 #: Benchmark modules, each exposing ``run() -> list[Row]``. Add new ones here.
-MODULES = ["bench.core", "bench.jobs", "bench.schema"]
+MODULES = ["bench.core", "bench.jobs", "bench.schema", "bench.rls"]
 
 
 def main(argv: list[str]) -> int:
