@@ -12,9 +12,10 @@ one that row-level security applies to (made for the run, dropped afterwards).
 * the same with the settings sent in a round trip of their own before the first
   statement (the simple way, measured for comparison: this module swaps the
   riding ``BEGIN`` for it);
-* a ``switch()`` into another tenant inside an open transaction, then one read,
-  vs the same read without the switch: the settings are sent again, in a round
-  trip of their own.
+* a read in an open transaction that has switched tenants (``switch()`` into the
+  next tenant before each read) vs the same read in a one-tenant transaction: such
+  a transaction sends the settings before each statement, in a round trip of
+  their own.
 
 ``BENCH_POSTGRES_URL`` names the database (its role must be able to create roles);
 the tables ``bench_rls_*`` are dropped and re-created.
@@ -191,7 +192,7 @@ def _rows(role_url: str, number: int, seconds: float) -> list[Row]:
         compare("RLS: same, settings in a round trip of their own, on vs off", off_request,
                 on_request, number=number, seconds=seconds,
                 baseline_context=in_tenant(off), measured_context=on_in_own_round_trip),
-        compare("RLS: switch() inside an open transaction + 1 SELECT, vs no switch",
+        compare("RLS: 1 SELECT in a transaction that switches tenants vs in one tenant",
                 _switched(protected_db, ProtectedItem, switch=False),
                 _switched(protected_db, ProtectedItem, switch=True), number=number * 5,
                 seconds=seconds,

@@ -10,8 +10,8 @@ Two halves, one concept:
   the driver's execute calls of each engine sends them before a statement when
   the transaction does not carry the current values yet: at the start of a
   transaction they ride in one round trip with the ``BEGIN`` that psycopg would
-  send anyway (libpq's pipeline mode); a switch inside an open transaction sends
-  them again before its next statement; on an ``AUTOCOMMIT`` connection they go
+  send anyway (libpq's pipeline mode); after a switch inside an open transaction
+  they go before each of its statements; on an ``AUTOCOMMIT`` connection they go
   in a pipeline with each statement, in the same implicit transaction.
 * **The policies.** :func:`enable` gives every ``TenantScoped`` table ``ENABLE``
   and ``FORCE ROW LEVEL SECURITY`` and the policy ``tenant_jobs_isolation``,
@@ -39,7 +39,6 @@ from sqlalchemy.engine import Connection, Engine
 from . import context
 from .errors import ConfigurationError
 from .scoping.column import TenantScoped
-from .scoping.schema import _TRANSACTION_CONTROL
 
 if t.TYPE_CHECKING:
     import psycopg
@@ -66,6 +65,8 @@ _SET_LIBPQ = _SET.format("$1", "$2").encode()
 
 #: What a transaction carries before anything is sent: no tenant, not unscoped.
 _NOTHING = ("", "off")
+#: What a transaction carries after its values changed: never the values wanted.
+_MIXED = ("mixed", "mixed")
 #: libpq's transaction states (``psycopg.pq.TransactionStatus``).
 _IDLE, _INTRANS = 0, 2
 
@@ -118,21 +119,21 @@ def _listen(engine: Engine) -> None:
     dialect = engine.dialect
 
     def execute(cursor: t.Any, statement: str, parameters: t.Any, ctx: t.Any) -> bool:
-        if not _needs_pipeline(cursor, statement):
+        if not _needs_pipeline(cursor):
             return False
         with _carrying_pipeline(cursor.connection):
             dialect.do_execute(cursor, statement, parameters, ctx)
         return True
 
     def execute_no_params(cursor: t.Any, statement: str, ctx: t.Any) -> bool:
-        if not _needs_pipeline(cursor, statement):
+        if not _needs_pipeline(cursor):
             return False
         with _carrying_pipeline(cursor.connection):
             dialect.do_execute_no_params(cursor, statement, ctx)
         return True
 
     def executemany(cursor: t.Any, statement: str, parameters: t.Any, ctx: t.Any) -> bool:
-        if not _needs_pipeline(cursor, statement):
+        if not _needs_pipeline(cursor):
             return False
         with _carrying_pipeline(cursor.connection):
             dialect.do_executemany(cursor, statement, parameters, ctx)
@@ -151,30 +152,31 @@ def _wanted() -> Values:
     return context.get_tenant() or "", "on" if context.is_unscoped() else "off"
 
 
-def _needs_pipeline(cursor: t.Any, statement: str) -> bool:
-    """Make the transaction carry the current values before ``statement`` runs.
+def _needs_pipeline(cursor: t.Any) -> bool:
+    """Make the open transaction carry the current values before the cursor's statement.
 
-    Returns ``True`` when the statement itself must run in a pipeline behind them
-    (an ``AUTOCOMMIT`` connection, where each statement is its own transaction).
+    A transaction that has carried one set of values trusts them until it ends: a
+    savepoint rollback can only restore those same values. Once its values change
+    (a ``switch()`` inside it), they are sent before each of its statements, so that
+    no savepoint rollback, however it is written, can leave a statement with
+    another tenant's. Returns ``True`` when the statement itself must run in a
+    pipeline behind them (an ``AUTOCOMMIT`` connection, where each statement is its
+    own transaction).
     """
     dbapi: psycopg.Connection[t.Any] = cursor.connection
-    if _TRANSACTION_CONTROL.match(statement):
-        # e.g. ROLLBACK TO SAVEPOINT: PostgreSQL may restore older values; never send
-        # them with such a statement, and send them again before the next one.
-        _carried.pop(dbapi, None)
-        return False
     wanted = _wanted()
     status = dbapi.pgconn.transaction_status
     if status == _INTRANS:
         if _carried.get(dbapi) != wanted:
+            _carried[dbapi] = _MIXED
             with dbapi.cursor() as own:
                 own.execute(_SET_DBAPI, wanted)
-            _carried[dbapi] = wanted
         return False
     if status != _IDLE:  # a failed transaction: the statement fails (or rolls back) anyway
         return False
     if dbapi.autocommit:
         return wanted != _NOTHING
+    _carried.pop(dbapi, None)
     _begin_carrying(dbapi, wanted)
     _carried[dbapi] = wanted
     return False

@@ -248,25 +248,43 @@ def test_the_settings_follow_a_switch_inside_an_open_transaction(jobs: TenantJob
         assert connection.scalar(sa.text("SELECT pg_backend_pid()")) == pid  # one transaction
 
 
-@pytest.mark.parametrize("how", ["begin_nested", "SQL"])
+ROLLBACKS_TO_SAVEPOINT = {
+    "SQL": "ROLLBACK TO SAVEPOINT s1",
+    "SQL after a comment": "/* undo */ rollback  to s1",
+    "SQL after another statement": "SELECT 1; ROLLBACK TO SAVEPOINT s1",
+}
+
+
+@pytest.mark.parametrize("how", ["begin_nested", *ROLLBACKS_TO_SAVEPOINT])
 def test_a_savepoint_rollback_never_leaves_another_tenants_setting(
     jobs: TenantJobs, how: str
 ) -> None:
-    """PostgreSQL restores the settings of before the savepoint; they are sent again
-    (the stale-cache bug of django-tenants#1262)."""
+    """PostgreSQL restores the settings of before the savepoint, whatever the SQL that
+    rolls back to it looks like (the stale-cache bug of django-tenants#1262)."""
     with db.engine.begin() as connection, jobs.switch("acme"):
         assert connection.scalars(NOTES).all() == ["a1", "a2"]
+        if how == "begin_nested":
+            savepoint = connection.begin_nested()
+        else:
+            connection.exec_driver_sql("SAVEPOINT s1")
         with jobs.switch("globex"):
+            assert connection.scalars(NOTES).all() == ["g1"]  # globex set inside it
             if how == "begin_nested":
-                savepoint = connection.begin_nested()
-                assert connection.scalars(NOTES).all() == ["g1"]
-                savepoint.rollback()  # back to what acme's statement set
+                savepoint.rollback()  # PostgreSQL is back to acme's values
             else:
-                connection.exec_driver_sql("SAVEPOINT s1")
-                assert connection.scalars(NOTES).all() == ["g1"]
-                connection.exec_driver_sql("ROLLBACK TO SAVEPOINT s1")
+                connection.exec_driver_sql(ROLLBACKS_TO_SAVEPOINT[how])
             assert connection.scalar(TENANT_SETTING) == "globex"
             assert connection.scalars(NOTES).all() == ["g1"]
+        assert connection.scalars(NOTES).all() == ["a1", "a2"]
+
+
+def test_a_savepoint_rollback_in_a_one_tenant_transaction_restores_that_tenant(
+    jobs: TenantJobs,
+) -> None:
+    with jobs.switch("acme"), db.engine.begin() as connection:
+        connection.exec_driver_sql("SAVEPOINT s1")
+        assert connection.scalars(NOTES).all() == ["a1", "a2"]
+        connection.exec_driver_sql("ROLLBACK TO SAVEPOINT s1")
         assert connection.scalars(NOTES).all() == ["a1", "a2"]
 
 
