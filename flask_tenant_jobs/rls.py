@@ -46,6 +46,9 @@ if t.TYPE_CHECKING:
 
     from .settings import Settings
 
+#: The values of the two settings: ``(tenant or "", "on" | "off")``.
+Values = tuple[str, str]
+
 TENANT_SETTING = "flask_tenant_jobs.tenant"
 UNSCOPED_SETTING = "flask_tenant_jobs.unscoped"
 POLICY = "tenant_jobs_isolation"
@@ -66,16 +69,14 @@ _SET_LIBPQ = _SET.format("$1", "$2").encode()
 #: What a transaction carries before anything is sent: no tenant, not unscoped.
 _NOTHING = ("", "off")
 #: What a transaction carries after its values changed: never the values wanted.
-_MIXED = ("mixed", "mixed")
+_MIXED = ("*", "*")
 #: libpq's transaction states (``psycopg.pq.TransactionStatus``).
 _IDLE, _INTRANS = 0, 2
 
 _PREPARER = PGDialect().identifier_preparer  # type: ignore[no-untyped-call]
-_carrying: WeakSet[Engine] = WeakSet()
-#: Per DBAPI connection, what its open transaction carries: ``(tenant, "on" | "off")``.
+_hooked: WeakSet[Engine] = WeakSet()
+#: Per DBAPI connection, what its open transaction carries.
 _carried: WeakKeyDictionary[t.Any, Values] = WeakKeyDictionary()
-
-Values = tuple[str, str]
 
 
 # -- the settings on every transaction ------------------------------------------------
@@ -87,9 +88,9 @@ def install(app: Flask, db: SQLAlchemy) -> None:
         engines = list(db.engines.values())
     for engine in engines:
         _check_driver(engine)
-        if engine not in _carrying:
+        if engine not in _hooked:
             _listen(engine)
-            _carrying.add(engine)
+            _hooked.add(engine)
 
 
 def _check_driver(engine: Engine) -> None:
@@ -117,34 +118,26 @@ def _check_driver(engine: Engine) -> None:
 def _listen(engine: Engine) -> None:
     """Hook the driver's execute calls of ``engine``, and its pool's check-out and check-in."""
     dialect = engine.dialect
-
-    def execute(cursor: t.Any, statement: str, parameters: t.Any, ctx: t.Any) -> bool:
-        if not _needs_pipeline(cursor):
-            return False
-        with _carrying_pipeline(cursor.connection):
-            dialect.do_execute(cursor, statement, parameters, ctx)
-        return True
-
-    def execute_no_params(cursor: t.Any, statement: str, ctx: t.Any) -> bool:
-        if not _needs_pipeline(cursor):
-            return False
-        with _carrying_pipeline(cursor.connection):
-            dialect.do_execute_no_params(cursor, statement, ctx)
-        return True
-
-    def executemany(cursor: t.Any, statement: str, parameters: t.Any, ctx: t.Any) -> bool:
-        if not _needs_pipeline(cursor):
-            return False
-        with _carrying_pipeline(cursor.connection):
-            dialect.do_executemany(cursor, statement, parameters, ctx)
-        return True
-
-    event.listen(engine, "do_execute", execute)
-    event.listen(engine, "do_execute_no_params", execute_no_params)
-    event.listen(engine, "do_executemany", executemany)
+    event.listen(engine, "do_execute", _carrying(dialect.do_execute))
+    event.listen(engine, "do_execute_no_params", _carrying(dialect.do_execute_no_params))
+    event.listen(engine, "do_executemany", _carrying(dialect.do_executemany))
     # first of all checkout listeners: one of the user's may run SQL on the raw connection
     event.listen(engine.pool, "checkout", _forget, insert=True)
     event.listen(engine.pool, "checkin", _forget)
+
+
+def _carrying(execute: t.Callable[..., None]) -> t.Callable[..., bool]:
+    """A ``do_execute*`` listener: the current values first, then the dialect's ``execute``
+    as usual, or itself behind them in a pipeline (``True``: it has run the statement)."""
+
+    def listener(cursor: t.Any, *args: t.Any) -> bool:
+        if not _needs_pipeline(cursor):
+            return False
+        with _carrying_pipeline(cursor.connection):
+            execute(cursor, *args)
+        return True
+
+    return listener
 
 
 def _wanted() -> Values:
