@@ -15,7 +15,14 @@ import traceback
 from . import Row, format_table
 
 #: Benchmark modules, each exposing ``run() -> list[Row]``. Add new ones here.
-MODULES = ["bench.core", "bench.jobs", "bench.schema", "bench.caching", "bench.observability"]
+MODULES = [
+    "bench.core",
+    "bench.jobs",
+    "bench.schema",
+    "bench.caching",
+    "bench.observability",
+    "bench.rls",
+]
 
 
 def main(argv: list[str]) -> int:

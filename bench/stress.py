@@ -1,7 +1,10 @@
-"""``python -m bench stress``: the isolation stress at full size (about 6 minutes).
+"""``python -m bench stress``: the isolation stress at full size (about 12 minutes).
 
 The engine is ``tests/stress.py`` (``tests/test_stress.py`` runs it at CI size):
-for the column and the schema strategy, and the prefork (-c 2), threads (-c 8)
+for the column and the schema strategy, the column strategy with row-level security
+(``column+rls``, the worker connecting as a role that RLS applies to) and the same
+with tasks that also run ``text()`` SQL naming no tenant and try to insert a row for
+another tenant (``column+rls+sql``), and for the prefork (-c 2), threads (-c 8)
 and gevent (-c 50) pools, a ``flask tenant-jobs worker`` subprocess runs
 ``BENCH_STRESS_TASKS`` (default 10,000) interleaved tasks of
 ``BENCH_STRESS_TENANTS`` (default 50) tenants, each writing, reading, getting

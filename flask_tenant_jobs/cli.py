@@ -264,6 +264,39 @@ def _first_line(error: BaseException) -> str:
     return str(error).strip().split("\n", 1)[0]
 
 
+@tenant_jobs_cli.group("rls")
+def rls_group() -> None:
+    """Row-level security of the tenant tables (PostgreSQL, column strategy)."""
+
+
+@rls_group.command("enable")
+def rls_enable_command() -> None:
+    """Protect every tenant table with row-level security (run it as the tables' owner)."""
+    with _one_line_errors():
+        names = _extension(current_app).enable_rls()
+    click.echo(f"row-level security enabled on {len(names)} tables: {', '.join(names)}")
+
+
+@rls_group.command("disable")
+def rls_disable_command() -> None:
+    """Remove the row-level security that 'rls enable' added."""
+    with _one_line_errors():
+        names = _extension(current_app).disable_rls()
+    click.echo(f"row-level security disabled on {len(names)} tables: {', '.join(names)}")
+
+
+@rls_group.command("check")
+def rls_check_command() -> None:
+    """Name each unprotected tenant table and a role that skips policies; exit 1 if any."""
+    with _one_line_errors():
+        problems = _extension(current_app).check_rls()
+    for problem in problems:
+        click.echo(problem)
+    if problems:
+        raise click.exceptions.Exit(1)
+    click.echo("row-level security: every tenant table is protected")
+
+
 @contextmanager
 def _one_line_errors() -> t.Iterator[None]:
     """Turn a tenant or database error into one clear line and a non-zero exit."""

@@ -13,7 +13,7 @@ from flask import Flask, current_app, g, has_app_context, request
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import context, responses, signals
+from . import context, responses, rls, signals
 from .cli import tenant_jobs_cli
 from .errors import ConfigurationError, TenantError
 from .integrations import install_observability
@@ -75,6 +75,8 @@ class TenantJobs:
         state.strategy.install(app, db)
         install_observability(app, settings, db)
         _warn_about_storage(app, state.strategy)
+        if settings.rls:
+            rls.install(app, db)
         is_excluded = excluded_path_matcher(settings)
 
         def resolve_request_tenant() -> None:
@@ -226,6 +228,28 @@ class TenantJobs:
         forgotten. Returns whether they were.
         """
         return self._state().registry.invalidate(older_than)
+
+    # -- row-level security (PostgreSQL) ----------------------------------------------
+
+    def enable_rls(self) -> list[str]:
+        """Protect every ``TenantScoped`` table with the ``tenant_jobs_isolation`` policy.
+
+        Idempotent; run it as the tables' owner. Returns the tables' names.
+        """
+        state = self._state()
+        return rls.enable(state.db, state.settings)
+
+    def disable_rls(self) -> list[str]:
+        """Undo :meth:`enable_rls` on every ``TenantScoped`` table; return their names."""
+        state = self._state()
+        return rls.disable(state.db, state.settings)
+
+    def check_rls(self) -> list[str]:
+        """What leaves tenant rows unprotected by row-level security, each with what to do:
+        unprotected tables, and a connecting role that skips policies. Empty when all is well.
+        """
+        state = self._state()
+        return rls.check(state.db, state.settings)
 
     # -- internals --------------------------------------------------------------------
 

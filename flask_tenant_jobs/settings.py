@@ -218,6 +218,7 @@ class Settings:
     sql_comment: bool = setting(False, boolean)
     metrics: bool = setting(True, boolean)
     metrics_max_tenants: int = setting(100, whole_number)
+    rls: bool = setting(False, boolean)
 
     @classmethod
     def from_app(cls, app: Flask) -> Settings:
@@ -234,6 +235,24 @@ class Settings:
             raise ConfigurationError(
                 "The subdomain resolver needs a base domain: set 'SERVER_NAME' or "
                 "'TENANT_JOBS_BASE_DOMAIN' (e.g. 'example.test')."
+            )
+        if self.rls:
+            self._check_rls()
+
+    def _check_rls(self) -> None:
+        """Row-level security fails closed, so it needs the column strategy and a tenant."""
+        if self.strategy != "column":
+            raise ConfigurationError(
+                "'TENANT_JOBS_RLS' is for the column strategy, but 'TENANT_JOBS_STRATEGY' is "
+                f"{self.strategy!r}, where each tenant's rows are in its own schema: turn "
+                "TENANT_JOBS_RLS off."
+            )
+        if not self.require_tenant:
+            raise ConfigurationError(
+                "'TENANT_JOBS_RLS' fails closed (no tenant: the database shows no tenant "
+                "rows), which contradicts 'TENANT_JOBS_REQUIRE_TENANT' = False (no tenant: "
+                "every row): set TENANT_JOBS_REQUIRE_TENANT to True and do cross-tenant work "
+                "inside tenant_jobs.without_tenant()."
             )
 
 
@@ -264,6 +283,7 @@ def _refuse_unknown_keys(config: t.Mapping[str, t.Any]) -> None:
                 f"Unknown setting '{key}': did you mean '{close[0]}'? The known keys are "
                 "listed in docs/configuration.md."
             )
+
 
 
 def current_settings() -> Settings:

@@ -15,6 +15,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from .core_app import RLS_SUITE
+from .rls_role import app_role
+
 pytest_plugins = ["pytester"]
 collect_ignore = ["plugin_project"]
 
@@ -61,9 +64,26 @@ def rabbitmq_url() -> str:
     return require_service("RabbitMQ", RABBITMQ_URL, 5672)
 
 
+@pytest.fixture(scope="session")
+def rls_suite_url(postgres_url: str) -> t.Iterator[str]:
+    """``TENANT_JOBS_TEST_RLS``: the URL of a role that RLS applies to and that may create
+    (and so owns) tables; dropped, with its tables, at the end of the session."""
+    with app_role(postgres_url, owner=True) as url:
+        yield url
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def database_url(request: pytest.FixtureRequest, tmp_path: t.Any) -> str:
-    """Each test using it runs on SQLite and on the real PostgreSQL."""
+    """Each test using it runs on SQLite and on the real PostgreSQL.
+
+    With ``TENANT_JOBS_TEST_RLS=1`` (see ``tests/core_app.py``), on PostgreSQL only, as
+    a role that row-level security applies to.
+    """
     if request.param == "sqlite":
+        if RLS_SUITE:
+            pytest.skip("TENANT_JOBS_TEST_RLS: row-level security is PostgreSQL-only; the "
+                        "SQLite runs are in the run without it")
         return f"sqlite:///{tmp_path / 'test.db'}"
+    if RLS_SUITE:
+        return t.cast(str, request.getfixturevalue("rls_suite_url"))
     return t.cast(str, request.getfixturevalue("postgres_url"))

@@ -6,9 +6,11 @@ names never clash between modules; the helpers here take that ``db``.
 
 from __future__ import annotations
 
+import os
 import typing as t
 from contextlib import contextmanager
 
+import pytest
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import event
@@ -18,13 +20,26 @@ from flask_tenant_jobs import TenantJobs
 
 TENANTS = ["globex", "acme", "initech"]  # deliberately unsorted
 
+#: ``TENANT_JOBS_TEST_RLS=1`` (``.ci/run`` sets it for a second run of tests/test_column.py):
+#: apps that :func:`make_app` makes on PostgreSQL have ``TENANT_JOBS_RLS`` on, :func:`tables`
+#: protects their tables with the policies, and the ``database_url`` fixture connects as a
+#: role that row-level security applies to (neither superuser nor ``BYPASSRLS``).
+RLS_SUITE = os.environ.get("TENANT_JOBS_TEST_RLS") == "1"
+
 
 def make_app(db: SQLAlchemy, database_url: str, **config: t.Any) -> tuple[Flask, TenantJobs]:
     """A Flask app on ``database_url`` with ``db`` and a fresh ``TenantJobs`` extension.
 
     Defaults: ``SERVER_NAME="example.test"`` and the tenants of :data:`TENANTS`;
-    ``config`` overrides or adds settings.
+    ``config`` overrides or adds settings. See :data:`RLS_SUITE`.
     """
+    if RLS_SUITE and database_url.startswith("postgresql"):
+        config = {"TENANT_JOBS_RLS": True, **config}
+        if not config.get("TENANT_JOBS_REQUIRE_TENANT", True):
+            pytest.skip(
+                "TENANT_JOBS_RLS refuses TENANT_JOBS_REQUIRE_TENANT=False, since it fails "
+                "closed (tests/test_rls.py checks the refusal)"
+            )
     app = Flask(__name__)
     app.config.update(
         SQLALCHEMY_DATABASE_URI=database_url,
@@ -39,9 +54,17 @@ def make_app(db: SQLAlchemy, database_url: str, **config: t.Any) -> tuple[Flask,
 
 @contextmanager
 def tables(app: Flask, db: SQLAlchemy) -> t.Iterator[None]:
-    """Create ``db``'s tables for the block, then drop them and close the connections."""
+    """Create ``db``'s tables for the block, then drop them and close the connections.
+
+    With ``TENANT_JOBS_RLS`` on, the tenant tables get their row-level security policies.
+    """
     with app.app_context():
         db.create_all()
+        if app.config.get("TENANT_JOBS_RLS"):
+            tenant_jobs = app.extensions["tenant_jobs"]
+            tenant_jobs.enable_rls()
+            problems = tenant_jobs.check_rls()
+            assert not problems, problems  # a role that RLS applies to, every table protected
     try:
         yield
     finally:

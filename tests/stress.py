@@ -1,8 +1,9 @@
 """Isolation under load: interleaved tenant tasks on real worker subprocesses.
 
 The engine of ``tests/test_stress.py`` (CI size) and ``python -m bench stress``
-(full size). For each strategy (column, schema) and pool (prefork, threads,
-gevent), one ``flask tenant-jobs worker -P <pool> -c <n>`` subprocess on Redis
+(full size). For each strategy combination (:data:`STRATEGIES`: column, schema,
+and column with row-level security, without and with ``text()`` SQL) and pool
+(prefork, threads, gevent), one ``flask tenant-jobs worker -P <pool> -c <n>`` subprocess on Redis
 (broker and results) and PostgreSQL runs ``tasks`` tasks sent in a random
 order from ``tenants`` tenants. Each task (``tests.stress_app.read_write``)
 
@@ -18,6 +19,11 @@ with a plain SQLAlchemy engine (no tenant scoping at all) and checked: every
 task's row is there exactly once, in the place of the tenant it was sent for,
 and no update reached another tenant's row.
 
+With ``column+rls`` the tables get their row-level security policies and the
+worker connects as a role made for the run (neither superuser nor ``BYPASSRLS``);
+``column+rls+sql`` adds, in every task, ``text()`` reads and an update that name
+no tenant, and an insert of a row for another tenant that the database must refuse.
+
 The schema strategy's schemas are made with ``tenant_jobs.create`` (format
 :data:`SCHEMA_FORMAT`) and dropped afterwards; the column strategy's tables are
 created and dropped too.
@@ -32,7 +38,7 @@ import typing as t
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,15 +46,29 @@ import redis
 import sqlalchemy as sa
 
 from tests import stress_app
+from tests.rls_role import app_role
 from tests.worker_processes import Worker, subprocess_env
 
 #: pool -> concurrency
 POOLS: dict[str, int] = {"prefork": 2, "threads": 8, "gevent": 50}
-STRATEGIES = ("column", "schema")
+#: The strategy combinations: ``+rls`` turns ``TENANT_JOBS_RLS`` on (the worker connects
+#: as a role that row-level security applies to), ``+sql`` makes the tasks also run
+#: ``text()`` SQL that names no tenant and try to insert rows for another tenant.
+STRATEGIES = ("column", "schema", "column+rls", "column+rls+sql")
 SCHEMA_FORMAT = "ftjstress_{tenant}"
 APP = "tests.stress_app:create_app()"
 #: Give up waiting for results when none arrived for this long (the worker is stuck).
 STALL_SECONDS = 60.0
+
+
+def base_strategy(strategy: str) -> str:
+    """``TENANT_JOBS_STRATEGY`` of a combination (``column+rls`` -> ``column``)."""
+    return strategy.split("+", 1)[0]
+
+
+def is_rls(strategy: str) -> bool:
+    """Whether a combination has row-level security on."""
+    return "+rls" in strategy
 
 
 @dataclass
@@ -137,6 +157,9 @@ def check_results(
             if any(tenant != s.tenant for tenant in row_tenants):
                 outcome.cross_reads += 1
                 outcome.problem(f"{s.label} in {s.tenant} read a row of {row_tenants}")
+        if value.get("forged"):
+            outcome.cross_writes += 1
+            outcome.problem(f"{s.label} in {s.tenant} inserted a row for another tenant")
         if not wrong:
             outcome.completed += 1
             completed.add(s.label)
@@ -209,6 +232,8 @@ class StressRun:
         self.run_id = uuid.uuid4().hex[:8]
         self.redis = redis.Redis.from_url(redis_url)
         self.plain = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
+        self._roles = ExitStack()
+        self._role_url: str | None = None
 
     def run(
         self, pools: Sequence[str] = tuple(POOLS), strategies: Sequence[str] = STRATEGIES
@@ -227,10 +252,19 @@ class StressRun:
         return outcomes
 
     def close(self) -> None:
-        """Flush this run's Redis database and close the connections."""
+        """Flush this run's Redis database, close the connections, drop the RLS role."""
         self.redis.flushdb()
         self.redis.close()
         self.plain.dispose()
+        self._roles.close()
+
+    def worker_url(self, strategy: str) -> str:
+        """The database URL of the worker: with ``+rls``, a role that RLS applies to."""
+        if not is_rls(strategy):
+            return self.database_url
+        if self._role_url is None:
+            self._role_url = self._roles.enter_context(app_role(self.database_url))
+        return self._role_url
 
     # -- one combination --------------------------------------------------------------------
 
@@ -243,12 +277,13 @@ class StressRun:
         env = subprocess_env(
             "STRESS_",
             **stress_app.env_for(
-                database_url=self.database_url,
+                database_url=self.worker_url(strategy),
                 redis_url=self.redis_url,
-                strategy=strategy,
+                strategy=base_strategy(strategy),
                 tenants=self.tenants,
                 schema_format=SCHEMA_FORMAT,
                 queue=queue,
+                rls=is_rls(strategy),
             ),
         )
         log_path = self.log_dir / f"worker-{pool}-{strategy}.log"
@@ -275,20 +310,28 @@ class StressRun:
         celery_app = app.extensions["celery"]
         task = celery_app.tasks["tests.stress_app.read_write"]
         per_tenant: Counter[str] = Counter()
+        sql = strategy.endswith("+sql")
         sent = []
         with app.app_context(), celery_app.producer_or_acquire() as producer:
             for i in range(self.tasks):
                 tenant = rng.choice(self.names)
                 per_tenant[tenant] += 1
                 # Primary keys are global with the column strategy, per schema otherwise.
-                top = i + 1 if strategy == "column" else per_tenant[tenant]
+                top = i + 1 if base_strategy(strategy) == "column" else per_tenant[tenant]
                 label = f"{i}-{tenant}"
+                kwargs = {"forge_for": self._another(rng, tenant)} if sql else {}
                 with stress_app.tenant_jobs.switch(tenant):
                     result = task.apply_async(
-                        (label, tenant, rng.randint(1, top)), queue=queue, producer=producer
+                        (label, tenant, rng.randint(1, top)), kwargs, queue=queue,
+                        producer=producer,
                     )
                 sent.append(Sent(result.id, label, tenant))
         return sent
+
+    def _another(self, rng: random.Random, tenant: str) -> str:
+        """A tenant other than ``tenant``, at random."""
+        step = rng.randint(1, len(self.names) - 1)
+        return self.names[(self.names.index(tenant) + step) % len(self.names)]
 
     def _collect(
         self, sent: list[Sent], worker: Worker, outcome: Outcome
@@ -323,7 +366,7 @@ class StressRun:
         """``(label, place, owner, believed, touched_by)`` of every stress row; ``place`` is
         the ``tenant_id`` (column) or the tenant whose schema holds the row (schema)."""
         with self.plain.connect() as connection:
-            if strategy == "column":
+            if base_strategy(strategy) == "column":
                 query = "SELECT label, tenant_id, owner, believed, touched_by FROM ftj_stress_row"
                 return [tuple(row) for row in connection.execute(sa.text(query))]
             rows = []
@@ -342,15 +385,18 @@ class StressRun:
         app = stress_app.create_app(
             database_url=self.database_url,
             redis_url=self.redis_url,
-            strategy=strategy,
+            strategy=base_strategy(strategy),
             tenants=self.tenants,
             schema_format=SCHEMA_FORMAT,
+            rls=is_rls(strategy),
         )
         db, tenant_jobs = stress_app.db, stress_app.tenant_jobs
         with app.app_context():
-            if strategy == "column":
+            if base_strategy(strategy) == "column":
                 db.drop_all()
                 db.create_all()
+                if is_rls(strategy):
+                    tenant_jobs.enable_rls()  # as the tables' owner
             else:
                 for name in self.names:
                     tenant_jobs.drop(name)  # leftovers of an interrupted run
@@ -361,7 +407,7 @@ class StressRun:
         finally:
             with app.app_context():
                 db.session.remove()
-                if strategy == "column":
+                if base_strategy(strategy) == "column":
                     db.drop_all()
                 else:
                     for name in self.names:
@@ -371,7 +417,7 @@ class StressRun:
 
     def _clear_rows(self, strategy: str) -> None:
         with self.plain.begin() as connection:
-            if strategy == "column":
+            if base_strategy(strategy) == "column":
                 connection.execute(sa.text("TRUNCATE ftj_stress_row RESTART IDENTITY"))
                 return
             for name in self.names:

@@ -6,6 +6,8 @@ test side passes the same values to :func:`create_app` as keyword arguments):
 
 * ``STRESS_DATABASE_URL`` (PostgreSQL), ``STRESS_REDIS_URL`` (broker and results);
 * ``STRESS_STRATEGY``: ``column`` (default) or ``schema``;
+* ``STRESS_RLS=1``: ``TENANT_JOBS_RLS`` on (column strategy; connect as a role that
+  row-level security applies to);
 * ``STRESS_TENANTS``: how many tenants (``t000``, ``t001``, ...; default 20);
 * ``STRESS_SCHEMA_FORMAT``: ``TENANT_JOBS_SCHEMA_FORMAT`` (default ``ftjstress_{tenant}``);
 * ``STRESS_QUEUE``: Celery's ``task_default_queue``;
@@ -108,12 +110,17 @@ def row_model() -> t.Any:
 
 
 @tenant_task(bind=True)
-def read_write(self: Task, label: str, owner: str, probe: int) -> dict[str, t.Any]:
+def read_write(
+    self: Task, label: str, owner: str, probe: int, forge_for: str | None = None
+) -> dict[str, t.Any]:
     """Write a row, read the tenant's newest rows, get and update the row with id ``probe``.
 
     Returns what the task saw: its tenant and header, and for every row it read
     (the newest rows, and ``session.get(probe)`` if that found one) the owner and,
-    with the column strategy, the ``tenant_id``.
+    with the column strategy, the ``tenant_id``. With ``forge_for`` (another tenant's
+    name; column strategy with row-level security), the same again through
+    ``text()`` SQL that names no tenant, and an attempt to insert a row for that
+    tenant (``forged``: whether the database let it through).
     """
     model = row_model()
     tenant = current_tenant()
@@ -131,14 +138,50 @@ def read_write(self: Task, label: str, owner: str, probe: int) -> dict[str, t.An
         .values(touched_by=model.touched_by + owner + " ")
         .execution_options(synchronize_session=False)
     )
+    forged = _unfiltered_sql(label, owner, probe, forge_for, seen) if forge_for else False
     db.session.commit()
     return {
         "tenant": tenant,
         "header": getattr(self.request, "tenant_for_job", None),
         "label": label,
         "seen": seen,
+        "forged": forged,
         "pid": os.getpid(),
     }
+
+
+def _unfiltered_sql(
+    label: str, owner: str, probe: int, other: str, seen: list[list[str | None]]
+) -> bool:
+    """``text()`` SQL with no tenant filter at all: only row-level security scopes it.
+
+    Reads the newest rows into ``seen``, updates the row with id ``probe``, and tries
+    to insert a row for tenant ``other`` (in a savepoint); returns whether it went in.
+    """
+    connection = db.session.connection()
+    newest = sa.text(
+        "SELECT owner, tenant_id FROM ftj_stress_row ORDER BY id DESC LIMIT :limit"
+    )
+    seen.extend([row.owner, row.tenant_id] for row in connection.execute(
+        newest, {"limit": READ_LIMIT}
+    ))
+    connection.execute(
+        sa.text("UPDATE ftj_stress_row SET touched_by = touched_by || :owner || ' ' "
+                "WHERE id = :probe"),
+        {"owner": owner, "probe": probe},
+    )
+    forge = sa.text(
+        "INSERT INTO ftj_stress_row (label, owner, believed, touched_by, tenant_id) "
+        "VALUES (:label, :owner, :other, '', :other)"
+    )
+    try:
+        with db.session.begin_nested():
+            db.session.connection().execute(
+                forge, {"label": f"{label}-forged", "owner": other, "other": other}
+            )
+    except sa.exc.ProgrammingError:  # new row violates row-level security policy
+        return False
+    return True
 
 
 def _row_tenants(row: t.Any) -> list[str | None]:
@@ -210,6 +253,7 @@ def create_app(
     queue: str | None = None,
     durable: bool | None = None,
     visibility_timeout: float | None = None,
+    rls: bool | None = None,
 ) -> Flask:
     """The stress app; each argument defaults to its ``STRESS_*`` environment variable."""
     env = os.environ.get
@@ -221,6 +265,8 @@ def create_app(
         durable = env("STRESS_DURABLE") == "1"
     if visibility_timeout is None:
         visibility_timeout = float(env("STRESS_VISIBILITY_TIMEOUT", "5"))
+    if rls is None:
+        rls = env("STRESS_RLS") == "1"
     app = Flask(__name__)
     app.config.update(
         SERVER_NAME="example.test",
@@ -232,6 +278,7 @@ def create_app(
         CELERY=celery_config(
             redis_url, queue or env("STRESS_QUEUE", "ftj-stress"), durable, visibility_timeout
         ),
+        TENANT_JOBS_RLS=rls,
     )
     db.init_app(app)
     tenant_jobs.init_app(app, db=db)
@@ -248,6 +295,7 @@ def env_for(
     queue: str,
     durable: bool = False,
     visibility_timeout: float = 5.0,
+    rls: bool = False,
 ) -> dict[str, str]:
     """The ``STRESS_*`` variables that make a subprocess's :func:`create_app` match."""
     return {
@@ -259,4 +307,5 @@ def env_for(
         "STRESS_QUEUE": queue,
         "STRESS_DURABLE": "1" if durable else "0",
         "STRESS_VISIBILITY_TIMEOUT": str(visibility_timeout),
+        "STRESS_RLS": "1" if rls else "0",
     }

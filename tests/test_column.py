@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import pytest
 import sqlalchemy as sa
+from flask import current_app
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import Mapped, aliased, joinedload, mapped_column, relationship, selectinload
 
@@ -111,12 +112,12 @@ def labels(statement: sa.Select[t.Any]) -> list[str]:
 
 
 def all_orders() -> dict[str, tuple[str, str]]:
-    """Every committed order row, read with Core on its own connection.
+    """Every committed order row, read with Core on its own connection, across tenants.
 
     Returns label -> (tenant_id, status).
     """
     db.session.rollback()
-    with db.engine.connect() as connection:
+    with current_app.extensions["tenant_jobs"].without_tenant(), db.engine.connect() as connection:
         rows = connection.execute(
             sa.select(Order.label, Order.tenant_id, Order.status)
         ).all()  # Core on a connection: no ORM scoping involved

@@ -6,11 +6,14 @@ fresh interpreter per file, since models register on SQLAlchemy metadata.
 Blocks marked ```python file=NAME form a small project instead: they are written
 to files of those names and ``pytest`` runs there (docs/testing.md).
 Fragments are marked ```python-snippet (or ```text) and are not run.
+Pages whose blocks read ``DATABASE_URL`` are PostgreSQL examples: they run with it
+set to the tests' PostgreSQL (``TEST_POSTGRES_URL``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -76,13 +79,16 @@ def test_every_page_with_code_has_runnable_examples() -> None:
 
 
 @pytest.mark.parametrize("path", RUNNABLE, ids=lambda path: str(path.relative_to(ROOT)))
-def test_python_blocks_run(path: Path, tmp_path: Path) -> None:
+def test_python_blocks_run(path: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     blocks = python_blocks(path)
     name = str(path.relative_to(ROOT))
+    env = dict(os.environ)
+    if any("DATABASE_URL" in source for _, source in blocks):
+        env["DATABASE_URL"] = request.getfixturevalue("postgres_url")
     done = subprocess.run(
         [sys.executable, "-c", RUNNER, name],
         input=json.dumps(blocks), cwd=tmp_path, capture_output=True, text=True,
-        timeout=300, check=False,
+        timeout=300, check=False, env=env,
     )
     assert done.returncode == 0, f"{name}: {len(blocks)} blocks\n{done.stderr}{done.stdout[-2000:]}"
 

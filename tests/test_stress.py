@@ -1,9 +1,11 @@
 """Isolation under load, CI size: the engine of ``tests/stress.py`` on every pool and strategy.
 
 20 tenants and 170 interleaved tasks per pool (prefork -c 2, threads -c 8,
-gevent -c 50) and strategy (column, schema): about 1,000 tasks in all, on
-worker subprocesses started with ``flask tenant-jobs worker``. Zero tasks lost,
-zero rows read from or written to another tenant. The table of the run is
+gevent -c 50) and strategy combination (column, schema, column with row-level
+security, and the same with tasks that also run ``text()`` SQL naming no tenant
+and try to insert rows for another): about 2,000 tasks in all, on worker
+subprocesses started with ``flask tenant-jobs worker``. Zero tasks lost, zero
+rows read from or written to another tenant. The table of the run is
 printed at the end of the module (``python -m bench stress`` runs the full size).
 
 Redis database ``TEST_STRESS_REDIS_DB`` (default 7) is flushed and used; the
@@ -58,10 +60,13 @@ def stress_run(
 
 
 @pytest.fixture(scope="module", params=STRATEGIES)
-def strategy_app(request: pytest.FixtureRequest, stress_run: StressRun) -> Iterator[t.Any]:
-    """The test-side app of each strategy, its tables or tenant schemas made (and dropped)."""
+def strategy_app(
+    request: pytest.FixtureRequest, stress_run: StressRun
+) -> Iterator[tuple[str, t.Any]]:
+    """Each strategy combination and its test-side app, its tables or tenant schemas made
+    (and dropped)."""
     with stress_run.storage(request.param) as app:
-        yield app
+        yield request.param, app
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -77,10 +82,10 @@ def _print_table(request: pytest.FixtureRequest) -> Iterator[None]:
 @pytest.mark.slow
 @pytest.mark.parametrize("pool", list(POOLS))
 def test_interleaved_tasks_of_many_tenants_stay_isolated(
-    stress_run: StressRun, strategy_app: t.Any, pool: str
+    stress_run: StressRun, strategy_app: tuple[str, t.Any], pool: str
 ) -> None:
-    strategy = strategy_app.config["TENANT_JOBS_STRATEGY"]
-    outcome = stress_run.run_one(strategy_app, pool, strategy)
+    strategy, app = strategy_app
+    outcome = stress_run.run_one(app, pool, strategy)
     _OUTCOMES.append(outcome)
     assert outcome.sent == TASKS
     assert outcome.ok, format_table([outcome]) + "\n" + "\n".join(outcome.problems)
@@ -88,15 +93,18 @@ def test_interleaved_tasks_of_many_tenants_stay_isolated(
 
 
 def test_the_checks_count_what_goes_wrong() -> None:
-    """The counting itself: a foreign read, misplaced and doubled rows, lost tasks."""
+    """The counting itself: a foreign read, a forged insert, misplaced and doubled rows,
+    lost tasks."""
     sent = [Sent(f"id{i}", f"{i}-t00{i % 2}", f"t00{i % 2}") for i in range(6)]
 
     def ok(label: str, tenant: str, seen: list[list[str]]) -> dict[str, t.Any]:
         result = {"tenant": tenant, "header": tenant, "label": label, "seen": seen}
         return {"status": "SUCCESS", "result": result}
 
+    forged = ok("0-t000", "t000", [["t000", "t000"], ["t001", "t001"]])  # read a foreign row
+    forged["result"]["forged"] = True  # and inserted a row for another tenant
     results = {
-        "id0": ok("0-t000", "t000", [["t000", "t000"], ["t001", "t001"]]),  # read a foreign row
+        "id0": forged,
         "id1": ok("1-t001", "t000", []),  # ran in the wrong tenant
         "id2": {"status": "FAILURE", "result": {"exc_type": "RuntimeError"}},
         # id3: no result at all
@@ -107,6 +115,7 @@ def test_the_checks_count_what_goes_wrong() -> None:
     completed = check_results(sent, results, outcome)
     assert (outcome.completed, outcome.failed, outcome.lost) == (3, 1, 1)
     assert (outcome.wrong_tenant, outcome.cross_reads, outcome.rows_read) == (1, 1, 4)
+    assert outcome.cross_writes == 1
 
     rows = [
         ("0-t000", "t000", "t000", "t000", ""),
@@ -116,7 +125,7 @@ def test_the_checks_count_what_goes_wrong() -> None:
         ("4-t000", "t000", "t000", "t000", ""),  # twice
     ]
     check_rows(sent, completed, rows, outcome)
-    assert outcome.cross_writes == 2
+    assert outcome.cross_writes == 3
     assert (outcome.completed, outcome.lost) == (2, 2)
     assert any("2 rows for '4-t000'" in problem for problem in outcome.problems)
     assert not outcome.ok

@@ -563,7 +563,10 @@ def _tenant_columns(mapper: Mapper[t.Any]) -> list[sa.Column[t.Any]]:
 def _owners(
     session: Session, mapper: Mapper[t.Any], idents: t.Collection[tuple[t.Any, ...]]
 ) -> dict[tuple[t.Any, ...], str]:
-    """The tenant of each existing row among ``idents``, read without any filter."""
+    """The tenant of each existing row among ``idents``, read without any filter.
+
+    Unscoped also for row-level security, which would hide another tenant's rows.
+    """
     connection = session.connection(bind_arguments={"mapper": mapper})
     pending = list(idents)
     owners: dict[tuple[t.Any, ...], str] = {}
@@ -574,7 +577,9 @@ def _owners(
             chunk = pending[start : start + _PK_CHUNK]
             wanted = chunk if len(columns) > 1 else [ident[0] for ident in chunk]
             query = sa.select(*columns, tenant_column).where(key.in_(wanted))
-            for row in connection.execute(query):
+            with context.unscoped():
+                rows = connection.execute(query).all()
+            for row in rows:
                 if row[-1] is not None:
                     owners[tuple(row[: len(columns)])] = row[-1]
     return owners
