@@ -6,7 +6,6 @@ import typing as t
 from contextlib import contextmanager
 from contextvars import Token
 from dataclasses import dataclass
-from importlib.util import find_spec
 from weakref import WeakKeyDictionary
 
 from flask import Flask, current_app, g, has_app_context, request
@@ -16,7 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from . import context, responses, rls, signals
 from .cli import tenant_jobs_cli
 from .errors import ConfigurationError, TenantError
-from .integrations import install_observability
+from .integrations import install_integrations
 from .registry import TenantRegistry, validate_name
 from .resolvers import Resolver, excluded_path_matcher, make_resolver
 from .scoping import Strategy, make_strategy
@@ -73,7 +72,7 @@ class TenantJobs:
         self._states[app] = state
         app.extensions["tenant_jobs"] = self
         state.strategy.install(app, db)
-        install_observability(app, settings, db)
+        install_integrations(app, settings, db)
         _warn_about_storage(app, state.strategy)
         if settings.rls:
             rls.install(app, db)
@@ -88,10 +87,6 @@ class TenantJobs:
         app.cli.add_command(tenant_jobs_cli)
         if settings.resolver == "path":
             _route_tenant_segment(app)
-        if settings.scope_caches and find_spec("flask_caching") is not None:
-            from .integrations.caching import scope_caches
-
-            scope_caches(app)
         if not settings.shared_session:
             bind_sessions(app, state.registry, state.resolver, is_excluded)
 

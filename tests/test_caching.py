@@ -20,7 +20,7 @@ from flask import Flask, g, render_template_string, request
 from flask_caching import Cache
 from flask_sqlalchemy import SQLAlchemy
 
-from flask_tenant_jobs import TenantJobs, current_tenant, extension, tenant_task
+from flask_tenant_jobs import TenantJobs, current_tenant, integrations, tenant_task
 from flask_tenant_jobs.errors import CacheClearError, TenantError
 from flask_tenant_jobs.integrations.caching import TenantScopedCache
 
@@ -534,7 +534,7 @@ def test_flask_caching_is_not_imported_by_the_package() -> None:
 def test_without_flask_caching_installed_nothing_is_set_up(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(extension, "find_spec", lambda name: None)
+    monkeypatch.setattr(integrations, "is_installed", lambda name: name != "flask_caching")
     app = Flask(__name__)
     app.config.update(SERVER_NAME="example.test", SQLALCHEMY_DATABASE_URI="sqlite://",
                       TENANT_JOBS_TENANTS=TENANTS)

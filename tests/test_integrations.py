@@ -1,4 +1,4 @@
-"""The observability integrations cost nothing where their libraries are not installed.
+"""The integrations cost nothing where their libraries are not installed.
 
 Each case runs in a fresh interpreter in which the libraries can be hidden (an import
 hook refuses them, as if they were not installed), makes the observability test app,
@@ -56,7 +56,8 @@ with app.app_context(), observability_app.tenant_jobs.switch("acme"):
 print(json.dumps({
     "modules": sorted(m for m in sys.modules if m.startswith("flask_tenant_jobs.integrations.")),
     "libraries": sorted(
-        m for m in ("opentelemetry.trace", "sentry_sdk", "prometheus_client") if m in sys.modules
+        m for m in ("opentelemetry.trace", "sentry_sdk", "prometheus_client", "flask_caching")
+        if m in sys.modules
     ),
     "request_finished": len(request_finished.receivers),
     "got_request_exception": len(got_request_exception.receivers),
@@ -79,7 +80,7 @@ def _probe(hidden: t.Sequence[str]) -> dict[str, t.Any]:
 
 
 def test_without_the_libraries_nothing_is_imported_or_connected() -> None:
-    found = _probe(["opentelemetry", "sentry_sdk", "prometheus_client"])
+    found = _probe(["opentelemetry", "sentry_sdk", "prometheus_client", "flask_caching"])
     assert found["modules"] == [] and found["libraries"] == []
     assert (found["request_finished"], found["got_request_exception"]) == (0, 0)
     assert found["task_prerun"] == ["_restore_tenant"]
@@ -91,10 +92,11 @@ def test_without_the_libraries_nothing_is_imported_or_connected() -> None:
 @pytest.mark.parametrize(
     ("hidden", "modules"),
     [
-        ([], ["otel", "prometheus", "sentry"]),
-        (["opentelemetry"], ["prometheus", "sentry"]),
-        (["sentry_sdk"], ["otel", "prometheus"]),
-        (["prometheus_client"], ["otel", "sentry"]),
+        ([], ["caching", "otel", "prometheus", "sentry"]),
+        (["opentelemetry"], ["caching", "prometheus", "sentry"]),
+        (["sentry_sdk"], ["caching", "otel", "prometheus"]),
+        (["prometheus_client"], ["caching", "otel", "sentry"]),
+        (["flask_caching"], ["otel", "prometheus", "sentry"]),
     ],
 )
 def test_each_integration_comes_with_its_library(hidden: list[str], modules: list[str]) -> None:

@@ -14,11 +14,15 @@ from flask_sqlalchemy import SQLAlchemy
 from ..settings import Settings
 
 
-def install_observability(app: Flask, settings: Settings, db: SQLAlchemy) -> None:
-    """Put the tenant on traces, error reports, SQL statements and job metrics of ``app``.
+def install_integrations(app: Flask, settings: Settings, db: SQLAlchemy) -> None:
+    """Scope ``app``'s caches; put the tenant on its traces, error reports, SQL and metrics.
 
     Each part is installed only when its library is importable and its setting is on.
     """
+    if settings.scope_caches and is_installed("flask_caching"):
+        from . import caching
+
+        caching.scope_caches(app)
     if settings.sql_comment:
         from . import sqlcomment
 
