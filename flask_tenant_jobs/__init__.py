@@ -19,6 +19,7 @@ from .errors import (
     TenantImmutableError,
     TenantMismatchError,
     TenantNotFoundError,
+    TenantSourceError,
 )
 
 if t.TYPE_CHECKING:
@@ -57,6 +58,7 @@ __all__ = [
     "TenantMismatchError",
     "TenantNotFoundError",
     "TenantScoped",
+    "TenantSourceError",
     "TenantTask",
     "current_tenant",
     "tenant_task",

@@ -32,6 +32,7 @@ class Settings:
     request_header: str
     domains: DomainSetting
     cache_seconds: float
+    stale_seconds: float
     schema_format: str
     shared_schema: str
 
@@ -60,6 +61,7 @@ class Settings:
             request_header=config.get("TENANT_JOBS_REQUEST_HEADER", "X-Tenant"),
             domains=config.get("TENANT_JOBS_DOMAINS", {}),
             cache_seconds=float(config.get("TENANT_JOBS_CACHE_SECONDS", 60.0)),
+            stale_seconds=float(config.get("TENANT_JOBS_STALE_SECONDS", 600.0)),
             schema_format=config.get("TENANT_JOBS_SCHEMA_FORMAT", "tenant_{tenant}"),
             shared_schema=config.get("TENANT_JOBS_SHARED_SCHEMA", "public"),
         )
@@ -83,6 +85,8 @@ class Settings:
             )
         if self.cache_seconds < 0:
             raise ConfigurationError("'TENANT_JOBS_CACHE_SECONDS' must be 0 or more.")
+        if self.stale_seconds < 0:
+            raise ConfigurationError("'TENANT_JOBS_STALE_SECONDS' must be 0 or more.")
         if "{tenant}" not in self.schema_format:
             raise ConfigurationError(
                 "'TENANT_JOBS_SCHEMA_FORMAT' must contain '{tenant}', e.g. 'tenant_{tenant}'."
