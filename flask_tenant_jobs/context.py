@@ -13,7 +13,7 @@ whether its change is still the current one: :func:`is_current`.
 from __future__ import annotations
 
 import typing as t
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from contextvars import ContextVar, Token
 
 _tenant: ContextVar[str | None] = ContextVar("flask_tenant_jobs.tenant", default=None)
@@ -99,11 +99,23 @@ def active(name: str | None) -> t.Iterator[None]:
 
 @contextmanager
 def unscoped() -> t.Iterator[None]:
-    """Run the block with tenant filtering turned off."""
+    """Run the block with tenant filtering turned off.
+
+    Closed late (a block left open, collected later, maybe in another context), it may
+    end unscoped mode but never turn it back on.
+    """
     token = _unscoped.set(True)
     try:
         yield
-    finally:
+    except GeneratorExit:
+        if token.old_value is not True:
+            with suppress(ValueError):  # the token belongs to another context
+                _unscoped.reset(token)
+        raise
+    except BaseException:
+        _unscoped.reset(token)
+        raise
+    else:
         _unscoped.reset(token)
 
 

@@ -48,6 +48,7 @@ from .errors import ConfigurationError, NoTenantError, TenantError, TenantNotFou
 from .log import TenantLogFilter
 from .tasks import (
     DEFAULT_HEADER,
+    SEND_HINT,
     TENANT_ERROR,
     TenantTask,
     find_flask_app,
@@ -271,7 +272,11 @@ def _restorable_tenant(
         if raw is None and task.request.is_eager:
             raw = context.get_tenant()
     if raw is None:
-        raise NoTenantError(f"The tenant task {task.name!r} (its message names no tenant)")
+        what = f"{task.name!r} of the tenant task {wrapped[0].name!r}" if wrapped else None
+        raise NoTenantError(
+            f"The tenant task {what or repr(task.name)} (its message names no tenant)",
+            SEND_HINT if wrapped else "",
+        )
     extension = flask_app.extensions["tenant_jobs"]
     try:
         tenant = _validate_reloading_once(extension, raw)

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import os
 import typing as t
+from contextlib import ExitStack
 
 from celery import Task, shared_task
 from celery.exceptions import Ignore, Reject
-from flask import Flask
+from flask import Flask, has_app_context
 from flask_sqlalchemy import SQLAlchemy
 
 from flask_tenant_jobs import TenantJobs, TenantScoped, TenantTask, current_tenant, tenant_task
+from flask_tenant_jobs.context import is_unscoped
 
 db = SQLAlchemy()
 tenant_jobs = TenantJobs()
@@ -30,6 +32,10 @@ TENANTS = ["acme", "globex", "initech"]
 
 #: Failure/retry/success handler observations (in-process workers only).
 HANDLER_CALLS: list[tuple[str, str | None]] = []
+#: (handler, tenant, has app context) of the handlers around a task whose on_failure raises.
+RAISING_HANDLER_CALLS: list[tuple[str, str | None, bool]] = []
+#: ``without_tenant()`` blocks deliberately left open by ``leak_unscoped`` (never closed).
+LEFT_OPEN: list[ExitStack] = []
 
 
 class Seen(TenantScoped, db.Model):  # type: ignore[name-defined,misc]
@@ -65,6 +71,16 @@ class RecordingTask(TenantTask):
         self, exc: BaseException, task_id: str, args: t.Any, kwargs: t.Any, einfo: t.Any
     ) -> None:
         HANDLER_CALLS.append(("on_retry", current_tenant()))
+
+
+class RaisingFailureHandlerTask(TenantTask):
+    """A TenantTask whose on_failure records where it ran, then raises (every time)."""
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: t.Any, kwargs: t.Any, einfo: t.Any
+    ) -> None:
+        RAISING_HANDLER_CALLS.append(("on_failure", current_tenant(), has_app_context()))
+        raise RuntimeError("on_failure raised")
 
 
 @tenant_task(bind=True)
@@ -132,6 +148,50 @@ def spawn_child(self: Task, label: t.Any = None) -> str:
 def replace_with_observe(self: Task, label: t.Any = None) -> t.Any:
     """Replace itself with ``observe_task``."""
     return self.replace(observe_task.s(label))
+
+
+@tenant_task(bind=True, base=RaisingFailureHandlerTask)
+def fail_with_raising_handler(self: Task, label: t.Any = None) -> None:
+    """Fail, so that the raising on_failure (and the errbacks) run."""
+    raise ValueError(f"failing in {current_tenant()}")
+
+
+@tenant_task(bind=True)
+def record_errback(self: Task, *args: t.Any) -> None:
+    """A link_error target recording the tenant and app context it ran with."""
+    RAISING_HANDLER_CALLS.append(("errback", current_tenant(), has_app_context()))
+
+
+@tenant_task
+def record_link(result: t.Any) -> str:
+    """A link (or link_error) target: write a row labelled after the parent's label (or,
+    as an errback, the failed task's id), in this task's tenant."""
+    label = f"link:{result['label'] if isinstance(result, dict) else result}"
+    db.session.add(Seen(label=label, believed=current_tenant()))
+    db.session.commit()
+    return label
+
+
+@tenant_task(bind=True)
+def leak_unscoped(self: Task, label: t.Any = None) -> bool:
+    """Enter ``without_tenant()`` and never leave it (an ExitStack left open)."""
+    stack = ExitStack()
+    stack.enter_context(tenant_jobs.without_tenant())
+    LEFT_OPEN.append(stack)
+    return is_unscoped()
+
+
+@tenant_task
+def scoping_of_task(label: t.Any = None) -> dict[str, t.Any]:
+    """Whether scoping is on, and which rows of ``Seen`` this task can read."""
+    visible = sorted({row.tenant_id for row in Seen.query.all()})
+    return {"tenant": current_tenant(), "unscoped": is_unscoped(), "visible": visible}
+
+
+@shared_task
+def plain_scoping() -> bool:
+    """A plain task: whether it runs with the unscoped flag set."""
+    return is_unscoped()
 
 
 @shared_task(bind=True)
