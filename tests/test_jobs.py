@@ -127,6 +127,8 @@ class Jobs:
     celery: TenantCelery
     #: One entry per call of the ``TENANT_JOBS_TENANTS`` callable.
     source_calls: list[str] = field(default_factory=list)
+    #: While not empty, the ``TENANT_JOBS_TENANTS`` callable raises its first item.
+    source_errors: list[Exception] = field(default_factory=list)
     #: SQL statements that read the tenants table.
     tenant_queries: list[str] = field(default_factory=list)
     #: task id -> (tenant, has app context) at the start of each run (after the restore).
@@ -179,9 +181,12 @@ def jobs_mode(
         )
 
     source_calls: list[str] = []
+    source_errors: list[Exception] = []
 
     def tenants_from_table() -> list[str]:
         source_calls.append(threading.current_thread().name)
+        if source_errors:
+            raise source_errors[0]
         with db.engine.connect() as connection:
             return list(connection.execute(db.select(KnownTenant.name)).scalars())
 
@@ -201,7 +206,7 @@ def jobs_mode(
         _create_storage(strategy)
         engine = db.engine
     celery_app: TenantCelery = app.extensions["celery"]
-    jobs = Jobs(mode, app, jobs_app.tenant_jobs, celery_app, source_calls)
+    jobs = Jobs(mode, app, jobs_app.tenant_jobs, celery_app, source_calls, source_errors)
 
     def count_tenant_queries(conn: t.Any, cursor: t.Any, statement: str, *_: t.Any) -> None:
         if "jobs_known_tenant" in statement:
@@ -1011,6 +1016,28 @@ def test_fifty_tasks_look_the_tenants_up_at_most_once(jobs: Jobs) -> None:
         assert_observed(wait(result), tenant)
     assert len(jobs.source_calls) <= 1, jobs.source_calls
     assert len(jobs.tenant_queries) == len(jobs.source_calls)
+
+
+def test_a_failing_tenant_source_keeps_serving_the_last_good_list(jobs: Jobs) -> None:
+    """Regression: with the source failing, every lookup called it again and every task
+    failed; now the last good list serves, and the source is read once per period."""
+    jobs.ext.refresh()
+    with jobs.ext.switch("acme"):
+        wait(observe_task.delay("before"))
+    jobs.source_errors.append(OSError("tenants table unreachable"))
+    try:
+        jobs.ext.refresh()  # as if the cache had expired
+        jobs.source_calls.clear()
+        results = []
+        for i in range(20):
+            with jobs.ext.switch(TENANTS[i % 3]):
+                results.append((TENANTS[i % 3], observe_task.delay(i)))
+        for tenant, result in results:
+            assert_observed(wait(result), tenant)
+        assert len(jobs.source_calls) == 1, jobs.source_calls
+    finally:
+        jobs.source_errors.clear()
+        jobs.ext.refresh()
 
 
 # -- Logging --------------------------------------------------------------------------------
