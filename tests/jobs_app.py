@@ -241,7 +241,9 @@ def create_app(**overrides: t.Any) -> Flask:
 #   (``INCR jobs:tenant_source_calls`` at ``JOBS_COUNTER_URL``, when set);
 # * ``JOBS_CACHE_SECONDS``: ``TENANT_JOBS_CACHE_SECONDS``;
 # * ``JOBS_BEAT=1``: a beat schedule running ``write_seen`` every second for every tenant
-#   (label ``beat-all``) and for ``globex`` only (label ``beat-globex``);
+#   (label ``beat-all``), for ``globex`` only (label ``beat-globex``), pinned to
+#   ``initech`` by its headers (``beat-pinned``), and for ``acme`` and ``hooli``, a tenant
+#   that does not exist (``beat-subset``);
 # * ``JOBS_WARM_ENGINE=1``: the app opens (and pools) a database connection when it is
 #   made, and records its server pid in Redis (``jobs:parent_backend_pid``), so that a
 #   forked worker child would inherit it unless the engines are disposed after the fork;
@@ -291,6 +293,18 @@ BEAT_SCHEDULE = {
         "schedule": 1.0,
         "args": ("beat-globex",),
         "options": {"tenants": ["globex"]},
+    },
+    "write-seen-pinned": {
+        "task": "tests.jobs_app.write_seen",
+        "schedule": 1.0,
+        "args": ("beat-pinned",),
+        "options": {"headers": {"tenant_for_job": "initech"}},
+    },
+    "write-seen-subset-with-a-tenant-that-left": {
+        "task": "tests.jobs_app.write_seen",
+        "schedule": 1.0,
+        "args": ("beat-subset",),
+        "options": {"tenants": ["acme", "hooli"]},
     },
 }
 
