@@ -498,6 +498,52 @@ def test_prefork_children_do_not_share_the_parents_connections(
     assert pool_worker.pid not in {v["pid"] for v in values}  # tasks ran in the children
 
 
+@pytest.mark.slow
+def test_refresh_workers_ends_a_removed_tenants_window_in_every_pool_process(
+    jobs: Jobs, tmp_path: Path
+) -> None:
+    """A tenant removed from the source runs on until the cache expires (an hour here);
+    ``refresh_workers()`` ends that at once, in every prefork child of the worker."""
+    queue = f"ftj-refresh-{RUN_ID}"
+    env = jobs.env(
+        POOL_DB, JOBS_TENANTS_FROM_TABLE="1", JOBS_CACHE_SECONDS="3600", JOBS_DEFAULT_QUEUE=queue
+    )
+    worker = Worker(VARIANT_APP, "prefork", 2, env, tmp_path / "worker.log")
+
+    def send_to_hooli(label: str) -> list[AsyncResult]:
+        return [
+            Celery.send_task(
+                jobs.celery, "tests.jobs_app.db_backend", (f"{label}-{i}",),
+                headers={HEADER: "hooli"}, queue=queue,
+            )
+            for i in range(12)
+        ]  # fmt: skip
+
+    try:
+        worker.wait_ready(jobs.celery)
+        db.session.add(Tenant(name="hooli"))
+        db.session.commit()
+        time.sleep(1.1)  # a child's miss may read the source again once a second
+        created = jobs.collect(send_to_hooli("created"), worker)
+        assert tenants_of(created) == ["hooli"] * 12, created
+        assert len({value["pid"] for value in created}) == 2  # both children know hooli now
+
+        db.session.execute(Tenant.__table__.delete().where(Tenant.name == "hooli"))
+        db.session.commit()
+        removed = jobs.collect(send_to_hooli("removed"), worker)
+        assert tenants_of(removed) == ["hooli"] * 12  # the documented window: still cached
+
+        with jobs.app.app_context():
+            assert worker.hostname in tenant_jobs.refresh_workers(timeout=2.0)
+        refused = jobs.collect(send_to_hooli("refreshed"), worker)
+        assert [type(value).__name__ for value in refused] == ["TenantNotFoundError"] * 12
+    finally:
+        worker.stop()
+        db.session.rollback()
+        db.session.execute(Tenant.__table__.delete().where(Tenant.name == "hooli"))
+        db.session.commit()
+
+
 # -- 5. the CLI -----------------------------------------------------------------------------
 
 
