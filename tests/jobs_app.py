@@ -83,6 +83,21 @@ class RaisingFailureHandlerTask(TenantTask):
         raise RuntimeError("on_failure raised")
 
 
+class RaisingRetryHandlerTask(TenantTask):
+    """A TenantTask whose on_retry raises, so Celery's failure handlers run after postrun."""
+
+    def on_retry(
+        self, exc: BaseException, task_id: str, args: t.Any, kwargs: t.Any, einfo: t.Any
+    ) -> None:
+        RAISING_HANDLER_CALLS.append(("on_retry", current_tenant(), has_app_context()))
+        raise RuntimeError("on_retry raised")
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: t.Any, kwargs: t.Any, einfo: t.Any
+    ) -> None:
+        RAISING_HANDLER_CALLS.append(("on_failure", current_tenant(), has_app_context()))
+
+
 @tenant_task(bind=True)
 def observe_task(self: Task, label: t.Any = None) -> dict[str, t.Any]:
     """Report the tenant; chains pass the previous observation in as ``label``."""
@@ -154,6 +169,27 @@ def replace_with_observe(self: Task, label: t.Any = None) -> t.Any:
 def fail_with_raising_handler(self: Task, label: t.Any = None) -> None:
     """Fail, so that the raising on_failure (and the errbacks) run."""
     raise ValueError(f"failing in {current_tenant()}")
+
+
+@tenant_task(bind=True, base=RaisingRetryHandlerTask, max_retries=3, default_retry_delay=0)
+def retry_with_raising_handler(self: Task, label: t.Any = None) -> str | None:
+    """Ask for one retry, so that the raising on_retry runs; the retried run succeeds."""
+    if not self.request.retries:
+        raise self.retry(countdown=0)
+    return current_tenant()
+
+
+@tenant_task(bind=True)
+def replace_with_map(self: Task, label: t.Any = None) -> t.Any:
+    """Replace itself with a map of ``observe_task``."""
+    return self.replace(observe_task.map([label, label]))
+
+
+@tenant_task
+def collect_tenants(results: list[t.Any]) -> list[t.Any]:
+    """A chord body: the tenants of the header's observations (lists for maps), then its own."""
+    seen = [[o["tenant"] for o in r] if isinstance(r, list) else r["tenant"] for r in results]
+    return [*seen, current_tenant()]
 
 
 @tenant_task(bind=True)

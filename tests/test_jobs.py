@@ -67,6 +67,7 @@ from .jobs_app import (
     KnownTenant,
     Seen,
     autoretry_observe,
+    collect_tenants,
     db,
     each_tenant_maintenance,
     errback_observe,
@@ -81,8 +82,10 @@ from .jobs_app import (
     record_errback,
     record_link,
     reject,
+    replace_with_map,
     replace_with_observe,
     retry_then_observe,
+    retry_with_raising_handler,
     scoping_of_task,
     spawn_child,
     write_seen,
@@ -109,7 +112,10 @@ OBSERVE = "tests.jobs_app.observe_task"
 HEADER = "tenant_for_job"
 #: Tasks whose handlers raise: Celery runs their handlers again after task_postrun, so the
 #: tenant is kept past it on purpose (the next task's record shows it is gone by then).
-SECOND_HANDLER_ROUND = {"tests.jobs_app.fail_with_raising_handler"}
+SECOND_HANDLER_ROUND = {
+    "tests.jobs_app.fail_with_raising_handler",
+    "tests.jobs_app.retry_with_raising_handler",
+}
 
 Observation = dict[str, t.Any]
 
@@ -1181,6 +1187,20 @@ def test_map_inside_a_chain_runs_in_the_tenant(jobs: Jobs) -> None:
     assert_next_plain_task_sees_no_tenant(jobs)
 
 
+def test_map_as_a_replacement_in_a_chord_header_and_with_a_link(jobs: Jobs) -> None:
+    with jobs.ext.switch("globex"):
+        replaced = replace_with_map.delay("replaced")
+        fan_in = chord([observe_task.map(["h1"]), observe_task.starmap([("h2",)])], collect_tenants.s())
+        linked = observe_task.map(["linked"]).apply_async(link=record_link.si({"label": "m"}))
+    assert [o["tenant"] for o in wait(replaced)] == ["globex", "globex"]
+    with jobs.ext.switch("acme"):  # applied in another tenant: the signatures' tenant wins
+        collected = wait(fan_in.apply_async())
+    assert collected == [["globex"], ["globex"], "globex"]
+    assert [o["tenant"] for o in wait(linked)] == ["globex"]
+    assert_next_plain_task_sees_no_tenant(jobs)
+    assert ("link:m", "globex") in {(row.label, row.tenant_id) for row in seen_rows()}
+
+
 # -- linked signatures are the caller's ----------------------------------------------------
 
 
@@ -1248,6 +1268,23 @@ def test_handlers_run_again_after_a_raising_on_failure_keep_the_tenant(jobs: Job
     assert {(tenant, app_context) for _, tenant, app_context in RAISING_HANDLER_CALLS} == {
         ("globex", True)
     }
+
+
+@pytest.mark.filterwarnings("ignore:Exception raised outside body:RuntimeWarning")
+def test_failure_handlers_after_a_raising_on_retry_keep_the_tenant(jobs: Jobs) -> None:
+    RAISING_HANDLER_CALLS.clear()
+    with jobs.ext.switch("initech"):
+        if jobs.eager:
+            with pytest.raises(RuntimeError, match="on_retry raised"):
+                retry_with_raising_handler.delay("x")
+        else:
+            result = retry_with_raising_handler.delay("x")
+    if not jobs.eager:
+        assert isinstance(result.get(timeout=TIMEOUT, propagate=False), Exception)
+    assert_next_plain_task_sees_no_tenant(jobs)
+    expected = ["on_retry"] if jobs.eager else ["on_retry", "on_failure"]
+    assert [kind for kind, _, _ in RAISING_HANDLER_CALLS][: len(expected)] == expected
+    assert {(tenant, ctx) for _, tenant, ctx in RAISING_HANDLER_CALLS} == {("initech", True)}
 
 
 # -- the unscoped flag ends with its task ---------------------------------------------------
