@@ -1190,7 +1190,8 @@ def test_map_inside_a_chain_runs_in_the_tenant(jobs: Jobs) -> None:
 def test_map_as_a_replacement_in_a_chord_header_and_with_a_link(jobs: Jobs) -> None:
     with jobs.ext.switch("globex"):
         replaced = replace_with_map.delay("replaced")
-        fan_in = chord([observe_task.map(["h1"]), observe_task.starmap([("h2",)])], collect_tenants.s())
+        header = [observe_task.map(["h1"]), observe_task.starmap([("h2",)])]
+        fan_in = chord(header, collect_tenants.s())
         linked = observe_task.map(["linked"]).apply_async(link=record_link.si({"label": "m"}))
     assert [o["tenant"] for o in wait(replaced)] == ["globex", "globex"]
     with jobs.ext.switch("acme"):  # applied in another tenant: the signatures' tenant wins
