@@ -157,14 +157,16 @@ def tenant_of_request(request: t.Any, header: str = DEFAULT_HEADER) -> object:
     return value
 
 
-def _restore_tenant(sender: Task | None = None, task: Task | None = None, **_: t.Any) -> None:
+def _restore_tenant(
+    sender: Task | None = None, task: Task | None = None, kwargs: t.Any = None, **_: t.Any
+) -> None:
     """Push the app context and enter the task's tenant (none for plain tasks)."""
     task = task or sender
     if task is None:
         return
     _finish_unfinished()  # a previous task's second handler round that never ended
     celery_app = task.app
-    wrapped = wrapped_task(celery_app, task.name, task.request.kwargs)
+    wrapped = wrapped_task(celery_app, task.name, kwargs)
     is_tenant_task = isinstance(task, TenantTask) or wrapped is not None
     if not isinstance(celery_app, TenantCelery) and not is_tenant_task:
         return  # a plain task of a Celery app this library did not make: not ours
