@@ -136,19 +136,24 @@ class TenantRegistry:
             raise self._failure
 
     def _read_source(self) -> None:
-        """Call the source once; on failure keep the last good names while they may serve."""
+        """Call the source once; on failure keep the last good names while they may serve.
+
+        The names are stored before they are marked fresh: other threads read them
+        without the lock.
+        """
         now = time.monotonic()
         self._attempted_at = now
-        self._expires = now + self._cache_seconds
-        self._refreshes_seen = _shared_refreshes().value
+        refreshes = _shared_refreshes().value
         try:
             names = _callable_names(t.cast(t.Callable[[], t.Iterable[str]], self._source)())
         except Exception as error:
             self._keep_last_good_names(now, error)
-            return
-        self._store(names)
-        self._loaded_at = now
-        self._failure = None
+        else:
+            self._store(names)
+            self._loaded_at = now
+            self._failure = None
+        self._refreshes_seen = refreshes
+        self._expires = now + self._cache_seconds
 
     def _keep_last_good_names(self, now: float, error: Exception) -> None:
         """After a failed read: serve the last good names if they are recent enough."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import types
 import typing as t
 
@@ -346,6 +348,35 @@ def test_a_source_returning_no_list_counts_as_failing(
         with caplog.at_level("WARNING", logger="flask_tenant_jobs.registry"):
             assert tenant_jobs.tenant_names() == ["acme"]
         assert "not a list of names" in caplog.text
+
+
+def test_a_lookup_during_another_threads_read_waits_for_its_names() -> None:
+    """Regression (found by the threads-pool stress test): the cache was marked fresh
+    before the names were stored, so a thread looking up during another's first read
+    found no tenants at all."""
+    reading, release = threading.Event(), threading.Event()
+
+    def slow_source() -> list[str]:
+        reading.set()
+        release.wait(10)
+        return ["acme"]
+
+    app, tenant_jobs = make_app(SQLAlchemy(), "sqlite://", TENANT_JOBS_TENANTS=slow_source)
+    found: list[bool] = []
+
+    def look_up() -> None:
+        with app.app_context():
+            found.append(tenant_jobs.exists("acme"))
+
+    first, second = threading.Thread(target=look_up), threading.Thread(target=look_up)
+    first.start()
+    assert reading.wait(10)
+    second.start()
+    time.sleep(0.1)  # the second lookup is under way while the first reads
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert found == [True, True]
 
 
 def test_stale_seconds_must_not_be_negative() -> None:
