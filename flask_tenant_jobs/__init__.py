@@ -20,6 +20,7 @@ from .errors import (
     TenantImmutableError,
     TenantMismatchError,
     TenantNotFoundError,
+    TenantSourceError,
 )
 
 if t.TYPE_CHECKING:
@@ -59,6 +60,7 @@ __all__ = [
     "TenantMismatchError",
     "TenantNotFoundError",
     "TenantScoped",
+    "TenantSourceError",
     "TenantTask",
     "current_tenant",
     "tenant_task",

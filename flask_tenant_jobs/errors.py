@@ -128,3 +128,16 @@ class CacheClearError(TenantError):
             tenant,
         )
         self.args = (tenant, backend)
+
+
+class TenantSourceError(TenantError):
+    """The tenant source (``TENANT_JOBS_TENANTS``) failed and no recent list is left."""
+
+    def __init__(self, reason: object, stale_seconds: float) -> None:
+        super().__init__(
+            f"The tenant source 'TENANT_JOBS_TENANTS' failed ({reason!s}) and no tenant list "
+            f"read in the last {stale_seconds:.0f} s is left, so no tenant can be checked: "
+            "fix the source (it is called again once per 'TENANT_JOBS_CACHE_SECONDS'), or "
+            "raise 'TENANT_JOBS_STALE_SECONDS' to serve the last list longer."
+        )
+        self.args = (reason, stale_seconds)

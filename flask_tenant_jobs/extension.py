@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import typing as t
 from contextlib import contextmanager
-from contextvars import Token
 from dataclasses import dataclass
 from weakref import WeakKeyDictionary
 
@@ -16,14 +15,17 @@ from . import context, responses, rls, signals
 from .cli import tenant_jobs_cli
 from .errors import ConfigurationError, TenantError
 from .integrations import install_integrations
+from .iteration import TenantIterator
 from .registry import TenantRegistry, validate_name
 from .resolvers import Resolver, excluded_path_matcher, make_resolver
 from .scoping import Strategy, make_strategy
 from .sessions import bind_sessions
 from .settings import Settings
-from .worker import TenantCelery, make_celery
+from .tasks import register_flask_app
+from .worker import REFRESH_COMMAND, TenantCelery, make_celery
 
 _REQUEST_TOKEN = "_tenant_jobs_token"
+T = t.TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,9 @@ class TenantJobs:
         settings = Settings.from_app(app)
         state = _AppState(
             settings=settings,
-            registry=TenantRegistry(settings.tenants, settings.cache_seconds),
+            registry=TenantRegistry(
+                settings.tenants, settings.cache_seconds, settings.stale_seconds
+            ),
             resolver=make_resolver(settings),
             strategy=make_strategy(settings, db),
             db=db,
@@ -71,6 +75,7 @@ class TenantJobs:
         )
         self._states[app] = state
         app.extensions["tenant_jobs"] = self
+        register_flask_app(app)
         state.strategy.install(app, db)
         install_integrations(app, settings, db)
         _warn_about_storage(app, state.strategy)
@@ -133,11 +138,17 @@ class TenantJobs:
         """
         if name is not None:
             name = self.validate(name)
-        token = self._enter(name)
+        entered = self._enter(name)
         try:
             yield name
-        finally:
-            context.leave(token)
+        except GeneratorExit:  # closed late, e.g. by the garbage collector: if other code
+            context.leave_if_current(entered)  # switched since, its tenant stays
+            raise
+        except BaseException:
+            context.leave(entered)
+            raise
+        else:
+            context.leave(entered)
 
     def reset(self) -> None:
         """Clear the current tenant in this context."""
@@ -147,14 +158,26 @@ class TenantJobs:
         """Context manager for deliberate cross-tenant work: scoped queries are not filtered."""
         return context.unscoped()
 
-    def each(self) -> t.Iterator[str]:
+    def each(self) -> TenantIterator:
         """Iterate over all tenants, switched into each in turn.
 
-        The previous tenant comes back when the loop ends, breaks or raises.
+        In a direct ``for`` loop the previous tenant comes back when the loop ends,
+        breaks or raises. Bound to a variable, close it (``with tenant_jobs.each() as
+        tenants:``); :meth:`call_for_each_tenant` cannot leave a tenant behind at all.
         """
+        return TenantIterator(self.tenant_names(), self._enter_known)
+
+    def call_for_each_tenant(self, func: t.Callable[[str], T]) -> dict[str, T]:
+        """Call ``func(name)`` switched into each tenant in turn; return the results by name.
+
+        Each call runs inside :meth:`switch`, so no tenant is left behind whatever
+        ``func`` does, on every Python implementation.
+        """
+        results: dict[str, T] = {}
         for name in self.tenant_names():
             with self.switch(name):
-                yield name
+                results[name] = func(name)
+        return results
 
     # -- the tenants ----------------------------------------------------------------
 
@@ -246,6 +269,17 @@ class TenantJobs:
         state = self._state()
         return rls.check(state.db, state.settings)
 
+    def refresh_workers(self, timeout: float = 1.0) -> list[str]:
+        """Make every Celery worker of this app (and its pool processes) read
+        ``TENANT_JOBS_TENANTS`` again before its next task; refresh this process too.
+
+        A remote-control broadcast: returns the names of the workers that answered
+        within ``timeout`` seconds. Ends a removed tenant's cache window at once.
+        """
+        self.refresh()
+        replies = self.celery.control.broadcast(REFRESH_COMMAND, reply=True, timeout=timeout)
+        return sorted(name for reply in replies or () for name in reply)
+
     # -- internals --------------------------------------------------------------------
 
     def _state(self) -> _AppState:
@@ -267,10 +301,17 @@ class TenantJobs:
             return next(iter(self._states))
         raise RuntimeError("No Flask app context: run this inside 'with app.app_context():'.")
 
-    def _enter(self, name: str | None) -> Token[str | None]:
-        """Make ``name`` current and announce it; return the token that restores the previous."""
+    def _enter_known(self, name: str) -> context.Entered:
+        """Validate ``name``, make it current and announce it."""
+        return self._enter(self.validate(name))
+
+    def _enter(self, name: str | None, starting: bool = False) -> context.Entered:
+        """Make ``name`` current and announce it; return what restores the previous.
+
+        ``starting``: a request starts, so the unscoped flag is turned off too.
+        """
         previous = context.get_tenant()
-        token = context.enter(name)
+        token = context.start(name) if starting else context.enter(name)
         if signals.tenant_switched.receivers and has_app_context():
             signals.tenant_switched.send(
                 current_app._get_current_object(),  # type: ignore[attr-defined]
@@ -284,9 +325,10 @@ class TenantJobs:
     ) -> None:
         """Before each request: resolve the tenant onto ``g.tenant``, or answer 404.
 
-        The request starts with no tenant, whatever the caller had (a test inside
-        ``switch``), so ``current_tenant()`` is ``g.tenant`` throughout; the token
-        taken here restores the caller's tenant when the request ends.
+        The request starts with no tenant and scoping on, whatever the caller had (a
+        test inside ``switch``, a ``without_tenant()`` block left open), so
+        ``current_tenant()`` is ``g.tenant`` throughout; the token taken here restores
+        the caller's state when the request ends.
         """
         request_globals = g._get_current_object()
         tenant = None
@@ -295,7 +337,7 @@ class TenantJobs:
             if candidate is not None:
                 tenant = self._known_or_404(app, state, candidate)
         request_globals.tenant = tenant
-        token = context.enter(None) if tenant is None else self._enter(tenant)
+        token = context.start(None) if tenant is None else self._enter(tenant, starting=True)
         setattr(request_globals, _REQUEST_TOKEN, token)
         if tenant is not None and signals.tenant_resolved.receivers:
             signals.tenant_resolved.send(app, tenant=tenant)
@@ -312,7 +354,8 @@ class TenantJobs:
         raise responses.TenantNotFound(responses.NO_SUCH_TENANT)
 
     def _end_request(self, exc: BaseException | None) -> None:
-        """After each request, also a failed one: restore the tenant that was current before."""
+        """After each request, also a failed one: restore the tenant (and the unscoped flag)
+        of before."""
         token = g._get_current_object().pop(_REQUEST_TOKEN, None)
         if token is not None:
             context.leave(token)

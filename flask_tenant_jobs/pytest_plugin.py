@@ -147,7 +147,7 @@ def enqueued_tasks(
     def record_instead_of_sending(
         name: str, args: t.Any = None, kwargs: t.Any = None, **options: t.Any
     ) -> t.Any:
-        options = celery_app.stamp_tenant(name, options)
+        options = celery_app.stamp_tenant(name, options, kwargs)
         options["task_id"] = options.get("task_id") or str(uuid4())
         captured.record(name, args, kwargs, options)
         return celery_app.AsyncResult(options["task_id"])

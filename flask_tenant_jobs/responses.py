@@ -20,7 +20,7 @@ from werkzeug.wrappers import Request
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
 
-from .errors import NoTenantError, SchemaNotFoundError, TenantError
+from .errors import NoTenantError, SchemaNotFoundError, TenantError, TenantSourceError
 
 #: What the client is told, for each reason there is no tenant.
 NO_SUCH_TENANT = "No such tenant."
@@ -61,9 +61,16 @@ def wants_json(incoming: Request) -> bool:
 
 
 def install(app: Flask) -> None:
-    """Answer ``NoTenantError`` and ``SchemaNotFoundError`` raised in requests as 404s."""
+    """Answer ``NoTenantError`` and ``SchemaNotFoundError`` raised in requests as 404s,
+    and ``TenantSourceError`` (no tenant list to check against) as a 503."""
     app.register_error_handler(NoTenantError, _no_tenant)
     app.register_error_handler(SchemaNotFoundError, _schema_not_found)
+    app.register_error_handler(TenantSourceError, _tenant_source_response)
+
+
+def _tenant_source_response(error: TenantSourceError) -> tuple[str, int]:
+    """No tenant list can be read (and none recent is left): unavailable, not a 500."""
+    return "Tenants cannot be checked right now: try again shortly.", 503
 
 
 def _no_tenant(error: NoTenantError) -> ResponseReturnValue:

@@ -210,6 +210,7 @@ class Settings:
     request_header: str = setting("X-Tenant", text)
     domains: DomainSetting = setting({}, domain_map)
     cache_seconds: float = setting(60.0, seconds)
+    stale_seconds: float = setting(600.0, seconds)
     schema_format: str = setting("tenant_{tenant}", tenant_format)
     shared_schema: str = setting("public", text)
     scope_caches: bool = setting(True, boolean)

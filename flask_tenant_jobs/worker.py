@@ -2,42 +2,87 @@
 
 Every task of a Celery app made by :func:`make_celery` runs between
 ``task_prerun`` and ``task_postrun`` with a pushed Flask app context and the
-tenant of its message (none for plain tasks). That window covers the task's
-``on_success``/``on_failure``/``on_retry`` handlers, errbacks, and the chain
-steps, callbacks and chord bodies Celery publishes after ``run()`` returns, so
-they all carry the same tenant. ``task_postrun`` runs in Celery's ``finally``:
-the tenant is reset whatever happened. A bad tenant cannot be refused from
-``task_prerun`` (Celery only logs errors there), so the error is kept and
-raised by ``TenantTask.__call__`` before the body runs; so is any error met
-while looking the tenant up (a tenant source or database that is down).
+tenant of its message (none for plain tasks), and with scoping on. That window
+covers the task's ``on_success``/``on_failure``/``on_retry`` handlers,
+errbacks, and the chain steps, callbacks and chord bodies Celery publishes
+after ``run()`` returns, so they all carry the same tenant. ``task_postrun``
+runs in Celery's ``finally``: the tenant is reset whatever happened. A bad
+tenant cannot be refused from ``task_prerun`` (Celery only logs errors there),
+so the error is kept and raised by ``TenantTask.__call__`` before the body
+runs; so is any error met while looking the tenant up (a tenant source or
+database that is down).
+
+Tenant tasks on other Celery apps (Flask's own ``celery_init_app`` pattern) are
+restored the same way, in the Flask app that app belongs to; so are Celery's
+``celery.map``/``celery.starmap``/``celery.chunks`` wrappers of a tenant task.
+
+When a handler raises (``on_failure``, ``on_retry``, an errback that cannot be
+sent), Celery runs the failure handlers a second time after ``task_postrun``;
+the tenant and app context are then kept until that second round ends.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import typing as t
-from weakref import WeakSet
+from contextvars import ContextVar
 
 from celery import Celery, Task
+from celery.exceptions import Reject
 from celery.signals import (
     after_setup_logger,
     after_setup_task_logger,
+    task_failure,
+    task_internal_error,
     task_postrun,
     task_prerun,
     worker_process_init,
 )
+from celery.worker.control import control_command
 from flask import Flask
+from flask.ctx import AppContext
 
-from . import context, signals
-from .errors import NoTenantError, TenantError, TenantNotFoundError
+from . import context, registry, signals
+from .errors import ConfigurationError, NoTenantError, TenantError, TenantNotFoundError
 from .log import TenantLogFilter
-from .tasks import DEFAULT_HEADER, TENANT_ERROR, TenantTask
+from .tasks import (
+    DEFAULT_HEADER,
+    SEND_HINT,
+    TENANT_ERROR,
+    TenantTask,
+    find_flask_app,
+    flask_apps,
+    header_name,
+    wrapped_task,
+)
 
 _RESTORE = "_tenant_jobs_restore"
 #: A worker meeting an unknown tenant reads the tenant source again, at most this often.
 MISS_RELOAD_SECONDS = 1.0
-#: Flask apps whose database engines a forked worker child must not share.
-_FLASK_APPS: WeakSet[Flask] = WeakSet()
+#: The remote-control command that makes every worker read its tenant names again.
+REFRESH_COMMAND = "tenant_jobs_refresh"
+
+
+class _Restore(t.NamedTuple):
+    """What ``task_prerun`` set up for one task, for ``task_postrun`` to undo."""
+
+    app_context: AppContext
+    entered: context.Entered
+
+
+class _Unfinished(t.NamedTuple):
+    """A task's restore kept past ``task_postrun`` for Celery's second handler round."""
+
+    task: Task
+    restore: _Restore
+    round_started: bool
+
+
+#: Per thread and greenlet: the restore kept for Celery's second round of handlers.
+_UNFINISHED: ContextVar[_Unfinished | None] = ContextVar(
+    "flask_tenant_jobs.unfinished", default=None
+)
 
 
 class TenantCelery(Celery):  # type: ignore[misc]
@@ -50,18 +95,34 @@ class TenantCelery(Celery):  # type: ignore[misc]
         self, name: str, args: t.Any = None, kwargs: t.Any = None, **options: t.Any
     ) -> t.Any:
         """Send a task by name; a registered tenant task carries the current tenant."""
-        return super().send_task(name, args, kwargs, **self.stamp_tenant(name, options))
+        return super().send_task(
+            name, args, kwargs, **self.stamp_tenant(name, options, kwargs)
+        )
 
-    def stamp_tenant(self, name: str, options: dict[str, t.Any]) -> dict[str, t.Any]:
+    def stamp_tenant(
+        self, name: str, options: dict[str, t.Any], kwargs: t.Any = None
+    ) -> dict[str, t.Any]:
         """``options`` for sending task ``name``: a tenant task's headers name its tenant.
 
         An explicit tenant header is validated, as in ``apply_async``. Options that
         ``TenantTask.apply_async`` already checked (it passes ``task_type``) are kept.
+        A ``celery.map``/``starmap``/``chunks`` wrapper of a tenant task (``kwargs``
+        holds its signature) carries the tenant that signature names, else the
+        current one, like the tenant task itself.
         """
         task = self.tasks.get(name)
-        if not isinstance(task, TenantTask) or isinstance(options.get("task_type"), TenantTask):
+        if isinstance(options.get("task_type"), TenantTask):
             return options
-        return task._with_tenant(options)
+        if isinstance(task, TenantTask):
+            return task._with_tenant(options)
+        wrapped = wrapped_task(self, name, kwargs)
+        if wrapped is None:
+            return options
+        inner, tenant = wrapped
+        headers = options.get("headers") or {}
+        if tenant is not None and self.tenant_header not in headers:
+            options = {**options, "headers": {**headers, self.tenant_header: tenant}}
+        return inner._with_tenant(options, sent_as=name)
 
 
 def make_celery(app: Flask, header: str) -> TenantCelery:
@@ -74,7 +135,6 @@ def make_celery(app: Flask, header: str) -> TenantCelery:
     celery_app.tenant_header = header
     celery_app.set_default()
     app.extensions["celery"] = celery_app
-    _FLASK_APPS.add(app)
     return celery_app
 
 
@@ -97,50 +157,135 @@ def tenant_of_request(request: t.Any, header: str = DEFAULT_HEADER) -> object:
     return value
 
 
-def _restore_tenant(sender: Task | None = None, task: Task | None = None, **_: t.Any) -> None:
+def _restore_tenant(
+    sender: Task | None = None, task: Task | None = None, kwargs: t.Any = None, **_: t.Any
+) -> None:
     """Push the app context and enter the task's tenant (none for plain tasks)."""
     task = task or sender
-    celery_app = getattr(task, "app", None)
-    if not isinstance(celery_app, TenantCelery) or task is None:
+    if task is None:
         return
-    app_context = celery_app.flask_app.app_context()
-    app_context.push()
+    _finish_unfinished()  # a previous task's second handler round that never ended
+    celery_app = task.app
+    wrapped = wrapped_task(celery_app, task.name, kwargs)
+    is_tenant_task = isinstance(task, TenantTask) or wrapped is not None
+    if not isinstance(celery_app, TenantCelery) and not is_tenant_task:
+        return  # a plain task of a Celery app this library did not make: not ours
+    flask_app = find_flask_app(celery_app)
     request = task.request
+    if flask_app is None:
+        setattr(request, TENANT_ERROR, _no_flask_app(celery_app))
+        return
+    app_context = flask_app.app_context()
+    app_context.push()
     tenant = None
-    if isinstance(task, TenantTask):
+    if is_tenant_task:
         try:
-            tenant = _restorable_tenant(task, celery_app)
+            tenant = _restorable_tenant(task, flask_app, wrapped)
         except Exception as error:  # also a failing tenant source or database: Celery
             setattr(request, TENANT_ERROR, error)  # would only log it and run the body
-    setattr(request, _RESTORE, (app_context, context.enter(tenant)))
+    setattr(request, _RESTORE, _Restore(app_context, context.start(tenant)))
     if tenant is not None and signals.task_tenant_restored.receivers:
-        signals.task_tenant_restored.send(celery_app.flask_app, task=task.name, tenant=tenant)
+        signals.task_tenant_restored.send(flask_app, task=task.name, tenant=tenant)
 
 
 def _reset_tenant(sender: Task | None = None, task: Task | None = None, **_: t.Any) -> None:
-    """Restore the previous tenant and pop the app context, whatever the task did."""
+    """Restore the previous tenant and pop the app context, whatever the task did.
+
+    When an error is leaving Celery's tracer (a handler raised), Celery runs the
+    failure handlers again after this: the restore is kept for that round.
+    """
     task = task or sender
     restore = getattr(getattr(task, "request", None), _RESTORE, None)
     if restore is None:
         return
-    app_context, token = restore
     delattr(task.request, _RESTORE)  # type: ignore[union-attr]
-    context.leave(token)
-    app_context.pop()
+    if _handlers_run_again(task):
+        _UNFINISHED.set(_Unfinished(t.cast(Task, task), restore, round_started=False))
+        return
+    _undo(restore)
 
 
-def _restorable_tenant(task: TenantTask, celery_app: TenantCelery) -> str:
-    """The task's tenant, validated; raises ``NoTenantError``/``TenantNotFoundError``."""
-    raw = tenant_of_request(task.request, celery_app.tenant_header)
+def _handlers_run_again(task: Task | None) -> bool:
+    """Whether Celery's tracer will run the failure handlers again after ``task_postrun``:
+    an error (not ``Reject``) is propagating out of its handlers, and the run is not eager
+    (eager runs raise it to the caller instead)."""
+    error = sys.exc_info()[1]
+    return (
+        isinstance(error, Exception)
+        and not isinstance(error, (Reject, MemoryError))
+        and not getattr(getattr(task, "request", None), "is_eager", False)
+    )
+
+
+def _second_round_started(sender: Task | None = None, **_: t.Any) -> None:
+    """``task_internal_error``: Celery's second handler round starts (or, the second time
+    for one task, it raised too and is over)."""
+    unfinished = _UNFINISHED.get()
+    if unfinished is None or unfinished.task is not sender:
+        return
+    if unfinished.round_started:
+        _finish_unfinished()
+    else:
+        _UNFINISHED.set(unfinished._replace(round_started=True))
+
+
+def _second_round_ended(sender: Task | None = None, **_: t.Any) -> None:
+    """``task_failure``: the second handler round is over; undo the kept restore."""
+    unfinished = _UNFINISHED.get()
+    if unfinished is not None and unfinished.task is sender and unfinished.round_started:
+        _finish_unfinished()
+
+
+def _finish_unfinished() -> None:
+    """Undo a restore kept for a second handler round, if there is one."""
+    unfinished = _UNFINISHED.get()
+    if unfinished is not None:
+        _UNFINISHED.set(None)
+        _undo(unfinished.restore)
+
+
+def _undo(restore: _Restore) -> None:
+    context.leave(restore.entered)
+    restore.app_context.pop()
+
+
+def _no_flask_app(celery_app: Celery) -> ConfigurationError:
+    """Why a tenant task of ``celery_app`` cannot run: no Flask app to restore it in."""
+    return ConfigurationError(
+        f"The tenant task's Celery app {celery_app.main!r} belongs to no single Flask app "
+        "using TenantJobs: run the worker on 'tenant_jobs.celery', or set "
+        "app.extensions['celery'] to this Celery app."
+    )
+
+
+def _restorable_tenant(
+    task: Task, flask_app: Flask, wrapped: tuple[TenantTask, object] | None
+) -> str:
+    """The task's tenant, validated; raises ``NoTenantError``/``TenantNotFoundError``.
+
+    A wrapper task (``celery.map``...) whose message names no tenant falls back on the
+    one its tenant task's signature carries, and when run in place (``apply()``,
+    eager mode) on the caller's.
+    """
+    header = header_name(task.app)
+    raw = tenant_of_request(task.request, header)
+    if raw is None and wrapped is not None:
+        raw = wrapped[1]
+        if raw is None and task.request.is_eager:
+            raw = context.get_tenant()
     if raw is None:
-        raise NoTenantError(f"The tenant task {task.name!r} (its message names no tenant)")
-    extension = celery_app.flask_app.extensions["tenant_jobs"]
+        what = f"{task.name!r} of the tenant task {wrapped[0].name!r}" if wrapped else None
+        raise NoTenantError(
+            f"The tenant task {what or repr(task.name)} (its message names no tenant)",
+            SEND_HINT if wrapped else "",
+        )
+    extension = flask_app.extensions["tenant_jobs"]
     try:
         tenant = _validate_reloading_once(extension, raw)
     except TenantError:
-        signals.tenant_not_found.send(celery_app.flask_app, tenant=raw, source="task")
+        signals.tenant_not_found.send(flask_app, tenant=raw, source="task")
         raise
-    setattr(task.request, celery_app.tenant_header, tenant)
+    setattr(task.request, header, tenant)
     return tenant
 
 
@@ -157,7 +302,7 @@ def _validate_reloading_once(extension: t.Any, raw: object) -> str:
 
 def _dispose_engines_after_fork(**_: t.Any) -> None:
     """In a forked worker child, drop the pooled connections inherited from the parent."""
-    for app in list(_FLASK_APPS):
+    for app in flask_apps():
         db = app.extensions.get("sqlalchemy")
         if db is not None:
             with app.app_context():
@@ -172,8 +317,18 @@ def _add_tenant_to_worker_logs(logger: logging.Logger | None = None, **_: t.Any)
             handler.addFilter(TenantLogFilter())
 
 
+@control_command(name=REFRESH_COMMAND)  # type: ignore[untyped-decorator]
+def _refresh_tenants_command(state: t.Any) -> dict[str, str]:
+    """Remote control: forget the cached tenant names in this worker and the pool
+    processes it forked, so that a removed tenant is refused at once."""
+    registry.refresh_everywhere()
+    return {"ok": "tenant names will be read again"}
+
+
 task_prerun.connect(_restore_tenant)
 task_postrun.connect(_reset_tenant)
+task_internal_error.connect(_second_round_started)
+task_failure.connect(_second_round_ended)
 worker_process_init.connect(_dispose_engines_after_fork)
 after_setup_logger.connect(_add_tenant_to_worker_logs)
 after_setup_task_logger.connect(_add_tenant_to_worker_logs)

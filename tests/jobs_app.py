@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import os
 import typing as t
+from contextlib import ExitStack
 
 from celery import Task, shared_task
 from celery.exceptions import Ignore, Reject
-from flask import Flask
+from flask import Flask, has_app_context
 from flask_sqlalchemy import SQLAlchemy
 
 from flask_tenant_jobs import TenantJobs, TenantScoped, TenantTask, current_tenant, tenant_task
+from flask_tenant_jobs.context import is_unscoped
 
 db = SQLAlchemy()
 tenant_jobs = TenantJobs()
@@ -30,6 +32,10 @@ TENANTS = ["acme", "globex", "initech"]
 
 #: Failure/retry/success handler observations (in-process workers only).
 HANDLER_CALLS: list[tuple[str, str | None]] = []
+#: (handler, tenant, has app context) of the handlers around a task whose on_failure raises.
+RAISING_HANDLER_CALLS: list[tuple[str, str | None, bool]] = []
+#: ``without_tenant()`` blocks deliberately left open by ``leak_unscoped`` (never closed).
+LEFT_OPEN: list[ExitStack] = []
 
 
 class Seen(TenantScoped, db.Model):  # type: ignore[name-defined,misc]
@@ -65,6 +71,31 @@ class RecordingTask(TenantTask):
         self, exc: BaseException, task_id: str, args: t.Any, kwargs: t.Any, einfo: t.Any
     ) -> None:
         HANDLER_CALLS.append(("on_retry", current_tenant()))
+
+
+class RaisingFailureHandlerTask(TenantTask):
+    """A TenantTask whose on_failure records where it ran, then raises (every time)."""
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: t.Any, kwargs: t.Any, einfo: t.Any
+    ) -> None:
+        RAISING_HANDLER_CALLS.append(("on_failure", current_tenant(), has_app_context()))
+        raise RuntimeError("on_failure raised")
+
+
+class RaisingRetryHandlerTask(TenantTask):
+    """A TenantTask whose on_retry raises, so Celery's failure handlers run after postrun."""
+
+    def on_retry(
+        self, exc: BaseException, task_id: str, args: t.Any, kwargs: t.Any, einfo: t.Any
+    ) -> None:
+        RAISING_HANDLER_CALLS.append(("on_retry", current_tenant(), has_app_context()))
+        raise RuntimeError("on_retry raised")
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: t.Any, kwargs: t.Any, einfo: t.Any
+    ) -> None:
+        RAISING_HANDLER_CALLS.append(("on_failure", current_tenant(), has_app_context()))
 
 
 @tenant_task(bind=True)
@@ -134,6 +165,71 @@ def replace_with_observe(self: Task, label: t.Any = None) -> t.Any:
     return self.replace(observe_task.s(label))
 
 
+@tenant_task(bind=True, base=RaisingFailureHandlerTask)
+def fail_with_raising_handler(self: Task, label: t.Any = None) -> None:
+    """Fail, so that the raising on_failure (and the errbacks) run."""
+    raise ValueError(f"failing in {current_tenant()}")
+
+
+@tenant_task(bind=True, base=RaisingRetryHandlerTask, max_retries=3, default_retry_delay=0)
+def retry_with_raising_handler(self: Task, label: t.Any = None) -> str | None:
+    """Ask for one retry, so that the raising on_retry runs; the retried run succeeds."""
+    if not self.request.retries:
+        raise self.retry(countdown=0)
+    return current_tenant()
+
+
+@tenant_task(bind=True)
+def replace_with_map(self: Task, label: t.Any = None) -> t.Any:
+    """Replace itself with a map of ``observe_task``."""
+    return self.replace(observe_task.map([label, label]))
+
+
+@tenant_task
+def collect_tenants(results: list[t.Any]) -> list[t.Any]:
+    """A chord body: the tenants of the header's observations (lists for maps), then its own."""
+    seen = [[o["tenant"] for o in r] if isinstance(r, list) else r["tenant"] for r in results]
+    return [*seen, current_tenant()]
+
+
+@tenant_task(bind=True)
+def record_errback(self: Task, *args: t.Any) -> None:
+    """A link_error target recording the tenant and app context it ran with."""
+    RAISING_HANDLER_CALLS.append(("errback", current_tenant(), has_app_context()))
+
+
+@tenant_task
+def record_link(result: t.Any) -> str:
+    """A link (or link_error) target: write a row labelled after the parent's label (or,
+    as an errback, the failed task's id), in this task's tenant."""
+    label = f"link:{result['label'] if isinstance(result, dict) else result}"
+    db.session.add(Seen(label=label, believed=current_tenant()))
+    db.session.commit()
+    return label
+
+
+@tenant_task(bind=True)
+def leak_unscoped(self: Task, label: t.Any = None) -> bool:
+    """Enter ``without_tenant()`` and never leave it (an ExitStack left open)."""
+    stack = ExitStack()
+    stack.enter_context(tenant_jobs.without_tenant())
+    LEFT_OPEN.append(stack)
+    return is_unscoped()
+
+
+@tenant_task
+def scoping_of_task(label: t.Any = None) -> dict[str, t.Any]:
+    """Whether scoping is on, and which rows of ``Seen`` this task can read."""
+    visible = sorted({row.tenant_id for row in Seen.query.all()})
+    return {"tenant": current_tenant(), "unscoped": is_unscoped(), "visible": visible}
+
+
+@shared_task
+def plain_scoping() -> bool:
+    """A plain task: whether it runs with the unscoped flag set."""
+    return is_unscoped()
+
+
 @shared_task(bind=True)
 def plain_observe(self: Task, label: t.Any = None) -> dict[str, t.Any]:
     """A plain (cross-tenant) task: it must run with no tenant."""
@@ -181,7 +277,9 @@ def create_app(**overrides: t.Any) -> Flask:
 #   (``INCR jobs:tenant_source_calls`` at ``JOBS_COUNTER_URL``, when set);
 # * ``JOBS_CACHE_SECONDS``: ``TENANT_JOBS_CACHE_SECONDS``;
 # * ``JOBS_BEAT=1``: a beat schedule running ``write_seen`` every second for every tenant
-#   (label ``beat-all``) and for ``globex`` only (label ``beat-globex``);
+#   (label ``beat-all``), for ``globex`` only (label ``beat-globex``), pinned to
+#   ``initech`` by its headers (``beat-pinned``), and for ``acme`` and ``hooli``, a tenant
+#   that does not exist (``beat-subset``);
 # * ``JOBS_WARM_ENGINE=1``: the app opens (and pools) a database connection when it is
 #   made, and records its server pid in Redis (``jobs:parent_backend_pid``), so that a
 #   forked worker child would inherit it unless the engines are disposed after the fork;
@@ -231,6 +329,18 @@ BEAT_SCHEDULE = {
         "schedule": 1.0,
         "args": ("beat-globex",),
         "options": {"tenants": ["globex"]},
+    },
+    "write-seen-pinned": {
+        "task": "tests.jobs_app.write_seen",
+        "schedule": 1.0,
+        "args": ("beat-pinned",),
+        "options": {"headers": {"tenant_for_job": "initech"}},
+    },
+    "write-seen-subset-with-a-tenant-that-left": {
+        "task": "tests.jobs_app.write_seen",
+        "schedule": 1.0,
+        "args": ("beat-subset",),
+        "options": {"tenants": ["acme", "hooli"]},
     },
 }
 

@@ -4,11 +4,14 @@ per thread, gevent greenlet and asyncio task."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import subprocess
 import sys
 import textwrap
 import threading
 import typing as t
+import warnings
+from contextlib import ExitStack, closing
 from pathlib import Path
 
 import pytest
@@ -169,6 +172,129 @@ def test_each_restores_the_outer_tenant_when_the_body_raises(tenant_jobs: Tenant
             for _ in tenant_jobs.each():
                 raise RuntimeError
         assert current_tenant() == "initech"
+
+
+def test_each_bound_to_a_variable_and_closed_late_changes_no_ones_tenant(
+    tenant_jobs: TenantJobs,
+) -> None:
+    """Regression: a broken-out-of ``each()`` collected inside another tenant's switch
+    restored its stale tenant there (globex showed up inside ``switch("initech")``)."""
+    with tenant_jobs.switch("globex"):
+        tenants = tenant_jobs.each()
+        for _ in tenants:
+            break
+        assert current_tenant() == "acme"  # no code runs on break: documented
+    with tenant_jobs.switch("initech"):
+        with pytest.warns(ResourceWarning, match="collected unclosed"):
+            del tenants
+            gc.collect()
+        assert current_tenant() == "initech"
+    assert current_tenant() is None
+
+
+def test_each_closed_late_with_close_changes_no_ones_tenant(tenant_jobs: TenantJobs) -> None:
+    tenants = tenant_jobs.each()
+    assert next(tenants) == "acme"
+    with tenant_jobs.switch("initech"):
+        tenants.close()
+        assert current_tenant() == "initech"
+        with tenant_jobs.switch("acme"):  # the same tenant as the iterator's: still not its
+            tenants.close()
+            assert current_tenant() == "acme"
+        assert current_tenant() == "initech"
+    assert list(tenants) == []
+
+
+def test_each_closed_while_its_tenant_is_current_restores_the_previous(
+    tenant_jobs: TenantJobs,
+) -> None:
+    with tenant_jobs.switch("globex"):
+        tenants = tenant_jobs.each()
+        for name in tenants:
+            with tenant_jobs.switch("initech"):  # balanced switches in the body are fine
+                pass
+            if name == "globex":
+                break
+        assert current_tenant() == "globex"
+        tenants.close()
+        assert current_tenant() == "globex"  # the tenant of before the loop
+    assert current_tenant() is None
+
+
+def test_each_in_a_with_block_restores_the_previous_tenant_after_break(
+    tenant_jobs: TenantJobs,
+) -> None:
+    with tenant_jobs.switch("initech"), tenant_jobs.each() as tenants:
+        for name in tenants:
+            if name == "acme":
+                break
+    assert current_tenant() is None
+    with tenant_jobs.switch("initech"):
+        with closing(tenant_jobs.each()) as tenants:
+            for _ in tenants:
+                break
+        assert current_tenant() == "initech"
+
+
+def test_each_collected_in_another_thread_changes_nothing(tenant_jobs: TenantJobs) -> None:
+    tenants = tenant_jobs.each()
+    next(tenants)
+    holder = [tenants]
+    del tenants
+    seen: list[str | None] = []
+
+    def collect_here() -> None:
+        with tenant_jobs.switch("globex"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ResourceWarning)
+                holder.clear()
+                gc.collect()
+            seen.append(current_tenant())
+
+    thread = threading.Thread(target=collect_here)
+    thread.start()
+    thread.join(timeout=10)
+    assert seen == ["globex"]
+    assert current_tenant() == "acme"  # left behind by next(): this thread's own to end
+
+
+def test_call_for_each_tenant_cannot_leave_a_tenant_behind(tenant_jobs: TenantJobs) -> None:
+    with tenant_jobs.switch("initech"):
+        results = tenant_jobs.call_for_each_tenant(lambda name: (name, current_tenant()))
+        assert current_tenant() == "initech"
+    assert results == {name: (name, name) for name in ("acme", "globex", "initech")}
+
+    def fail_in_globex(name: str) -> None:
+        if name == "globex":
+            raise RuntimeError(current_tenant())
+
+    with pytest.raises(RuntimeError, match="globex"):
+        tenant_jobs.call_for_each_tenant(fail_in_globex)
+    assert current_tenant() is None
+
+
+def test_a_switch_closed_late_changes_no_ones_tenant(tenant_jobs: TenantJobs) -> None:
+    """A ``switch()`` left open in an ExitStack and collected inside another switch."""
+    stack = ExitStack()
+    stack.enter_context(tenant_jobs.switch("acme"))
+    with tenant_jobs.switch("globex"):
+        stack.pop_all()  # the switch's generator is dropped, unclosed
+        del stack
+        gc.collect()
+        assert current_tenant() == "globex"
+
+
+def test_a_without_tenant_block_closed_late_never_turns_scoping_off(
+    tenant_jobs: TenantJobs,
+) -> None:
+    with tenant_jobs.without_tenant():
+        stack = ExitStack()
+        stack.enter_context(tenant_jobs.without_tenant())
+    assert not is_unscoped()  # the outer block ended scoped-off mode for this context
+    stack.pop_all()
+    del stack
+    gc.collect()  # the inner block's late close must not turn it back on
+    assert not is_unscoped()
 
 
 def test_without_tenant_keeps_the_tenant_and_turns_scoping_off(tenant_jobs: TenantJobs) -> None:

@@ -47,7 +47,7 @@ from celery.app.trace import build_tracer
 from flask import Flask, has_app_context
 from flask_sqlalchemy import SQLAlchemy
 
-from flask_tenant_jobs import TenantJobs, current_tenant, tenant_task
+from flask_tenant_jobs import TenantJobs, TenantSourceError, current_tenant, tenant_task
 from tests import stress_app
 from tests.worker_processes import Worker, redis_db_url, subprocess_env, wait_until
 
@@ -356,7 +356,8 @@ def test_a_failing_tenant_lookup_stops_the_task_before_its_body() -> None:
 
     Regression: only ``TenantError`` was kept for ``TenantTask.__call__``; any other
     error escaped the ``task_prerun`` receiver, where Celery only logs it, so the
-    body ran with no tenant and the pushed app context was never popped.
+    body ran with no tenant and the pushed app context was never popped. With
+    ``TENANT_JOBS_STALE_SECONDS=0`` no last good list is served once it fails.
     """
     down = False
 
@@ -371,6 +372,7 @@ def test_a_failing_tenant_lookup_stops_the_task_before_its_body() -> None:
         SQLALCHEMY_DATABASE_URI="sqlite://",
         TENANT_JOBS_TENANTS=tenants_from_table,
         TENANT_JOBS_CACHE_SECONDS=0,  # every lookup reads the source
+        TENANT_JOBS_STALE_SECONDS=0,  # and a failure leaves no list to serve
         CELERY={"broker_url": "memory://", "result_backend": "cache+memory://"},
     )
     TenantJobs(app, db=SQLAlchemy(app))
@@ -387,7 +389,8 @@ def test_a_failing_tenant_lookup_stops_the_task_before_its_body() -> None:
     assert run("up").retval == "acme"
     down = True
     failed = run("down")
-    assert isinstance(failed.retval.exception, ConnectionError)
+    assert isinstance(failed.retval.exception, TenantSourceError)
+    assert "the tenants table is unreachable" in str(failed.retval.exception)
     assert celery_app.AsyncResult("down").state == "FAILURE"
     assert BODY_RUNS == ["acme"]  # the body did not run without its tenant
     assert not has_app_context()  # and the app context was popped

@@ -17,7 +17,7 @@ def _user_project(pytester: pytest.Pytester) -> None:
 def test_plugin_fixtures_markers_and_reset(pytester: pytest.Pytester) -> None:
     _user_project(pytester)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q")
-    result.assert_outcomes(passed=7)
+    result.assert_outcomes(passed=8)
 
 
 def test_unknown_tenant_marker_fails_clearly(pytester: pytest.Pytester) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import types
 import typing as t
 
@@ -17,6 +19,7 @@ from flask_tenant_jobs import (
     TenantJobs,
     TenantNotFoundError,
     TenantScoped,
+    TenantSourceError,
     current_tenant,
 )
 from flask_tenant_jobs import registry as registry_module
@@ -199,12 +202,186 @@ def test_malformed_names_never_reach_the_source_or_sql(
     assert sql.statements == []
 
 
-def test_a_source_with_invalid_names_is_a_configuration_error() -> None:
-    app, tenant_jobs = make_app(
-        SQLAlchemy(), "sqlite://", TENANT_JOBS_TENANTS=lambda: ["acme", "Bad Name"]
-    )
-    with app.app_context(), pytest.raises(ConfigurationError, match="TENANT_JOBS_TENANTS"):
+class FlakySource:
+    """A ``TENANT_JOBS_TENANTS`` callable that counts its calls and can be made to fail."""
+
+    def __init__(self, names: list[t.Any]) -> None:
+        self.names: t.Any = names
+        self.error: Exception | None = None
+        self.calls = 0
+
+    def __call__(self) -> t.Any:
+        self.calls += 1
+        if self.error is not None:
+            raise self.error
+        return self.names
+
+
+def flaky_site(source: FlakySource, **config: t.Any) -> tuple[Flask, TenantJobs]:
+    """An app on ``source`` (cached 30 s, stale after 300 s) with a ``/whoami`` view."""
+    config = {"TENANT_JOBS_CACHE_SECONDS": 30, "TENANT_JOBS_STALE_SECONDS": 300, **config}
+    app, tenant_jobs = make_app(SQLAlchemy(), "sqlite://", TENANT_JOBS_TENANTS=source, **config)
+
+    @app.route("/whoami")
+    def whoami() -> str:
+        return current_tenant() or "-"
+
+    return app, tenant_jobs
+
+
+def statuses(app: Flask, host: str, times: int) -> list[int]:
+    client = app.test_client()
+    return [client.get(f"http://{host}/whoami").status_code for _ in range(times)]
+
+
+def test_a_source_with_invalid_names_skips_them_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression: one malformed name took every tenant down (500s, and the source was
+    called again on every request)."""
+    source = FlakySource(["acme", "Bad Name", "globex", "x'; drop table t; --"])
+    app, tenant_jobs = flaky_site(source)
+    with caplog.at_level("WARNING", logger="flask_tenant_jobs.registry"):
+        assert statuses(app, "acme.example.test", 20) == [200] * 20
+        with app.app_context():
+            assert tenant_jobs.tenant_names() == ["acme", "globex"]
+    assert source.calls == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "'Bad Name'" in warnings[0] and "drop table" in warnings[0]
+
+
+def test_a_failing_source_serves_the_last_good_list(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: a source that raised made every request call it again and answer 500."""
+    source = FlakySource(["acme", "globex"])
+    app, _ = flaky_site(source)
+    assert statuses(app, "acme.example.test", 1) == [200]
+    source.error = OSError("tenants table unreachable")
+    clock.now += 31  # the cache expired: the next lookup reads the source, which fails
+    with caplog.at_level("WARNING", logger="flask_tenant_jobs.registry"):
+        assert statuses(app, "acme.example.test", 20) == [200] * 20
+        assert statuses(app, "initech.example.test", 5) == [404] * 5
+        assert source.calls == 2  # once when it worked, once failing: not once per request
+        clock.now += 31
+        assert statuses(app, "globex.example.test", 20) == [200] * 20
+        assert source.calls == 3  # the next period: once more
+    failures = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert len(failures) == 2  # logged once per cache period
+    assert "tenants table unreachable" in failures[0].getMessage()
+    source.error = None
+    source.names = ["acme"]
+    clock.now += 31
+    assert statuses(app, "globex.example.test", 1) == [404]  # the source works again
+
+
+def test_the_last_good_list_is_served_for_a_bounded_time(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = FlakySource(["acme"])
+    app, tenant_jobs = flaky_site(source)
+    assert statuses(app, "acme.example.test", 1) == [200]
+    source.error = OSError("down")
+    for _ in range(10):  # 10 cache periods = 310 s: past TENANT_JOBS_STALE_SECONDS
+        clock.now += 31
+        statuses(app, "acme.example.test", 1)
+    assert source.calls == 11
+    with caplog.at_level("ERROR", logger="flask_tenant_jobs.registry"):
+        clock.now += 31
+        assert statuses(app, "acme.example.test", 10) == [503] * 10
+    assert source.calls == 12
+    assert any("every tenant lookup fails" in r.getMessage() for r in caplog.records)
+    with app.app_context(), pytest.raises(TenantSourceError, match="TENANT_JOBS_STALE_SECONDS"):
         tenant_jobs.tenant_names()
+    assert source.calls == 12
+
+
+def test_no_list_ever_read_fails_closed(clock: FakeClock) -> None:
+    """The source failed from the start: requests answer 503, lookups raise, and the
+    source is still called at most once per cache period."""
+    source = FlakySource(["acme"])
+    source.error = OSError("down")
+    app, tenant_jobs = flaky_site(source)
+    assert statuses(app, "acme.example.test", 20) == [503] * 20
+    assert statuses(app, "example.test", 1) == [200]  # no tenant to check: served
+    with app.app_context():
+        with pytest.raises(TenantSourceError):
+            tenant_jobs.exists("acme")
+        with pytest.raises(TenantSourceError), tenant_jobs.switch("acme"):
+            pass
+        assert not tenant_jobs.exists("Not A Name")  # malformed: never looked up
+    assert source.calls == 1
+    clock.now += 31
+    source.error = None
+    assert statuses(app, "acme.example.test", 1) == [200]
+    assert source.calls == 2
+
+
+def test_refresh_forces_a_read_but_misses_stay_bounded_while_failing(clock: FakeClock) -> None:
+    source = FlakySource(["acme"])
+    app, tenant_jobs = flaky_site(source)
+    with app.app_context():
+        assert tenant_jobs.exists("acme")
+        source.error = OSError("down")
+        clock.now += 2
+        assert tenant_jobs.refresh(older_than=1.0)  # a worker's miss: allowed, fails
+        assert tenant_jobs.exists("acme")  # the last good list
+        assert source.calls == 2
+        clock.now += 2
+        assert not tenant_jobs.refresh(older_than=1.0)  # failing: once per cache period
+        assert tenant_jobs.refresh()  # an explicit refresh always reads
+        assert tenant_jobs.exists("acme")
+        assert source.calls == 3
+
+
+@pytest.mark.parametrize("returned", ["acme", None, 42], ids=repr)
+def test_a_source_returning_no_list_counts_as_failing(
+    returned: object, caplog: pytest.LogCaptureFixture, clock: FakeClock
+) -> None:
+    source = FlakySource(["acme"])
+    app, tenant_jobs = flaky_site(source)
+    with app.app_context():
+        assert tenant_jobs.exists("acme")
+        source.names = returned
+        clock.now += 31
+        with caplog.at_level("WARNING", logger="flask_tenant_jobs.registry"):
+            assert tenant_jobs.tenant_names() == ["acme"]
+        assert "not a list of names" in caplog.text
+
+
+def test_a_lookup_during_another_threads_read_waits_for_its_names() -> None:
+    """Regression (found by the threads-pool stress test): the cache was marked fresh
+    before the names were stored, so a thread looking up during another's first read
+    found no tenants at all."""
+    reading, release = threading.Event(), threading.Event()
+
+    def slow_source() -> list[str]:
+        reading.set()
+        release.wait(10)
+        return ["acme"]
+
+    app, tenant_jobs = make_app(SQLAlchemy(), "sqlite://", TENANT_JOBS_TENANTS=slow_source)
+    found: list[bool] = []
+
+    def look_up() -> None:
+        with app.app_context():
+            found.append(tenant_jobs.exists("acme"))
+
+    first, second = threading.Thread(target=look_up), threading.Thread(target=look_up)
+    first.start()
+    assert reading.wait(10)
+    second.start()
+    time.sleep(0.1)  # the second lookup is under way while the first reads
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert found == [True, True]
+
+
+def test_stale_seconds_must_not_be_negative() -> None:
+    with pytest.raises(ConfigurationError, match="TENANT_JOBS_STALE_SECONDS"):
+        make_app(SQLAlchemy(), "sqlite://", TENANT_JOBS_STALE_SECONDS=-1)
 
 
 def test_a_single_string_is_a_configuration_error() -> None:

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from flask_tenant_jobs import TenantJobs, TenantScoped, current_tenant
+from flask_tenant_jobs.context import is_unscoped
 from flask_tenant_jobs.signals import tenant_not_found, tenant_resolved, tenant_switched
 
 from .core_app import StatementCounter, make_app, tables
@@ -406,6 +407,40 @@ def test_a_request_restores_the_callers_tenant(site: Site) -> None:
         assert current_tenant() == "globex"
         assert site.get("http://example.test/whoami").json == {"tenant": None, "current": None}
         assert current_tenant() == "globex"
+
+
+#: ``without_tenant()`` blocks a view left open on purpose (an ExitStack never closed).
+LEFT_OPEN: list[ExitStack] = []
+
+
+@pytest.mark.parametrize("propagate", [False, True])
+def test_a_without_tenant_block_left_open_ends_with_its_request(
+    site: Site, propagate: bool
+) -> None:
+    """Regression: the unscoped flag outlived the request, so every later request (and
+    task) on the thread read every tenant's rows."""
+
+    @site.app.route("/leave-unscoped")
+    def leave_unscoped() -> str:
+        stack = ExitStack()
+        stack.enter_context(site.tenant_jobs.without_tenant())
+        LEFT_OPEN.append(stack)
+        raise RuntimeError("the view failed before closing its stack")
+
+    site.app.config["PROPAGATE_EXCEPTIONS"] = propagate
+    if propagate:
+        with pytest.raises(RuntimeError):
+            site.get("http://acme.example.test/leave-unscoped")
+    else:
+        assert site.get("http://acme.example.test/leave-unscoped").status_code == 500
+    assert not is_unscoped()
+    assert site.get("http://globex.example.test/tickets").json["titles"] == ["hammock"]
+
+
+def test_a_request_starts_scoped_inside_without_tenant(site: Site) -> None:
+    with site.tenant_jobs.without_tenant():
+        assert site.get("http://globex.example.test/tickets").json["titles"] == ["hammock"]
+        assert is_unscoped()  # the caller's block is back when the request ends
 
 
 # -- signals ----------------------------------------------------------------------------

@@ -41,6 +41,8 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from flask import Flask
 
+from flask_tenant_jobs import ConfigurationError
+from flask_tenant_jobs.beat import TenantScheduler
 from flask_tenant_jobs.cli import _pool_option
 from tests.jobs_app import (
     PARENT_BACKEND_PID_KEY,
@@ -496,6 +498,52 @@ def test_prefork_children_do_not_share_the_parents_connections(
     assert pool_worker.pid not in {v["pid"] for v in values}  # tasks ran in the children
 
 
+@pytest.mark.slow
+def test_refresh_workers_ends_a_removed_tenants_window_in_every_pool_process(
+    jobs: Jobs, tmp_path: Path
+) -> None:
+    """A tenant removed from the source runs on until the cache expires (an hour here);
+    ``refresh_workers()`` ends that at once, in every prefork child of the worker."""
+    queue = f"ftj-refresh-{RUN_ID}"
+    env = jobs.env(
+        POOL_DB, JOBS_TENANTS_FROM_TABLE="1", JOBS_CACHE_SECONDS="3600", JOBS_DEFAULT_QUEUE=queue
+    )
+    worker = Worker(VARIANT_APP, "prefork", 2, env, tmp_path / "worker.log")
+
+    def send_to_hooli(label: str) -> list[AsyncResult]:
+        return [
+            Celery.send_task(
+                jobs.celery, "tests.jobs_app.db_backend", (f"{label}-{i}",),
+                headers={HEADER: "hooli"}, queue=queue,
+            )
+            for i in range(12)
+        ]  # fmt: skip
+
+    try:
+        worker.wait_ready(jobs.celery)
+        db.session.add(Tenant(name="hooli"))
+        db.session.commit()
+        time.sleep(1.1)  # a child's miss may read the source again once a second
+        created = jobs.collect(send_to_hooli("created"), worker)
+        assert tenants_of(created) == ["hooli"] * 12, created
+        assert len({value["pid"] for value in created}) == 2  # both children know hooli now
+
+        db.session.execute(Tenant.__table__.delete().where(Tenant.name == "hooli"))
+        db.session.commit()
+        removed = jobs.collect(send_to_hooli("removed"), worker)
+        assert tenants_of(removed) == ["hooli"] * 12  # the documented window: still cached
+
+        with jobs.app.app_context():
+            assert worker.hostname in tenant_jobs.refresh_workers(timeout=2.0)
+        refused = jobs.collect(send_to_hooli("refreshed"), worker)
+        assert [type(value).__name__ for value in refused] == ["TenantNotFoundError"] * 12
+    finally:
+        worker.stop()
+        db.session.rollback()
+        db.session.execute(Tenant.__table__.delete().where(Tenant.name == "hooli"))
+        db.session.commit()
+
+
 # -- 5. the CLI -----------------------------------------------------------------------------
 
 
@@ -608,7 +656,9 @@ def test_beat_runs_entries_per_tenant_and_picks_up_new_tenants(
         return {tenant for row_label, tenant, _ in jobs.seen_rows(label) if row_label == label}
 
     def every_entry_ran() -> bool:
-        return tenants_with("beat-all") >= set(TENANTS) and bool(tenants_with("beat-globex"))
+        return tenants_with("beat-all") >= set(TENANTS) and all(
+            tenants_with(label) for label in ("beat-globex", "beat-pinned", "beat-subset")
+        )
 
     try:
         worker.wait_ready(control)
@@ -618,6 +668,9 @@ def test_beat_runs_entries_per_tenant_and_picks_up_new_tenants(
         wait_until(every_entry_ran, 10, "beat rows in every tenant", logs)
         assert tenants_with("beat-all") == set(TENANTS)
         assert tenants_with("beat-globex") == {"globex"}
+        assert tenants_with("beat-pinned") == {"initech"}  # regression: it ran in every tenant
+        assert tenants_with("beat-subset") == {"acme"}  # regression: 'hooli' stopped the entry
+        assert "skipping tenant(s) 'hooli'" in processes[1].log()
 
         db.session.add(Tenant(name="umbrella"))  # no restart: beat and worker read the table
         db.session.commit()
@@ -625,6 +678,7 @@ def test_beat_runs_entries_per_tenant_and_picks_up_new_tenants(
             lambda: "umbrella" in tenants_with("beat-all"), 10, "rows of a tenant added later", logs
         )
         assert tenants_with("beat-globex") == {"globex"}
+        assert tenants_with("beat-pinned") == {"initech"}
         rows = jobs.seen_rows("beat-")
         assert all(tenant_id == believed for _, tenant_id, believed in rows), rows
     finally:
@@ -633,6 +687,32 @@ def test_beat_runs_entries_per_tenant_and_picks_up_new_tenants(
         db.session.rollback()
         db.session.execute(Tenant.__table__.delete().where(Tenant.name == "umbrella"))
         db.session.commit()
+
+
+BAD_TENANT_OPTIONS: dict[str, tuple[dict[str, t.Any], str]] = {
+    "a string": ({"tenants": "acme"}, "single string"),
+    "a malformed name": ({"tenants": ["acme", "Not A Name"]}, "Invalid tenant name"),
+    "pinned and a subset": (
+        {"tenants": ["acme"], "headers": {HEADER: "globex"}},
+        "pin the task to tenant 'globex'",
+    ),
+    "a malformed pinned name": ({"headers": {HEADER: "Globex!"}}, "Invalid tenant name"),
+}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"), BAD_TENANT_OPTIONS.values(), ids=BAD_TENANT_OPTIONS.keys()
+)
+def test_beat_refuses_malformed_tenant_options_when_the_schedule_loads(
+    tmp_path: Path, options: dict[str, t.Any], message: str
+) -> None:
+    """Regression: ``tenants="acme"`` was read letter by letter, at every tick."""
+    schedule = {"bad": {"task": "tests.jobs_app.write_seen", "schedule": 1.0, "options": options}}
+    app = create_app(CELERY={"broker_url": "memory://", "beat_schedule": schedule})
+    celery_app = app.extensions["celery"]
+    with pytest.raises(ConfigurationError, match=f"entry 'bad'.*{re.escape(message)}"):
+        TenantScheduler(app=celery_app, schedule_filename=str(tmp_path / "schedule"))
+    celery_app.close()
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import pytest
 from celery import chain
 from conftest import Order, db, process_order
 
-from flask_tenant_jobs import TenantJobs, current_tenant
+from flask_tenant_jobs import NoTenantError, TenantJobs, current_tenant
 
 OPEN_SWITCHES: list[t.Any] = []
 
@@ -57,6 +57,18 @@ def test_perform_follows_a_chain(tenant_jobs: TenantJobs, enqueued_tasks: t.Any)
     assert len(enqueued_tasks) == 1
     assert enqueued_tasks.perform() == ["globex", "globex"]
     assert len(enqueued_tasks) == 2
+
+
+def test_perform_runs_map_in_its_tenant(tenant_jobs: TenantJobs, enqueued_tasks: t.Any) -> None:
+    with tenant_jobs.switch("acme"):
+        orders = [Order(), Order()]
+        db.session.add_all(orders)
+        db.session.commit()
+        process_order.map([order.id for order in orders]).delay()
+    with pytest.raises(NoTenantError):
+        process_order.map([1]).delay()  # no tenant: refused where it is sent
+    assert [(r.name, r.tenant) for r in enqueued_tasks] == [("celery.map", "acme")]
+    assert enqueued_tasks.perform() == [["acme", "acme"]]
 
 
 def test_leaves_a_switch_open(tenant_jobs: TenantJobs) -> None:
