@@ -277,14 +277,14 @@ def fan_out_names(
 
 
 def _require_tenant_celery(task: TenantTask) -> None:
-    """Refuse to send or run a tenant task through a Celery app that ``init_app`` did not make.
+    """Refuse to send or run a tenant task through a Celery app that no Flask app owns.
 
-    Without ``app.config["CELERY"]`` the task would go to Celery's default app,
-    which publishes to a broker on localhost, and no worker would restore its tenant.
+    Without ``app.config["CELERY"]`` (or Flask's own ``celery_init_app`` pattern, which
+    sets ``app.extensions["celery"]``) the task would go to Celery's default app, which
+    publishes to a broker on localhost, and no worker would restore its tenant.
     """
-    flask_app = current_app if has_app_context() else None
-    unconfigured = flask_app is not None and "celery" not in flask_app.extensions
-    if getattr(task.app, "flask_app", None) is None or unconfigured:
+    owner = flask_app_of(task.app)
+    if "celery" not in owner.extensions:
         raise ConfigurationError(
             f"The tenant task {task.name!r} has no Celery app to go through: set "
             "app.config['CELERY'] to a dict of Celery settings, e.g. {'broker_url': "

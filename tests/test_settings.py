@@ -20,12 +20,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def init(**config: t.Any) -> TenantJobs:
     """``TenantJobs`` on a fresh app with a valid base configuration plus ``config``."""
+    return t.cast(TenantJobs, init_app(**config).extensions["tenant_jobs"])
+
+
+def init_app(**config: t.Any) -> Flask:
+    """A fresh app with ``TenantJobs``, a valid base configuration plus ``config``."""
     app = Flask(__name__)
     app.config.update(
         SQLALCHEMY_DATABASE_URI="sqlite://", SERVER_NAME="example.test", TENANT_JOBS_TENANTS=["a"]
     )
     app.config.update(config)
-    return TenantJobs(app, db=SQLAlchemy(app))
+    TenantJobs(app, db=SQLAlchemy(app))
+    return app
 
 
 def refused(**config: t.Any) -> str:
@@ -109,7 +115,7 @@ def test_a_long_value_is_shortened_in_the_message() -> None:
 
 
 def test_the_accepted_forms_are_read() -> None:
-    tenant_jobs = init(
+    app = init_app(
         TENANT_JOBS_TENANTS=("acme", "globex"),
         TENANT_JOBS_EXCLUDED_SUBDOMAINS={"WWW", "Admin"},
         TENANT_JOBS_EXCLUDED_PATHS=("/static", "/health"),
@@ -118,7 +124,7 @@ def test_the_accepted_forms_are_read() -> None:
         TENANT_JOBS_DOMAINS={"shop.acme.com": "acme"},
         TENANT_JOBS_REQUIRE_TENANT=False,
     )
-    app = next(iter(tenant_jobs._states))
+    tenant_jobs = app.extensions["tenant_jobs"]
     with app.app_context():
         settings = tenant_jobs.settings
         assert tenant_jobs.tenant_names() == ["acme", "globex"]
@@ -130,20 +136,20 @@ def test_the_accepted_forms_are_read() -> None:
 
 
 def test_a_key_set_to_none_takes_its_default() -> None:
-    tenant_jobs = init(TENANT_JOBS_STRATEGY=None, TENANT_JOBS_BASE_DOMAIN=None)
-    app = next(iter(tenant_jobs._states))
+    app = init_app(TENANT_JOBS_STRATEGY=None, TENANT_JOBS_BASE_DOMAIN=None)
+    tenant_jobs = app.extensions["tenant_jobs"]
     with app.app_context():
         assert tenant_jobs.settings.strategy == "column"
         assert tenant_jobs.settings.base_domain == "example.test"  # from SERVER_NAME
 
 
 def test_callables_are_accepted_where_documented() -> None:
-    tenant_jobs = init(
+    app = init_app(
         TENANT_JOBS_TENANTS=lambda: ["acme"],
         TENANT_JOBS_RESOLVER=lambda request: None,
         TENANT_JOBS_DOMAINS=lambda host: None,
     )
-    app = next(iter(tenant_jobs._states))
+    tenant_jobs = app.extensions["tenant_jobs"]
     with app.app_context():
         assert tenant_jobs.tenant_names() == ["acme"]
 
@@ -168,8 +174,8 @@ def test_a_tenant_task_of_an_app_without_celery_is_refused_not_sent(
     publishes to a broker on localhost; it is refused before anything is published."""
     published: list[t.Any] = []
     monkeypatch.setattr(Celery, "send_task", lambda self, *a, **k: published.append(a))
-    tenant_jobs = init(TENANT_JOBS_TENANTS=["acme"])
-    app = next(iter(tenant_jobs._states))
+    app = init_app(TENANT_JOBS_TENANTS=["acme"])
+    tenant_jobs = app.extensions["tenant_jobs"]
     with app.app_context(), tenant_jobs.switch("acme"):
         for send in (
             lambda: ship_parcel.delay(1),

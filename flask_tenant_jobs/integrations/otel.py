@@ -27,7 +27,7 @@ from flask import Flask, got_request_exception, request_finished
 from opentelemetry import trace
 
 from .. import context
-from ..tasks import TenantTask
+from ..tasks import TenantTask, header_name
 
 try:
     from opentelemetry.instrumentation.celery import utils as celery_spans
@@ -76,7 +76,7 @@ def _tag_publish_span(**message: t.Any) -> None:
     headers = message.get("headers")
     if attribute is None or not headers or not isinstance(task, TenantTask):
         return  # a plain task carries no tenant, whatever its headers say
-    tenant = headers.get(task.app.tenant_header)
+    tenant = headers.get(header_name(task.app))
     task_id = celery_spans.retrieve_task_id_from_message(message)
     if tenant is None or task_id is None:
         return

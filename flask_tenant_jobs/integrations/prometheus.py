@@ -42,7 +42,7 @@ from prometheus_client import (
 )
 
 from .. import context, signals
-from ..tasks import TenantTask
+from ..tasks import TenantTask, header_name
 
 #: The label of the tenants beyond the cap.
 OTHER = "other"
@@ -149,8 +149,9 @@ def _tenant_of_message(sender: str | None, headers: dict[str, t.Any] | None) -> 
         return None
     for celery_app in _celery_apps:
         if isinstance(celery_app.tasks.get(sender), TenantTask):
-            tenant = headers.get(celery_app.tenant_header)
-            return tenant if isinstance(tenant, str) else None
+            tenant = headers.get(header_name(celery_app))
+            if isinstance(tenant, str):
+                return tenant
     return None
 
 
