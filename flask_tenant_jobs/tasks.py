@@ -283,7 +283,10 @@ def _require_tenant_celery(task: TenantTask) -> None:
     sets ``app.extensions["celery"]``) the task would go to Celery's default app, which
     publishes to a broker on localhost, and no worker would restore its tenant.
     """
-    owner = flask_app_of(task.app)
+    if has_app_context() and "tenant_jobs" in current_app.extensions:
+        owner: Flask = current_app
+    else:
+        owner = flask_app_of(task.app)
     if "celery" not in owner.extensions:
         raise ConfigurationError(
             f"The tenant task {task.name!r} has no Celery app to go through: set "
