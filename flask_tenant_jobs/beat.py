@@ -16,9 +16,9 @@ import logging
 import typing as t
 
 from celery.beat import PersistentScheduler, ScheduleEntry
-from flask import current_app
 
 from .errors import ConfigurationError, TenantError
+from .state import extension_of
 from .tasks import TenantTask, fan_out_names, flask_app_of, header_name
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def _check_tenant_options(name: str, options: t.Mapping[str, t.Any], header: str
 
 def _existing(names: list[str], entry_name: str) -> list[str]:
     """The tenants of ``names`` that exist now; the others are skipped with a warning."""
-    extension = current_app.extensions["tenant_jobs"]
+    extension = extension_of()
     missing = [name for name in names if not extension.exists(name)]
     if missing:
         logger.warning(

@@ -13,6 +13,10 @@ from flask.cli import AppGroup, ScriptInfo
 
 from .errors import TenantError
 from .registry import validate_name
+from .state import extension_of
+
+if t.TYPE_CHECKING:
+    from .extension import TenantJobs
 
 tenant_jobs_cli = AppGroup("tenant-jobs", help="Tenants, and the Celery worker and beat.")
 
@@ -23,19 +27,10 @@ def _load_app(ctx: click.Context) -> Flask:
     return ctx.ensure_object(ScriptInfo).load_app()
 
 
-def _extension(app: Flask) -> t.Any:
-    try:
-        return app.extensions["tenant_jobs"]
-    except KeyError:  # the command is a Flask plugin: it is offered for every app
-        raise click.ClickException(
-            f"TenantJobs is not set up on app {app.name!r}: call 'tenant_jobs.init_app(app)'."
-        ) from None
-
-
 def _run_celery(ctx: click.Context, command: str, celery_args: tuple[str, ...]) -> None:
     """Start a Celery sub-command on this app's Celery app; errors become one line."""
-    with _one_line_errors():
-        celery_app = _extension(_load_app(ctx)).celery
+    with _one_line_errors():  # the command is a Flask plugin, offered for every app
+        celery_app = extension_of(_load_app(ctx)).celery
     celery_app.start(argv=[command, *celery_args])
 
 
@@ -102,8 +97,8 @@ def beat_command(ctx: click.Context, celery_args: tuple[str, ...]) -> None:
 @tenant_jobs_cli.command("list")
 def list_command() -> None:
     """List the tenants, one per line, with their storage (schema, exists, revision)."""
-    extension = _extension(current_app)
     with _one_line_errors():
+        extension = extension_of()
         for name in extension.tenant_names():
             facts = extension.describe(name)
             click.echo("  ".join([name, *(f"{k}={v}" for k, v in facts.items())]))
@@ -117,8 +112,8 @@ def create_command(name: str) -> None:
     Says what was made and what is left to do: a tenant is known only once its
     name is in TENANT_JOBS_TENANTS (or the source it reads).
     """
-    extension = _extension(current_app)
     with _one_line_errors():
+        extension = extension_of()
         validate_name(name)
         facts = extension.describe(name)
         made = extension.create(name)
@@ -143,7 +138,7 @@ def _created(name: str, before: dict[str, str], made: list[str], after: dict[str
     return f"Schema {schema!r} existed with every table: nothing was created{revision}."
 
 
-def _left_to_add(extension: t.Any, name: str) -> str:
+def _left_to_add(extension: TenantJobs, name: str) -> str:
     """What is left to do after ``create``: make the name known, unless it is already."""
     source = _tenant_source(extension)
     if extension.exists(name):
@@ -154,7 +149,7 @@ def _left_to_add(extension: t.Any, name: str) -> str:
     )
 
 
-def _tenant_source(extension: t.Any) -> str:
+def _tenant_source(extension: TenantJobs) -> str:
     """Where tenant names come from, as a user would look for it."""
     if callable(extension.settings.tenants):
         return "the source that TENANT_JOBS_TENANTS reads (e.g. your tenants table)"
@@ -167,8 +162,8 @@ def _tenant_source(extension: t.Any) -> str:
 def drop_command(name: str, yes: bool) -> None:
     """Delete tenant NAME's data: its rows in every tenant table (column strategy, in one
     transaction) or its schema (schema strategy). Reports the rows removed per table."""
-    extension = _extension(current_app)
     with _one_line_errors():
+        extension = extension_of()
         if not extension.exists(validate_name(name)):
             raise click.ClickException(
                 f"Unknown tenant {name!r}: it is not in {_tenant_source(extension)}, so "
@@ -219,8 +214,8 @@ def migrate_command(only: str | None, jobs: int) -> None:
     then report tenant tables found in the shared schema. Column strategy:
     nothing per tenant.
     """
-    extension = _extension(current_app)
     with _one_line_errors():
+        extension = extension_of()
         names = [extension.validate(only)] if only is not None else extension.tenant_names()
     if extension.settings.strategy == "column":
         click.echo(
@@ -236,7 +231,7 @@ def migrate_command(only: str | None, jobs: int) -> None:
         raise click.ClickException(f"failed tenants: {', '.join(sorted(failed))}")
 
 
-def _migrate_each(extension: t.Any, names: list[str], jobs: int) -> list[str]:
+def _migrate_each(extension: TenantJobs, names: list[str], jobs: int) -> list[str]:
     """Migrate ``names``, ``jobs`` at a time, printing a line per tenant; return the failed."""
     app = current_app._get_current_object()  # type: ignore[attr-defined]
 
@@ -273,7 +268,7 @@ def rls_group() -> None:
 def rls_enable_command() -> None:
     """Protect every tenant table with row-level security (run it as the tables' owner)."""
     with _one_line_errors():
-        names = _extension(current_app).enable_rls()
+        names = extension_of().enable_rls()
     click.echo(f"row-level security enabled on {len(names)} tables: {', '.join(names)}")
 
 
@@ -281,7 +276,7 @@ def rls_enable_command() -> None:
 def rls_disable_command() -> None:
     """Remove the row-level security that 'rls enable' added."""
     with _one_line_errors():
-        names = _extension(current_app).disable_rls()
+        names = extension_of().disable_rls()
     click.echo(f"row-level security disabled on {len(names)} tables: {', '.join(names)}")
 
 
@@ -289,7 +284,7 @@ def rls_disable_command() -> None:
 def rls_check_command() -> None:
     """Name each unprotected tenant table and a role that skips policies; exit 1 if any."""
     with _one_line_errors():
-        problems = _extension(current_app).check_rls()
+        problems = extension_of().check_rls()
     for problem in problems:
         click.echo(problem)
     if problems:

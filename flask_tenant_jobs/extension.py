@@ -19,8 +19,9 @@ from .iteration import TenantIterator
 from .registry import TenantRegistry, validate_name
 from .resolvers import Resolver, excluded_path_matcher, make_resolver
 from .scoping import Strategy, make_strategy
-from .sessions import bind_sessions
+from .sessions import bind_sessions, require_bindable
 from .settings import Settings
+from .state import extension_of, register
 from .tasks import register_flask_app
 from .worker import REFRESH_COMMAND, TenantCelery, make_celery
 
@@ -55,7 +56,11 @@ class TenantJobs:
             self.init_app(app, db=db)
 
     def init_app(self, app: Flask, *, db: SQLAlchemy | None = None) -> None:
-        """Read the ``TENANT_JOBS_*`` settings and hook tenancy into ``app`` and ``db``."""
+        """Read the ``TENANT_JOBS_*`` settings and hook tenancy into ``app`` and ``db``.
+
+        Once per app: a second call (or a second ``TenantJobs(app)``) raises
+        ``ConfigurationError`` before anything is installed twice.
+        """
         db = db or self.db or app.extensions.get("sqlalchemy")
         if db is None:
             raise ConfigurationError(
@@ -63,28 +68,24 @@ class TenantJobs:
                 "'init_app(app, db=db)'."
             )
         settings = Settings.from_app(app)
-        state = _AppState(
-            settings=settings,
-            registry=TenantRegistry(
-                settings.tenants, settings.cache_seconds, settings.stale_seconds
-            ),
-            resolver=make_resolver(settings),
-            strategy=make_strategy(settings, db),
-            db=db,
-            celery=make_celery(app, settings.header) if "CELERY" in app.config else None,
-        )
-        self._states[app] = state
-        app.extensions["tenant_jobs"] = self
+        registry = TenantRegistry(settings.tenants, settings.cache_seconds, settings.stale_seconds)
+        resolver = make_resolver(settings)
+        strategy = make_strategy(settings, db)
+        _refuse_what_cannot_be_installed(app, db, settings)
+        register(app, self)
+        celery = make_celery(app, settings.header) if "CELERY" in app.config else None
+        app_state = _AppState(settings, registry, resolver, strategy, db, celery)
+        self._states[app] = app_state
         register_flask_app(app)
-        state.strategy.install(app, db)
+        strategy.install(app, db)
         install_integrations(app, settings, db)
-        _warn_about_storage(app, state.strategy)
+        _warn_about_storage(app, strategy)
         if settings.rls:
             rls.install(app, db)
         is_excluded = excluded_path_matcher(settings)
 
         def resolve_request_tenant() -> None:
-            self._resolve_request(app, state, is_excluded)
+            self._resolve_request(app, app_state, is_excluded)
 
         app.before_request_funcs.setdefault(None, []).insert(0, resolve_request_tenant)
         app.teardown_request(self._end_request)
@@ -93,7 +94,7 @@ class TenantJobs:
         if settings.resolver == "path":
             _route_tenant_segment(app)
         if not settings.shared_session:
-            bind_sessions(app, state.registry, state.resolver, is_excluded)
+            bind_sessions(app, registry, resolver, is_excluded)
 
     # -- the current tenant ---------------------------------------------------------
 
@@ -285,13 +286,14 @@ class TenantJobs:
     def _state(self) -> _AppState:
         """The state of the current app (or of the only app, with no app context pushed)."""
         app = self._app()
-        try:
-            return self._states[app]
-        except KeyError:
+        found = self._states.get(app)
+        if found is None:
+            extension_of(app)  # raises when the app has no TenantJobs at all
             raise ConfigurationError(
-                f"TenantJobs is not set up on app {app.name!r}: call "
-                "'tenant_jobs.init_app(app, db=db)'."
-            ) from None
+                f"App {app.name!r} is set up with another TenantJobs instance: use that one "
+                "(app.extensions['tenant_jobs'])."
+            )
+        return found
 
     def _app(self) -> Flask:
         """The current app, or the only app when no app context is pushed."""
@@ -364,6 +366,15 @@ class TenantJobs:
 def current_tenant() -> str | None:
     """The current tenant name, or ``None``: in a request, inside ``switch`` and in a task."""
     return context.get_tenant()
+
+
+def _refuse_what_cannot_be_installed(app: Flask, db: SQLAlchemy, settings: Settings) -> None:
+    """Raise ``ConfigurationError`` before ``init_app`` changes anything, so that once the
+    configuration is fixed it can be called again."""
+    if settings.rls:
+        rls.require_driver(app, db)
+    if not settings.shared_session:
+        require_bindable(app)
 
 
 def _warn_about_storage(app: Flask, strategy: Strategy) -> None:

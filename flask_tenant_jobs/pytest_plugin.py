@@ -25,6 +25,7 @@ from flask.testing import FlaskClient
 from . import context
 from .errors import ConfigurationError
 from .extension import TenantJobs
+from .state import extension_of
 from .tasks import header_name
 
 #: How many tasks ``perform()`` runs at most, so that a task re-sending itself ends.
@@ -44,7 +45,7 @@ def _tenant_jobs_isolation(request: pytest.FixtureRequest) -> t.Iterator[None]:
         if marker is not None:
             app: Flask = request.getfixturevalue("app")
             with app.app_context():
-                tenant = app.extensions["tenant_jobs"].validate(*marker.args)
+                tenant = extension_of(app).validate(*marker.args)
             context.enter(tenant)
         yield
 
@@ -52,12 +53,7 @@ def _tenant_jobs_isolation(request: pytest.FixtureRequest) -> t.Iterator[None]:
 @pytest.fixture
 def tenant_jobs(app: Flask) -> TenantJobs:
     """The ``TenantJobs`` extension of the ``app`` fixture."""
-    try:
-        return t.cast(TenantJobs, app.extensions["tenant_jobs"])
-    except KeyError:
-        raise ConfigurationError(
-            "The 'app' fixture's app has no TenantJobs: call 'tenant_jobs.init_app(app)'."
-        ) from None
+    return extension_of(app)
 
 
 @dataclass
@@ -166,7 +162,7 @@ def tenant_client(app: Flask) -> t.Callable[[str], FlaskClient]:
     """A factory: ``tenant_client("acme")`` is a test client whose requests go to acme."""
 
     def make(name: str) -> FlaskClient:
-        extension: TenantJobs = app.extensions["tenant_jobs"]
+        extension = extension_of(app)
         with app.app_context():
             tenant = extension.validate(name)
             defaults = _tenant_request_defaults(extension, tenant)

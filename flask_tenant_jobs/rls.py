@@ -82,15 +82,23 @@ _carried: WeakKeyDictionary[t.Any, Values] = WeakKeyDictionary()
 # -- the settings on every transaction ------------------------------------------------
 
 
+def require_driver(app: Flask, db: SQLAlchemy) -> None:
+    """Raise ``ConfigurationError`` unless every engine of ``app`` can carry the settings."""
+    for engine in _engines(app, db):
+        _check_driver(engine)
+
+
 def install(app: Flask, db: SQLAlchemy) -> None:
     """Make every transaction on ``app``'s engines carry the current tenant settings."""
-    with app.app_context():
-        engines = list(db.engines.values())
-    for engine in engines:
-        _check_driver(engine)
+    for engine in _engines(app, db):
         if engine not in _hooked:
             _listen(engine)
             _hooked.add(engine)
+
+
+def _engines(app: Flask, db: SQLAlchemy) -> list[Engine]:
+    with app.app_context():
+        return list(db.engines.values())
 
 
 def _check_driver(engine: Engine) -> None:

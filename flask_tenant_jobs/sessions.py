@@ -104,14 +104,11 @@ def bind_sessions(
 ) -> None:
     """Give ``app`` sessions bound to their tenant (``TENANT_JOBS_SHARED_SESSION`` off).
 
-    Raises ``ConfigurationError`` for a session interface that cannot be bound;
-    one set after this call is checked at the first request.
+    :func:`require_bindable` has checked the session interface; one set after this
+    call is checked at the first request.
     """
-    interface = app.session_interface
-    if type(interface) is SecureCookieSessionInterface:
+    if type(app.session_interface) is SecureCookieSessionInterface:
         app.session_interface = TenantSessionInterface()
-    else:
-        _require_bound(interface)
 
     def owner_of(request: Request) -> str | None:
         try:
@@ -132,6 +129,13 @@ def bind_sessions(
 
     _owners[app] = owner_of
     app.before_request(check_session_interface_once)
+
+
+def require_bindable(app: Flask) -> None:
+    """Raise ``ConfigurationError`` unless ``bind_sessions`` can bind ``app``'s sessions:
+    Flask's default interface (replaced) or a ``TenantSessionInterface``."""
+    if type(app.session_interface) is not SecureCookieSessionInterface:
+        _require_bound(app.session_interface)
 
 
 def _require_bound(interface: object) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from flask import Flask, Request
 
 from .errors import ConfigurationError
+from .state import extension_of
 
 PREFIX = "TENANT_JOBS_"
 STRATEGIES = ("column", "schema")
@@ -289,12 +290,4 @@ def _refuse_unknown_keys(config: t.Mapping[str, t.Any]) -> None:
 
 def current_settings() -> Settings:
     """The settings of the current app's ``TenantJobs`` extension."""
-    from flask import current_app
-
-    try:
-        extension = current_app.extensions["tenant_jobs"]
-    except KeyError:
-        raise ConfigurationError(
-            "TenantJobs is not set up on this app: call 'tenant_jobs.init_app(app, db=db)'."
-        ) from None
-    return t.cast(Settings, extension.settings)
+    return extension_of().settings

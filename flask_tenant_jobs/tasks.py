@@ -27,6 +27,7 @@ from flask import Flask, current_app, has_app_context
 from . import context, signals
 from .errors import ConfigurationError, NoTenantError
 from .registry import validate_name
+from .state import extension_of, find_extension
 
 DEFAULT_HEADER = "tenant_for_job"
 #: What to do when a tenant task is sent with no tenant current.
@@ -112,7 +113,7 @@ class TenantTask(Task):  # type: ignore[misc]
         headers = dict(options.pop("headers", None) or {})
         names = fan_out_names(tenants, headers.get(self._header), "apply_for_each_tenant()")
         with self._app_context():
-            extension = _extension(self._flask_app)
+            extension = extension_of(self._flask_app)
             names = (
                 extension.tenant_names()
                 if names is None
@@ -163,7 +164,7 @@ class TenantTask(Task):  # type: ignore[misc]
                 raise NoTenantError(f"Sending the tenant task {self.name!r}", SEND_HINT)
         else:
             with self._app_context():
-                tenant = _extension(self._flask_app).validate(tenant)
+                tenant = extension_of(self._flask_app).validate(tenant)
         headers[header] = tenant
         stamped = {
             key: _stamped_copies(options[key], header, tenant)
@@ -219,7 +220,7 @@ def find_flask_app(celery_app: Celery) -> Flask | None:
     app = getattr(celery_app, "flask_app", None)
     if app is not None:
         return t.cast(Flask, app)
-    if has_app_context() and "tenant_jobs" in current_app.extensions:
+    if has_app_context() and find_extension() is not None:
         return t.cast(Flask, current_app._get_current_object())  # type: ignore[attr-defined]
     apps = flask_apps()
     owners = [app for app in apps if app.extensions.get("celery") is celery_app]
@@ -283,7 +284,7 @@ def _require_tenant_celery(task: TenantTask) -> None:
     sets ``app.extensions["celery"]``) the task would go to Celery's default app, which
     publishes to a broker on localhost, and no worker would restore its tenant.
     """
-    if has_app_context() and "tenant_jobs" in current_app.extensions:
+    if has_app_context() and find_extension() is not None:
         owner: Flask = current_app
     else:
         owner = flask_app_of(task.app)
@@ -293,15 +294,6 @@ def _require_tenant_celery(task: TenantTask) -> None:
             "app.config['CELERY'] to a dict of Celery settings, e.g. {'broker_url': "
             "'redis://127.0.0.1:6379/0'}, before 'tenant_jobs.init_app(app)'."
         )
-
-
-def _extension(app: Flask) -> t.Any:
-    try:
-        return app.extensions["tenant_jobs"]
-    except KeyError:
-        raise ConfigurationError(
-            f"TenantJobs is not set up on app {app.name!r}: call 'tenant_jobs.init_app(app)'."
-        ) from None
 
 
 def _no_tenant_to_run(task: TenantTask) -> Exception:

@@ -46,6 +46,7 @@ from flask.ctx import AppContext
 from . import context, registry, signals
 from .errors import ConfigurationError, NoTenantError, TenantError, TenantNotFoundError
 from .log import TenantLogFilter
+from .state import extension_of
 from .tasks import (
     DEFAULT_HEADER,
     SEND_HINT,
@@ -56,6 +57,9 @@ from .tasks import (
     header_name,
     wrapped_task,
 )
+
+if t.TYPE_CHECKING:
+    from .extension import TenantJobs
 
 _RESTORE = "_tenant_jobs_restore"
 #: A worker meeting an unknown tenant reads the tenant source again, at most this often.
@@ -279,9 +283,8 @@ def _restorable_tenant(
             f"The tenant task {what or repr(task.name)} (its message names no tenant)",
             SEND_HINT if wrapped else "",
         )
-    extension = flask_app.extensions["tenant_jobs"]
     try:
-        tenant = _validate_reloading_once(extension, raw)
+        tenant = _validate_reloading_once(extension_of(flask_app), raw)
     except TenantError:
         signals.tenant_not_found.send(flask_app, tenant=raw, source="task")
         raise
@@ -289,15 +292,15 @@ def _restorable_tenant(
     return tenant
 
 
-def _validate_reloading_once(extension: t.Any, raw: object) -> str:
+def _validate_reloading_once(extension: TenantJobs, raw: object) -> str:
     """Validate ``raw``; an unknown tenant may be one created moments ago elsewhere, so
     the tenant source is read again first (at most once per ``MISS_RELOAD_SECONDS``)."""
     try:
-        return t.cast(str, extension.validate(raw))
+        return extension.validate(raw)
     except TenantNotFoundError:
         if not extension.refresh(older_than=MISS_RELOAD_SECONDS):
             raise
-        return t.cast(str, extension.validate(raw))
+        return extension.validate(raw)
 
 
 def _dispose_engines_after_fork(**_: t.Any) -> None:

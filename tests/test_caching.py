@@ -21,7 +21,7 @@ from flask_caching import Cache
 from flask_sqlalchemy import SQLAlchemy
 
 from flask_tenant_jobs import TenantJobs, current_tenant, integrations, tenant_task
-from flask_tenant_jobs.errors import CacheClearError, TenantError
+from flask_tenant_jobs.errors import CacheClearError, ConfigurationError, TenantError
 from flask_tenant_jobs.integrations.caching import TenantScopedCache
 
 from .worker_processes import redis_db_url
@@ -413,10 +413,12 @@ def test_several_caches_on_one_app_are_all_scoped(order: str) -> None:
                 assert cache.get("plan") is None
 
 
-def test_init_app_twice_does_not_wrap_twice() -> None:
+def test_a_refused_second_init_app_leaves_the_cache_wrapped_once() -> None:
     site = build_site({"CACHE_TYPE": "SimpleCache"}, ORDERS[0], SETUPS[0])
-    site.tenant_jobs.init_app(site.app, db=db)
+    with pytest.raises(ConfigurationError, match="already been set up"):
+        site.tenant_jobs.init_app(site.app, db=db)
     with site.app.app_context():
+        assert isinstance(site.cache.cache, TenantScopedCache)
         assert not isinstance(site.cache.cache.backend, TenantScopedCache)
 
 

@@ -23,6 +23,8 @@ from flask_tenant_jobs.errors import (
     TenantMismatchError,
     TenantNotFoundError,
 )
+from flask_tenant_jobs.settings import current_settings
+from flask_tenant_jobs.state import extension_of
 
 from .core_app import make_app, tables
 
@@ -184,3 +186,48 @@ def test_an_app_without_the_extension_says_what_to_call() -> None:
     app = Flask(__name__)
     with app.app_context(), pytest.raises(ConfigurationError, match="init_app"):
         tenant_jobs.tenant_names()
+
+
+def _configured_app(name: str = "shop") -> Flask:
+    """An app with Flask-SQLAlchemy and a valid base configuration, without the extension."""
+    app = Flask(name)
+    app.config.update(
+        SQLALCHEMY_DATABASE_URI="sqlite://", SERVER_NAME="example.test", TENANT_JOBS_TENANTS=["a"]
+    )
+    SQLAlchemy(app)
+    return app
+
+
+@pytest.mark.parametrize("second", ["same instance", "new instance"])
+def test_a_second_init_app_on_one_app_is_refused_before_anything_is_installed_twice(
+    second: str,
+) -> None:
+    app = _configured_app()
+    tenant_jobs = TenantJobs(app)
+    hooks = (len(app.before_request_funcs[None]), len(app.teardown_request_funcs[None]))
+    celery_app = app.extensions.get("celery")
+    again = tenant_jobs if second == "same instance" else TenantJobs()
+    with pytest.raises(ConfigurationError, match=r"already been set up on app 'shop'"):
+        again.init_app(app)
+    assert app.extensions["tenant_jobs"] is tenant_jobs
+    assert (len(app.before_request_funcs[None]), len(app.teardown_request_funcs[None])) == hooks
+    assert app.extensions.get("celery") is celery_app
+    with app.app_context():
+        assert tenant_jobs.tenant_names() == ["a"]
+
+
+def test_an_instance_used_with_an_app_another_instance_set_up_says_which_to_use() -> None:
+    app = _configured_app()
+    TenantJobs(app)
+    with app.app_context(), pytest.raises(ConfigurationError, match="another TenantJobs"):
+        TenantJobs().tenant_names()
+
+
+@pytest.mark.parametrize("reach", [current_settings, extension_of, TenantJobs().tenant_names])
+def test_every_path_to_a_missing_extension_says_the_same(reach: t.Callable[[], object]) -> None:
+    app = _configured_app("plain")
+    with app.app_context(), pytest.raises(ConfigurationError) as raised:
+        reach()
+    assert str(raised.value) == (
+        "TenantJobs is not set up on app 'plain': call 'tenant_jobs.init_app(app, db=db)'."
+    )
