@@ -26,6 +26,7 @@ from itsdangerous import URLSafeTimedSerializer, want_bytes
 from .errors import ConfigurationError
 from .registry import TenantRegistry
 from .resolvers import Resolver
+from .state import extension_of
 
 #: The session owner of a request that names no known tenant (it answers 404):
 #: nothing is read or saved. It is not a DNS label, so never a tenant's name.
@@ -85,13 +86,14 @@ def session_owner(app: Flask) -> str | None:
     memo = current.__dict__
     owner = memo.get(_OWNER, _UNSET)
     if owner is _UNSET:
-        try:
-            owner_of = _owners[app]
-        except KeyError:
+        owner_of = _owners.get(app)
+        if owner_of is None:
+            extension_of(app)  # no TenantJobs at all: the error says how to set it up
             raise ConfigurationError(
-                f"TenantSessionInterface is set on app {app.name!r}, which has no TenantJobs: "
-                "call 'tenant_jobs.init_app(app, db=db)'."
-            ) from None
+                f"TenantSessionInterface is set on app {app.name!r}, whose "
+                "'TENANT_JOBS_SHARED_SESSION' is True: set it to False, or keep Flask's "
+                "SecureCookieSessionInterface."
+            )
         owner = memo[_OWNER] = owner_of(current)
     return t.cast("str | None", owner)
 

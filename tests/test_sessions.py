@@ -416,3 +416,19 @@ def test_tenant_client_session_transaction_sets_the_tenants_session(
     assert globex.get("/me").json["user"] is None
     with acme.session_transaction() as acme_session:
         assert acme_session["user"] == "bob"
+
+
+def test_the_tenant_interface_on_an_app_without_the_extension_says_how_to_set_it_up() -> None:
+    app = Flask("plain")
+    app.config.update(SECRET_KEY="test-secret", PROPAGATE_EXCEPTIONS=True)
+    app.session_interface = TenantSessionInterface()
+    app.get("/")(lambda: "ok")
+    with pytest.raises(ConfigurationError, match=r"TenantJobs is not set up on app 'plain'"):
+        app.test_client().get("/")
+
+
+def test_the_tenant_interface_with_shared_sessions_names_the_setting() -> None:
+    app, _ = make_app(TENANT_JOBS_SHARED_SESSION=True, PROPAGATE_EXCEPTIONS=True)
+    app.session_interface = TenantSessionInterface()
+    with pytest.raises(ConfigurationError, match=r"'TENANT_JOBS_SHARED_SESSION' is True"):
+        app.test_client().get("/me", base_url=f"http://acme.{DOMAIN}")
