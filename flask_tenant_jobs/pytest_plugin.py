@@ -25,7 +25,7 @@ from flask.testing import FlaskClient
 from . import context
 from .errors import ConfigurationError
 from .extension import TenantJobs
-from .tasks import header_name
+from .sending import header_name
 
 #: How many tasks ``perform()`` runs at most, so that a task re-sending itself ends.
 PERFORM_LIMIT = 10_000
