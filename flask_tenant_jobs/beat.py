@@ -6,7 +6,7 @@ with ``"options": {"tenants": ["acme", "globex"]}``, or pin one tenant with
 ``"options": {"headers": {"tenant_for_job": "globex"}}``; a tenant of a subset
 that no longer exists is skipped with a warning and the others still run.
 Subsets are checked when the schedule is loaded. Plain tasks are scheduled as
-usual. :func:`~flask_tenant_jobs.worker.make_celery` makes this the default
+usual. :func:`~flask_tenant_jobs.sending.make_celery` makes this the default
 ``beat_scheduler``.
 """
 
@@ -18,8 +18,9 @@ import typing as t
 from celery.beat import PersistentScheduler, ScheduleEntry
 
 from .errors import ConfigurationError, TenantError
+from .sending import fan_out_names, flask_app_of, header_name
 from .state import extension_of
-from .tasks import TenantTask, fan_out_names, flask_app_of, header_name
+from .tasks import TenantTask
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class TenantScheduler(PersistentScheduler):  # type: ignore[misc]
         headers = options.get("headers") or {}
         with flask_app_of(self.app).app_context():
             subset = fan_out_names(
-                options.pop("tenants", None), headers.get(task._header), repr(entry.name)
+                options.pop("tenants", None), headers.get(header_name(self.app)), repr(entry.name)
             )
             if subset is not None:
                 subset = _existing(subset, entry.name)

@@ -19,11 +19,11 @@ from .iteration import TenantIterator
 from .registry import TenantRegistry, validate_name
 from .resolvers import Resolver, excluded_path_matcher, make_resolver
 from .scoping import Strategy, make_strategy
+from .sending import TenantCelery, make_celery, register_flask_app
 from .sessions import bind_sessions, require_bindable
 from .settings import Settings
 from .state import extension_of, register
-from .tasks import register_flask_app
-from .worker import REFRESH_COMMAND, TenantCelery, make_celery
+from .worker import REFRESH_COMMAND
 
 _REQUEST_TOKEN = "_tenant_jobs_token"
 T = t.TypeVar("T")

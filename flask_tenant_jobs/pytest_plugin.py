@@ -25,8 +25,8 @@ from flask.testing import FlaskClient
 from . import context
 from .errors import ConfigurationError
 from .extension import TenantJobs
+from .sending import header_name
 from .state import extension_of
-from .tasks import header_name
 
 #: How many tasks ``perform()`` runs at most, so that a task re-sending itself ends.
 PERFORM_LIMIT = 10_000

@@ -1,11 +1,11 @@
-"""Tenant tasks: jobs that carry the tenant current when they were created or sent.
+"""Tenant tasks: the task class of jobs that run in the tenant they were sent from.
 
-Capture happens on the sending side: a signature (``.s()``, ``.si()``,
-``.signature()``) takes the tenant current when it is built, and
-``apply_async``/``delay``/``apply`` take the one current when they are called,
-unless the ``headers`` already name one. The tenant travels as the message
-header ``TENANT_JOBS_HEADER`` (``tenant_for_job``). Restoring it in the worker is
-done in :mod:`flask_tenant_jobs.worker`.
+Capture: a signature (``.s()``, ``.si()``, ``.signature()``) takes the tenant
+current when it is built, and ``apply_async``/``delay``/``apply`` take the one
+current when they are called, unless the ``headers`` already name one; both go
+through :func:`~flask_tenant_jobs.sending.stamp_options`. The worker restores the
+tenant before the task runs (:mod:`flask_tenant_jobs.worker`); ``__call__`` refuses
+to run the body without it.
 
 Celery's ``task.map()``, ``task.starmap()`` and ``task.chunks()`` send its own
 wrapper tasks (``celery.map``, ``celery.starmap``), which call the tenant task's
@@ -15,40 +15,34 @@ body in place; they carry and restore the tenant as the tenant task would.
 from __future__ import annotations
 
 import typing as t
-from contextlib import nullcontext
-from weakref import WeakSet
 
 from celery import Celery, Task, shared_task
 from celery.canvas import Signature
 from celery.result import AsyncResult, allow_join_result
-from celery.utils.functional import maybe_list
-from flask import Flask, current_app, has_app_context
 
-from . import context, signals
+from . import context
 from .errors import ConfigurationError, NoTenantError
-from .registry import validate_name
-from .state import extension_of, find_extension
-
-DEFAULT_HEADER = "tenant_for_job"
-#: What to do when a tenant task is sent with no tenant current.
-SEND_HINT = (
-    "send it inside 'tenant_jobs.switch(name)' or a tenant request, name the tenant with "
-    "headers={'tenant_for_job': name}, or send it to every tenant with "
-    "'delay_for_each_tenant()'."
+from .sending import (
+    app_context_of,
+    capture_tenant,
+    fan_out_names,
+    flask_app_of,
+    header_name,
+    stamp_options,
 )
+from .state import extension_of
+
 #: What to do when a tenant task's body is called with no tenant current.
 CALL_HINT = (
     "call it inside 'tenant_jobs.switch(name)', or send it ('delay()', 'apply_async()', "
     "'map()', 'starmap()', 'chunks()'), which carries the current tenant to the worker."
 )
-#: Request attribute holding the tenant error found when the task started.
+#: Request attribute holding the tenant error the worker met when the task started.
 TENANT_ERROR = "_tenant_jobs_error"
 #: Celery's built-in tasks that run another task's body in place: ``task.map()``,
 #: ``task.starmap()`` and ``task.chunks()`` send them, with the task's signature in
 #: their ``task`` argument.
 WRAPPER_TASKS = frozenset({"celery.map", "celery.starmap", "celery.chunks"})
-#: The Flask apps ``TenantJobs`` was set up on, for Celery apps not made by it.
-_FLASK_APPS: WeakSet[Flask] = WeakSet()
 
 
 class TenantTask(Task):  # type: ignore[misc]
@@ -75,7 +69,7 @@ class TenantTask(Task):  # type: ignore[misc]
         sig = super().signature(args, *starargs, **starkwargs)
         tenant = context.get_tenant()
         if tenant is not None:
-            _stamp_signature(sig, self._header, tenant)
+            capture_tenant(sig, header_name(self.app), tenant)
         return sig
 
     subtask = signature
@@ -84,11 +78,11 @@ class TenantTask(Task):  # type: ignore[misc]
         self, args: t.Any = None, kwargs: t.Any = None, **options: t.Any
     ) -> AsyncResult:
         """Send the task carrying the tenant named in ``headers``, else the current one."""
-        return super().apply_async(args, kwargs, **self._with_tenant(options))
+        return super().apply_async(args, kwargs, **stamp_options(self, options))
 
     def apply(self, args: t.Any = None, kwargs: t.Any = None, **options: t.Any) -> t.Any:
         """Run the task here and now, exactly as a worker would (tenant restored and reset)."""
-        return super().apply(args, kwargs, **self._with_tenant(options, sent=False))
+        return super().apply(args, kwargs, **stamp_options(self, options, sent=False))
 
     def on_replace(self, sig: Signature) -> t.Any:
         """Replace the task; in eager mode too (Celery's eager replace would refuse to join)."""
@@ -111,9 +105,10 @@ class TenantTask(Task):  # type: ignore[misc]
         pins the task to that tenant only (``tenants``, if given, must name just it).
         """
         headers = dict(options.pop("headers", None) or {})
-        names = fan_out_names(tenants, headers.get(self._header), "apply_for_each_tenant()")
-        with self._app_context():
-            extension = extension_of(self._flask_app)
+        header = header_name(self.app)
+        names = fan_out_names(tenants, headers.get(header), "apply_for_each_tenant()")
+        with app_context_of(self.app):
+            extension = extension_of(flask_app_of(self.app))
             names = (
                 extension.tenant_names()
                 if names is None
@@ -122,7 +117,7 @@ class TenantTask(Task):  # type: ignore[misc]
         with self.app.producer_or_acquire(options.pop("producer", None)) as producer:
             return [
                 self.apply_async(
-                    args, kwargs, producer=producer, headers={**headers, self._header: name},
+                    args, kwargs, producer=producer, headers={**headers, header: name},
                     **options,
                 )
                 for name in names
@@ -131,51 +126,6 @@ class TenantTask(Task):  # type: ignore[misc]
     def delay_for_each_tenant(self, *args: t.Any, **kwargs: t.Any) -> list[AsyncResult]:
         """Send the task once per tenant with these arguments, each in its own tenant."""
         return self.apply_for_each_tenant(args, kwargs)
-
-    @property
-    def _flask_app(self) -> Flask:
-        return flask_app_of(self.app)
-
-    @property
-    def _header(self) -> str:
-        return header_name(self.app)
-
-    def _app_context(self) -> t.ContextManager[t.Any]:
-        """The Flask app context to look tenants up in: the current one, else a new one."""
-        return nullcontext() if has_app_context() else self._flask_app.app_context()
-
-    def _with_tenant(
-        self, options: dict[str, t.Any], sent: bool = True, sent_as: str | None = None
-    ) -> dict[str, t.Any]:
-        """``options`` whose headers name a known tenant; linked signatures carry it too.
-
-        ``sent``: the task is being sent (``task_enqueued`` fires, naming ``sent_as`` or
-        this task), not run by ``apply()`` (which eager ``apply_async`` also ends in: the
-        signal fires once). The caller's ``link``/``link_error``/``chord`` signatures are
-        never changed: copies carry the tenant.
-        """
-        _require_tenant_celery(self)
-        header = self._header
-        headers = dict(options.get("headers") or {})
-        tenant = headers.get(header)
-        if tenant is None:
-            tenant = context.get_tenant()
-            if tenant is None:
-                raise NoTenantError(f"Sending the tenant task {self.name!r}", SEND_HINT)
-        else:
-            with self._app_context():
-                tenant = extension_of(self._flask_app).validate(tenant)
-        headers[header] = tenant
-        stamped = {
-            key: _stamped_copies(options[key], header, tenant)
-            for key in ("link", "link_error", "chord")
-            if options.get(key)
-        }
-        if sent and signals.task_enqueued.receivers:
-            signals.task_enqueued.send(
-                self._flask_app, task=sent_as or self.name, tenant=tenant
-            )
-        return {**options, **stamped, "headers": headers}
 
 
 def tenant_task(*args: t.Any, **options: t.Any) -> t.Any:
@@ -189,52 +139,6 @@ def tenant_task(*args: t.Any, **options: t.Any) -> t.Any:
             f"tenant_task(base={base!r}): the base must be TenantTask or a subclass of it."
         )
     return shared_task(*args, **options)
-
-
-def register_flask_app(app: Flask) -> None:
-    """Remember a Flask app ``TenantJobs`` is set up on, for Celery apps it did not make."""
-    _FLASK_APPS.add(app)
-
-
-def flask_apps() -> list[Flask]:
-    """The Flask apps ``TenantJobs`` is set up on in this process."""
-    return list(_FLASK_APPS)
-
-
-def flask_app_of(celery_app: Celery) -> Flask:
-    """The Flask app a Celery app was made for, else the one it can only belong to."""
-    app = find_flask_app(celery_app)
-    if app is None:
-        raise ConfigurationError(
-            f"The Celery app {celery_app.main!r} is not tied to a Flask app using TenantJobs: "
-            "use 'tenant_jobs.celery' (built from app.config['CELERY']), set "
-            "app.extensions['celery'] to it, or push the Flask app's context."
-        )
-    return app
-
-
-def find_flask_app(celery_app: Celery) -> Flask | None:
-    """The Flask app of ``celery_app``: the one ``TenantJobs`` made it for; else the current
-    app; else the app whose ``extensions["celery"]`` it is, or the only ``TenantJobs`` app
-    (Flask's own Celery pattern, ``celery_init_app``). ``None`` when none or ambiguous."""
-    app = getattr(celery_app, "flask_app", None)
-    if app is not None:
-        return t.cast(Flask, app)
-    if has_app_context() and find_extension() is not None:
-        return t.cast(Flask, current_app._get_current_object())  # type: ignore[attr-defined]
-    apps = flask_apps()
-    owners = [app for app in apps if app.extensions.get("celery") is celery_app]
-    candidates = owners or apps
-    return candidates[0] if len(candidates) == 1 else None
-
-
-def header_name(celery_app: Celery) -> str:
-    """The message header that carries the tenant for this Celery app."""
-    header = getattr(celery_app, "tenant_header", None)
-    if header is not None:
-        return t.cast(str, header)
-    app = find_flask_app(celery_app)
-    return str(app.config.get("TENANT_JOBS_HEADER") or DEFAULT_HEADER) if app else DEFAULT_HEADER
 
 
 def wrapped_task(
@@ -255,47 +159,6 @@ def wrapped_task(
     return task, tenant
 
 
-def fan_out_names(
-    tenants: t.Iterable[str] | None, pinned: object, where: str
-) -> list[str] | None:
-    """The tenants a fan-out sends to: ``tenants``, or the one a tenant header pins
-    (``None``: every tenant). Raises ``ConfigurationError`` for a single string and for a
-    pinned tenant that ``tenants`` contradicts."""
-    if isinstance(tenants, str):
-        raise ConfigurationError(
-            f"{where}: tenants={tenants!r} is a single string: give a list, e.g. "
-            f"tenants=[{tenants!r}]."
-        )
-    names = None if tenants is None else list(tenants)
-    if pinned is None:
-        return names
-    if names is not None and names != [pinned]:
-        raise ConfigurationError(
-            f"{where}: the headers pin the task to tenant {pinned!r} but tenants={names!r}: "
-            "give one of the two (a pinned tenant means that tenant only)."
-        )
-    return [validate_name(pinned)]
-
-
-def _require_tenant_celery(task: TenantTask) -> None:
-    """Refuse to send or run a tenant task through a Celery app that no Flask app owns.
-
-    Without ``app.config["CELERY"]`` (or Flask's own ``celery_init_app`` pattern, which
-    sets ``app.extensions["celery"]``) the task would go to Celery's default app, which
-    publishes to a broker on localhost, and no worker would restore its tenant.
-    """
-    if has_app_context() and find_extension() is not None:
-        owner: Flask = current_app
-    else:
-        owner = flask_app_of(task.app)
-    if "celery" not in owner.extensions:
-        raise ConfigurationError(
-            f"The tenant task {task.name!r} has no Celery app to go through: set "
-            "app.config['CELERY'] to a dict of Celery settings, e.g. {'broker_url': "
-            "'redis://127.0.0.1:6379/0'}, before 'tenant_jobs.init_app(app)'."
-        )
-
-
 def _no_tenant_to_run(task: TenantTask) -> Exception:
     """Why ``task``'s body may not run now: the error its wrapper task (``celery.map``...)
     met restoring the tenant, else ``NoTenantError``."""
@@ -304,31 +167,3 @@ def _no_tenant_to_run(task: TenantTask) -> Exception:
     if isinstance(error, Exception):
         return error
     return NoTenantError(f"Running the tenant task {task.name!r}", CALL_HINT)
-
-
-def _stamped_copies(value: t.Any, header: str, tenant: str) -> t.Any:
-    """``value`` (a signature or a list of them) with copies that carry ``tenant``."""
-    if isinstance(value, Signature):
-        return _stamped_copy(value, header, tenant)
-    if isinstance(value, (list, tuple)):
-        return [_stamped_copy(sig, header, tenant) for sig in maybe_list(value)]
-    return value
-
-
-def _stamped_copy(sig: t.Any, header: str, tenant: str) -> t.Any:
-    """A copy of ``sig`` with the tenant header, unless it already names one (then ``sig``)."""
-    if not isinstance(sig, Signature):
-        return sig
-    headers = sig.options.get("headers") or {}
-    if header in headers:
-        return sig
-    copy = sig.clone()
-    copy.options["headers"] = {**headers, header: tenant}
-    return copy
-
-
-def _stamp_signature(sig: Signature, header: str, tenant: str) -> None:
-    """Give ``sig`` (one just made here) the tenant header unless it already names one."""
-    headers = sig.options.get("headers") or {}
-    if header not in headers:
-        sig.options["headers"] = {**headers, header: tenant}

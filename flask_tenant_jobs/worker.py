@@ -1,6 +1,6 @@
-"""The Celery side: the app factory and how a worker restores and resets the tenant.
+"""The worker side of tenant jobs: restoring the tenant before a task runs, resetting it after.
 
-Every task of a Celery app made by :func:`make_celery` runs between
+Every task of a Celery app made by :func:`~flask_tenant_jobs.sending.make_celery` runs between
 ``task_prerun`` and ``task_postrun`` with a pushed Flask app context and the
 tenant of its message (none for plain tasks), and with scoping on. That window
 covers the task's ``on_success``/``on_failure``/``on_retry`` handlers,
@@ -46,17 +46,16 @@ from flask.ctx import AppContext
 from . import context, registry, signals
 from .errors import ConfigurationError, NoTenantError, TenantError, TenantNotFoundError
 from .log import TenantLogFilter
-from .state import extension_of
-from .tasks import (
+from .sending import (
     DEFAULT_HEADER,
-    SEND_HINT,
-    TENANT_ERROR,
-    TenantTask,
+    TenantCelery,
     find_flask_app,
     flask_apps,
     header_name,
-    wrapped_task,
+    send_hint,
 )
+from .state import extension_of
+from .tasks import TENANT_ERROR, TenantTask, wrapped_task
 
 if t.TYPE_CHECKING:
     from .extension import TenantJobs
@@ -87,59 +86,6 @@ class _Unfinished(t.NamedTuple):
 _UNFINISHED: ContextVar[_Unfinished | None] = ContextVar(
     "flask_tenant_jobs.unfinished", default=None
 )
-
-
-class TenantCelery(Celery):  # type: ignore[misc]
-    """A Celery app tied to one Flask app; ``send_task`` stamps tenant tasks too."""
-
-    flask_app: Flask
-    tenant_header: str
-
-    def send_task(
-        self, name: str, args: t.Any = None, kwargs: t.Any = None, **options: t.Any
-    ) -> t.Any:
-        """Send a task by name; a registered tenant task carries the current tenant."""
-        return super().send_task(
-            name, args, kwargs, **self.stamp_tenant(name, options, kwargs)
-        )
-
-    def stamp_tenant(
-        self, name: str, options: dict[str, t.Any], kwargs: t.Any = None
-    ) -> dict[str, t.Any]:
-        """``options`` for sending task ``name``: a tenant task's headers name its tenant.
-
-        An explicit tenant header is validated, as in ``apply_async``. Options that
-        ``TenantTask.apply_async`` already checked (it passes ``task_type``) are kept.
-        A ``celery.map``/``starmap``/``chunks`` wrapper of a tenant task (``kwargs``
-        holds its signature) carries the tenant that signature names, else the
-        current one, like the tenant task itself.
-        """
-        task = self.tasks.get(name)
-        if isinstance(options.get("task_type"), TenantTask):
-            return options
-        if isinstance(task, TenantTask):
-            return task._with_tenant(options)
-        wrapped = wrapped_task(self, name, kwargs)
-        if wrapped is None:
-            return options
-        inner, tenant = wrapped
-        headers = options.get("headers") or {}
-        if tenant is not None and self.tenant_header not in headers:
-            options = {**options, "headers": {**headers, self.tenant_header: tenant}}
-        return inner._with_tenant(options, sent_as=name)
-
-
-def make_celery(app: Flask, header: str) -> TenantCelery:
-    """Build the Celery app of ``app`` from ``app.config["CELERY"]`` (Flask's pattern)."""
-    celery_app = TenantCelery(app.import_name)
-    celery_app.config_from_object(app.config["CELERY"])
-    if "beat_scheduler" not in app.config["CELERY"]:
-        celery_app.conf.beat_scheduler = "flask_tenant_jobs.beat:TenantScheduler"
-    celery_app.flask_app = app
-    celery_app.tenant_header = header
-    celery_app.set_default()
-    app.extensions["celery"] = celery_app
-    return celery_app
 
 
 def tenant_of_request(request: t.Any, header: str = DEFAULT_HEADER) -> object:
@@ -281,7 +227,7 @@ def _restorable_tenant(
         what = f"{task.name!r} of the tenant task {wrapped[0].name!r}" if wrapped else None
         raise NoTenantError(
             f"The tenant task {what or repr(task.name)} (its message names no tenant)",
-            SEND_HINT if wrapped else "",
+            send_hint(header) if wrapped else "",
         )
     try:
         tenant = _validate_reloading_once(extension_of(flask_app), raw)

@@ -34,7 +34,7 @@ from flask_tenant_jobs import (
     current_tenant,
     tenant_task,
 )
-from flask_tenant_jobs.tasks import find_flask_app, header_name
+from flask_tenant_jobs.sending import find_flask_app, header_name
 
 pytestmark = [
     pytest.mark.redis,
@@ -175,6 +175,16 @@ def test_map_with_no_tenant_is_refused_and_reads_nothing(
     """A foreign app cannot stamp the wrapper message: the worker refuses the body."""
     outcome = read_notes.map(["a"]).apply_async().get(timeout=TIMEOUT, propagate=False)
     assert isinstance(outcome, NoTenantError)
+
+
+def test_sending_with_no_tenant_names_the_configured_header(
+    foreign: Celery, flask_app: Flask
+) -> None:
+    """Regression: the hint always said headers={'tenant_for_job': name}."""
+    with pytest.raises(NoTenantError) as refused:
+        read_notes.delay("x")
+    assert f"headers={{{HEADER!r}: name}}" in str(refused.value)
+    assert "tenant_for_job" not in str(refused.value)
 
 
 def test_a_tenant_task_called_directly_with_no_tenant_is_refused(flask_app: Flask) -> None:

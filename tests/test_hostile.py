@@ -53,7 +53,7 @@ from flask_tenant_jobs import (
     tenant_task,
 )
 from flask_tenant_jobs.registry import TENANT_NAME, is_valid_name
-from flask_tenant_jobs.worker import TenantCelery
+from flask_tenant_jobs.sending import TenantCelery
 
 from .core_app import StatementCounter
 from .worker_processes import redis_db_url

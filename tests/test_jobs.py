@@ -56,8 +56,8 @@ from flask_tenant_jobs import (
 from flask_tenant_jobs import worker as worker_module
 from flask_tenant_jobs.context import is_unscoped
 from flask_tenant_jobs.log import TenantLogFilter
+from flask_tenant_jobs.sending import TenantCelery
 from flask_tenant_jobs.signals import task_enqueued, tenant_not_found
-from flask_tenant_jobs.worker import TenantCelery
 
 from . import jobs_app
 from .jobs_app import (

@@ -27,7 +27,8 @@ from flask import Flask, got_request_exception, request_finished
 from opentelemetry import trace
 
 from .. import context
-from ..tasks import TenantTask, header_name
+from ..sending import header_name
+from ..tasks import TenantTask
 
 try:
     from opentelemetry.instrumentation.celery import utils as celery_spans

@@ -42,7 +42,8 @@ from prometheus_client import (
 )
 
 from .. import context, signals
-from ..tasks import TenantTask, header_name
+from ..sending import header_name
+from ..tasks import TenantTask
 
 #: The label of the tenants beyond the cap.
 OTHER = "other"

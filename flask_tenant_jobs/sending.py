@@ -1,0 +1,254 @@
+"""The sending side of tenant jobs: what happens when a tenant task is sent.
+
+The Celery app of a Flask app (:func:`make_celery`, :class:`TenantCelery`), the
+message header that carries the tenant (:func:`header_name`), and
+:func:`stamp_options`, the one function every sent tenant task goes through:
+``TenantTask.apply_async``/``apply`` and ``TenantCelery.send_task`` (so also
+canvas steps, retries, ``replace()``, beat and ``apply_for_each_tenant``) call it
+to name the tenant in the message's headers and in copies of its
+``link``/``link_error``/``chord`` signatures. What the worker does with the header
+is in :mod:`flask_tenant_jobs.worker`.
+"""
+
+from __future__ import annotations
+
+import typing as t
+from contextlib import nullcontext
+from weakref import WeakSet
+
+from celery import Celery, Task
+from celery.canvas import Signature
+from celery.utils.functional import maybe_list
+from flask import Flask, current_app, has_app_context
+
+from . import context, signals
+from .errors import ConfigurationError, NoTenantError
+from .registry import validate_name
+from .state import extension_of, find_extension
+
+DEFAULT_HEADER = "tenant_for_job"
+#: The Flask apps ``TenantJobs`` was set up on, for Celery apps not made by it.
+_FLASK_APPS: WeakSet[Flask] = WeakSet()
+
+
+def send_hint(header: str) -> str:
+    """What to do when a tenant task is sent with no tenant current."""
+    return (
+        "send it inside 'tenant_jobs.switch(name)' or a tenant request, name the tenant "
+        f"with headers={{{header!r}: name}}, or send it to every tenant with "
+        "'delay_for_each_tenant()'."
+    )
+
+
+class TenantCelery(Celery):  # type: ignore[misc]
+    """A Celery app tied to one Flask app; ``send_task`` stamps tenant tasks too."""
+
+    flask_app: Flask
+    tenant_header: str
+
+    def send_task(
+        self, name: str, args: t.Any = None, kwargs: t.Any = None, **options: t.Any
+    ) -> t.Any:
+        """Send a task by name; a registered tenant task carries the current tenant."""
+        return super().send_task(
+            name, args, kwargs, **self.stamp_tenant(name, options, kwargs)
+        )
+
+    def stamp_tenant(
+        self, name: str, options: dict[str, t.Any], kwargs: t.Any = None
+    ) -> dict[str, t.Any]:
+        """``options`` for sending task ``name``: a tenant task's headers name its tenant.
+
+        An explicit tenant header is validated, as in ``apply_async``. Options that
+        ``TenantTask.apply_async`` already stamped (it passes ``task_type``) are kept.
+        A ``celery.map``/``starmap``/``chunks`` wrapper of a tenant task (``kwargs``
+        holds its signature) carries the tenant that signature names, else the
+        current one, like the tenant task itself.
+        """
+        from .tasks import TenantTask, wrapped_task  # tasks.py imports this module
+
+        task = self.tasks.get(name)
+        if isinstance(options.get("task_type"), TenantTask):
+            return options
+        if isinstance(task, TenantTask):
+            return stamp_options(task, options)
+        wrapped = wrapped_task(self, name, kwargs)
+        if wrapped is None:
+            return options
+        inner, tenant = wrapped
+        headers = options.get("headers") or {}
+        if tenant is not None and self.tenant_header not in headers:
+            options = {**options, "headers": {**headers, self.tenant_header: tenant}}
+        return stamp_options(inner, options, sent_as=name)
+
+
+def make_celery(app: Flask, header: str) -> TenantCelery:
+    """Build the Celery app of ``app`` from ``app.config["CELERY"]`` (Flask's pattern)."""
+    celery_app = TenantCelery(app.import_name)
+    celery_app.config_from_object(app.config["CELERY"])
+    if "beat_scheduler" not in app.config["CELERY"]:
+        celery_app.conf.beat_scheduler = "flask_tenant_jobs.beat:TenantScheduler"
+    celery_app.flask_app = app
+    celery_app.tenant_header = header
+    celery_app.set_default()
+    app.extensions["celery"] = celery_app
+    return celery_app
+
+
+def stamp_options(
+    task: Task, options: dict[str, t.Any], sent: bool = True, sent_as: str | None = None
+) -> dict[str, t.Any]:
+    """``options`` for sending (or running) tenant task ``task``: headers naming a known
+    tenant (the one in ``headers``, checked, else the current one), and copies of the
+    ``link``/``link_error``/``chord`` signatures that carry it.
+
+    ``sent``: the task is being sent (``task_enqueued`` fires, naming ``sent_as`` or
+    the task), not run by ``apply()`` (which eager ``apply_async`` also ends in: the
+    signal fires once). The caller's signatures are never changed: copies carry the
+    tenant. Raises ``NoTenantError`` when there is no tenant to name.
+    """
+    _require_tenant_celery(task)
+    header = header_name(task.app)
+    headers = dict(options.get("headers") or {})
+    tenant = headers.get(header)
+    if tenant is None:
+        tenant = context.get_tenant()
+        if tenant is None:
+            raise NoTenantError(f"Sending the tenant task {task.name!r}", send_hint(header))
+    else:
+        with app_context_of(task.app):
+            tenant = extension_of(flask_app_of(task.app)).validate(tenant)
+    headers[header] = tenant
+    stamped = {
+        key: _stamped_copies(options[key], header, tenant)
+        for key in ("link", "link_error", "chord")
+        if options.get(key)
+    }
+    if sent and signals.task_enqueued.receivers:
+        signals.task_enqueued.send(
+            flask_app_of(task.app), task=sent_as or task.name, tenant=tenant
+        )
+    return {**options, **stamped, "headers": headers}
+
+
+def capture_tenant(sig: Signature, header: str, tenant: str) -> None:
+    """Give ``sig`` (one just made) the tenant header unless it already names one."""
+    headers = sig.options.get("headers") or {}
+    if header not in headers:
+        sig.options["headers"] = {**headers, header: tenant}
+
+
+def fan_out_names(
+    tenants: t.Iterable[str] | None, pinned: object, where: str
+) -> list[str] | None:
+    """The tenants a fan-out sends to: ``tenants``, or the one a tenant header pins
+    (``None``: every tenant). Raises ``ConfigurationError`` for a single string and for a
+    pinned tenant that ``tenants`` contradicts."""
+    if isinstance(tenants, str):
+        raise ConfigurationError(
+            f"{where}: tenants={tenants!r} is a single string: give a list, e.g. "
+            f"tenants=[{tenants!r}]."
+        )
+    names = None if tenants is None else list(tenants)
+    if pinned is None:
+        return names
+    if names is not None and names != [pinned]:
+        raise ConfigurationError(
+            f"{where}: the headers pin the task to tenant {pinned!r} but tenants={names!r}: "
+            "give one of the two (a pinned tenant means that tenant only)."
+        )
+    return [validate_name(pinned)]
+
+
+# -- which Flask app a Celery app belongs to ------------------------------------------------
+
+
+def register_flask_app(app: Flask) -> None:
+    """Remember a Flask app ``TenantJobs`` is set up on, for Celery apps it did not make."""
+    _FLASK_APPS.add(app)
+
+
+def flask_apps() -> list[Flask]:
+    """The Flask apps ``TenantJobs`` is set up on in this process."""
+    return list(_FLASK_APPS)
+
+
+def flask_app_of(celery_app: Celery) -> Flask:
+    """The Flask app a Celery app was made for, else the one it can only belong to."""
+    app = find_flask_app(celery_app)
+    if app is None:
+        raise ConfigurationError(
+            f"The Celery app {celery_app.main!r} is not tied to a Flask app using TenantJobs: "
+            "use 'tenant_jobs.celery' (built from app.config['CELERY']), set "
+            "app.extensions['celery'] to it, or push the Flask app's context."
+        )
+    return app
+
+
+def find_flask_app(celery_app: Celery) -> Flask | None:
+    """The Flask app of ``celery_app``: the one ``TenantJobs`` made it for; else the current
+    app; else the app whose ``extensions["celery"]`` it is, or the only ``TenantJobs`` app
+    (Flask's own Celery pattern, ``celery_init_app``). ``None`` when none or ambiguous."""
+    app = getattr(celery_app, "flask_app", None)
+    if app is not None:
+        return t.cast(Flask, app)
+    if has_app_context() and find_extension() is not None:
+        return t.cast(Flask, current_app._get_current_object())  # type: ignore[attr-defined]
+    apps = flask_apps()
+    owners = [app for app in apps if app.extensions.get("celery") is celery_app]
+    candidates = owners or apps
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def header_name(celery_app: Celery) -> str:
+    """The message header that carries the tenant for this Celery app."""
+    header = getattr(celery_app, "tenant_header", None)
+    if header is not None:
+        return t.cast(str, header)
+    app = find_flask_app(celery_app)
+    return str(app.config.get("TENANT_JOBS_HEADER") or DEFAULT_HEADER) if app else DEFAULT_HEADER
+
+
+def app_context_of(celery_app: Celery) -> t.ContextManager[t.Any]:
+    """The Flask app context to look tenants up in: the current one, else a new one."""
+    return nullcontext() if has_app_context() else flask_app_of(celery_app).app_context()
+
+
+def _require_tenant_celery(task: Task) -> None:
+    """Refuse to send or run a tenant task through a Celery app that no Flask app owns.
+
+    Without ``app.config["CELERY"]`` (or Flask's own ``celery_init_app`` pattern, which
+    sets ``app.extensions["celery"]``) the task would go to Celery's default app, which
+    publishes to a broker on localhost, and no worker would restore its tenant.
+    """
+    if has_app_context() and find_extension() is not None:
+        owner: Flask = current_app
+    else:
+        owner = flask_app_of(task.app)
+    if "celery" not in owner.extensions:
+        raise ConfigurationError(
+            f"The tenant task {task.name!r} has no Celery app to go through: set "
+            "app.config['CELERY'] to a dict of Celery settings, e.g. {'broker_url': "
+            "'redis://127.0.0.1:6379/0'}, before 'tenant_jobs.init_app(app)'."
+        )
+
+
+def _stamped_copies(value: t.Any, header: str, tenant: str) -> t.Any:
+    """``value`` (a signature or a list of them) with copies that carry ``tenant``."""
+    if isinstance(value, Signature):
+        return _stamped_copy(value, header, tenant)
+    if isinstance(value, (list, tuple)):
+        return [_stamped_copy(sig, header, tenant) for sig in maybe_list(value)]
+    return value
+
+
+def _stamped_copy(sig: t.Any, header: str, tenant: str) -> t.Any:
+    """A copy of ``sig`` with the tenant header, unless it already names one (then ``sig``)."""
+    if not isinstance(sig, Signature):
+        return sig
+    headers = sig.options.get("headers") or {}
+    if header in headers:
+        return sig
+    copy = sig.clone()
+    copy.options["headers"] = {**headers, header: tenant}
+    return copy
