@@ -17,7 +17,7 @@ from .errors import ConfigurationError, TenantError
 from .integrations import install_integrations
 from .iteration import TenantIterator
 from .registry import TenantRegistry, validate_name
-from .resolvers import Resolver, excluded_path_matcher, make_resolver
+from .resolvers import Resolver, make_resolver
 from .scoping import Strategy, make_strategy
 from .sessions import bind_sessions, require_bindable
 from .settings import Settings
@@ -82,19 +82,17 @@ class TenantJobs:
         _warn_about_storage(app, strategy)
         if settings.rls:
             rls.install(app, db)
-        is_excluded = excluded_path_matcher(settings)
 
         def resolve_request_tenant() -> None:
-            self._resolve_request(app, app_state, is_excluded)
+            self._resolve_request(app, app_state)
 
         app.before_request_funcs.setdefault(None, []).insert(0, resolve_request_tenant)
         app.teardown_request(self._end_request)
         responses.install(app)
         app.cli.add_command(tenant_jobs_cli)
-        if settings.resolver == "path":
-            _route_tenant_segment(app)
+        resolver.install(app)
         if not settings.shared_session:
-            bind_sessions(app, registry, resolver, is_excluded)
+            bind_sessions(app, registry, resolver)
 
     # -- the current tenant ---------------------------------------------------------
 
@@ -107,6 +105,12 @@ class TenantJobs:
     def settings(self) -> Settings:
         """The ``TENANT_JOBS_*`` settings of the current app."""
         return self._state().settings
+
+    @property
+    def resolver(self) -> Resolver:
+        """The resolver of the current app: reads a request's tenant, and
+        ``resolver.address(name)`` says how a request names tenant ``name``."""
+        return self._state().resolver
 
     @property
     def celery(self) -> TenantCelery:
@@ -322,9 +326,7 @@ class TenantJobs:
             )
         return token
 
-    def _resolve_request(
-        self, app: Flask, state: _AppState, is_excluded: t.Callable[[str], bool]
-    ) -> None:
+    def _resolve_request(self, app: Flask, state: _AppState) -> None:
         """Before each request: resolve the tenant onto ``g.tenant``, or answer 404.
 
         The request starts with no tenant and scoping on, whatever the caller had (a
@@ -333,11 +335,8 @@ class TenantJobs:
         the caller's state when the request ends.
         """
         request_globals = g._get_current_object()
-        tenant = None
-        if not is_excluded(request.environ.get("PATH_INFO") or "/"):
-            candidate = state.resolver(request)
-            if candidate is not None:
-                tenant = self._known_or_404(app, state, candidate)
+        candidate = state.resolver(request)
+        tenant = None if candidate is None else self._known_or_404(app, state, candidate)
         request_globals.tenant = tenant
         token = context.start(None) if tenant is None else self._enter(tenant, starting=True)
         setattr(request_globals, _REQUEST_TOKEN, token)
@@ -386,17 +385,3 @@ def _warn_about_storage(app: Flask, strategy: Strategy) -> None:
         return
     for problem in problems:
         app.logger.warning(problem)
-
-
-def _route_tenant_segment(app: Flask) -> None:
-    """With the path resolver, views need no ``tenant`` argument and ``url_for`` fills it in."""
-
-    @app.url_value_preprocessor
-    def drop_tenant_argument(endpoint: str | None, values: dict[str, t.Any] | None) -> None:
-        if values:
-            values.pop("tenant", None)
-
-    @app.url_defaults
-    def add_tenant_argument(endpoint: str, values: dict[str, t.Any]) -> None:
-        if "tenant" not in values and app.url_map.is_endpoint_expecting(endpoint, "tenant"):
-            values["tenant"] = context.get_tenant()
