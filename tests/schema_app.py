@@ -2,8 +2,8 @@
 
 Importable by subprocesses (``flask --app tests.schema_app tenant-jobs list``), so
 :func:`create_app` with no arguments reads its settings from the environment:
-``SCHEMA_APP_DATABASE_URL``, ``SCHEMA_APP_SCHEMA_FORMAT``, ``SCHEMA_APP_SHARED_SCHEMA``
-and ``SCHEMA_APP_TENANTS`` (comma-separated).
+``TEST_SCHEMA_DATABASE_URL`` (default: ``TEST_POSTGRES_URL``), ``TEST_SCHEMA_SCHEMA_FORMAT``,
+``TEST_SCHEMA_SHARED_SCHEMA`` and ``TEST_SCHEMA_TENANTS`` (comma-separated).
 
 The engine pool holds ONE connection, so every test reuses the same PostgreSQL
 connection and any search_path left behind would be seen by the next user.
@@ -20,6 +20,8 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from flask_tenant_jobs import TenantJobs, TenantScoped
+
+from .data import POSTGRES_URL
 
 db = SQLAlchemy(engine_options={"pool_size": 1, "max_overflow": 0, "pool_timeout": 5})
 tenant_jobs = TenantJobs()
@@ -67,16 +69,14 @@ class Order(TenantScoped, db.Model):  # type: ignore[name-defined,misc]
 def create_app(**config: t.Any) -> Flask:
     """The app; ``config`` overrides the settings read from the environment."""
     app = Flask(__name__)
-    tenants = os.environ.get("SCHEMA_APP_TENANTS", "acme,globex")
+    tenants = os.environ.get("TEST_SCHEMA_TENANTS", "acme,globex")
     app.config.update(
         SERVER_NAME="example.test",
-        SQLALCHEMY_DATABASE_URI=os.environ.get(
-            "SCHEMA_APP_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-        ),
+        SQLALCHEMY_DATABASE_URI=os.environ.get("TEST_SCHEMA_DATABASE_URL") or POSTGRES_URL,
         TENANT_JOBS_STRATEGY="schema",
         TENANT_JOBS_TENANTS=[name for name in tenants.split(",") if name],
-        TENANT_JOBS_SCHEMA_FORMAT=os.environ.get("SCHEMA_APP_SCHEMA_FORMAT", "tenant_{tenant}"),
-        TENANT_JOBS_SHARED_SCHEMA=os.environ.get("SCHEMA_APP_SHARED_SCHEMA", "public"),
+        TENANT_JOBS_SCHEMA_FORMAT=os.environ.get("TEST_SCHEMA_SCHEMA_FORMAT", "tenant_{tenant}"),
+        TENANT_JOBS_SHARED_SCHEMA=os.environ.get("TEST_SCHEMA_SHARED_SCHEMA", "public"),
     )
     app.config.update(config)
     db.init_app(app)

@@ -275,7 +275,7 @@ class StressRun:
         self.redis.flushdb()
         self._clear_rows(strategy)
         env = subprocess_env(
-            "STRESS_",
+            "TEST_STRESS_",
             **stress_app.env_for(
                 database_url=self.worker_url(strategy),
                 redis_url=self.redis_url,

@@ -23,14 +23,12 @@ from flask_tenant_jobs.context import is_unscoped
 from flask_tenant_jobs.signals import tenant_not_found, tenant_resolved, tenant_switched
 
 from .core_app import StatementCounter, make_app, tables
-from .test_context import MALFORMED_NAMES
+from .data import MALFORMED_NAMES, tenant_table
 
 db = SQLAlchemy()
 
 
-class TenantRow(db.Model):  # type: ignore[name-defined,misc]
-    __tablename__ = "req_tenant"
-    name: Mapped[str] = mapped_column(sa.String(63), primary_key=True)
+TenantRow = tenant_table(db, "req_tenant")
 
 
 class Ticket(TenantScoped, db.Model):  # type: ignore[name-defined,misc]

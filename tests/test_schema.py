@@ -708,10 +708,10 @@ def test_cli_list_in_a_subprocess(app: Flask, postgres_url: str) -> None:
     command = [str(flask)] if flask.exists() else [sys.executable, "-m", "flask"]
     env = {
         **os.environ,
-        "SCHEMA_APP_DATABASE_URL": postgres_url,
-        "SCHEMA_APP_SCHEMA_FORMAT": SCHEMA_FORMAT,
-        "SCHEMA_APP_SHARED_SCHEMA": SHARED,
-        "SCHEMA_APP_TENANTS": ",".join(TENANTS),
+        "TEST_SCHEMA_DATABASE_URL": postgres_url,
+        "TEST_SCHEMA_SCHEMA_FORMAT": SCHEMA_FORMAT,
+        "TEST_SCHEMA_SHARED_SCHEMA": SHARED,
+        "TEST_SCHEMA_TENANTS": ",".join(TENANTS),
     }
     done = subprocess.run(
         [*command, "--app", "tests.schema_app", "tenant-jobs", "list"],

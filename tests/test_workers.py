@@ -110,15 +110,15 @@ class Jobs:
     def env(self, redis_db: int, **extra: str) -> dict[str, str]:
         """The environment of a worker or beat subprocess on Redis database ``redis_db``."""
         url = redis_db_url(self.redis_url, redis_db)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("JOBS_", "FLASK_"))}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("TEST_JOBS_", "FLASK_"))}
         env.update(
             PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
             PYTHONUNBUFFERED="1",
-            JOBS_BROKER_URL=url,
-            JOBS_BACKEND_URL=url,
-            JOBS_COUNTER_URL=url,
-            JOBS_DATABASE_URL=self.database_url,
-            JOBS_DEFAULT_QUEUE=QUEUE,
+            TEST_JOBS_BROKER_URL=url,
+            TEST_JOBS_BACKEND_URL=url,
+            TEST_JOBS_COUNTER_URL=url,
+            TEST_JOBS_DATABASE_URL=self.database_url,
+            TEST_JOBS_DEFAULT_QUEUE=QUEUE,
         )
         env.update(extra)
         return env
@@ -226,7 +226,10 @@ def pool_worker(
     concurrency = POOLS[pool][0]
     jobs.redis.delete(SOURCE_CALLS_KEY, PARENT_BACKEND_PID_KEY)
     env = jobs.env(
-        POOL_DB, JOBS_TENANTS_FROM_TABLE="1", JOBS_CACHE_SECONDS="3600", JOBS_WARM_ENGINE="1"
+        POOL_DB,
+        TEST_JOBS_TENANTS_FROM_TABLE="1",
+        TEST_JOBS_CACHE_SECONDS="3600",
+        TEST_JOBS_WARM_ENGINE="1",
     )
     log_path = tmp_path_factory.mktemp(f"worker-{pool}") / "worker.log"
     worker = Worker(
@@ -506,7 +509,10 @@ def test_refresh_workers_ends_a_removed_tenants_window_in_every_pool_process(
     ``refresh_workers()`` ends that at once, in every prefork child of the worker."""
     queue = f"ftj-refresh-{RUN_ID}"
     env = jobs.env(
-        POOL_DB, JOBS_TENANTS_FROM_TABLE="1", JOBS_CACHE_SECONDS="3600", JOBS_DEFAULT_QUEUE=queue
+        POOL_DB,
+        TEST_JOBS_TENANTS_FROM_TABLE="1",
+        TEST_JOBS_CACHE_SECONDS="3600",
+        TEST_JOBS_DEFAULT_QUEUE=queue,
     )
     worker = Worker(VARIANT_APP, "prefork", 2, env, tmp_path / "worker.log")
 
@@ -574,7 +580,7 @@ def run_cli(jobs: Jobs, app: str, *args: str, **env: str) -> subprocess.Complete
     return subprocess.run(
         [sys.executable, "-m", "flask", "--app", app, "tenant-jobs", *args],
         cwd=ROOT,
-        env=jobs.env(POOL_DB, JOBS_COUNTER_URL="", **env),  # the pool workers' count only
+        env=jobs.env(POOL_DB, TEST_JOBS_COUNTER_URL="", **env),  # the pool workers' count only
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -582,11 +588,14 @@ def run_cli(jobs: Jobs, app: str, *args: str, **env: str) -> subprocess.Complete
     )
 
 
+NO_CELERY = {"TEST_JOBS_NO_CELERY": "1"}
+
+
 @pytest.mark.parametrize(
     ("app_spec", "args", "env", "expected"),
     [
-        (VARIANT_APP, ["worker", "-P", "threads"], {"JOBS_NO_CELERY": "1"}, "app.config['CELERY']"),
-        (VARIANT_APP, ["beat"], {"JOBS_NO_CELERY": "1"}, "app.config['CELERY']"),
+        (VARIANT_APP, ["worker", "-P", "threads"], NO_CELERY, "app.config['CELERY']"),
+        (VARIANT_APP, ["beat"], NO_CELERY, "app.config['CELERY']"),
         (PLAIN_APP, ["worker"], {}, "TenantJobs is not set up on app 'plain'"),
         (PLAIN_APP, ["list"], {}, "TenantJobs is not set up on app 'plain'"),
     ],
@@ -610,7 +619,7 @@ def test_list_cli_prints_the_tenants(jobs: Jobs, from_table: bool) -> None:
         db.session.commit()
     try:
         if from_table:
-            done = run_cli(jobs, VARIANT_APP, "list", JOBS_TENANTS_FROM_TABLE="1")
+            done = run_cli(jobs, VARIANT_APP, "list", TEST_JOBS_TENANTS_FROM_TABLE="1")
         else:
             done = run_cli(jobs, APP, "list")
     finally:
@@ -631,7 +640,12 @@ def beat_services(jobs: Jobs) -> Iterator[tuple[Celery, dict[str, str]]]:
     client = redis.Redis.from_url(url)
     client.flushdb()
     control = Celery("ftj-beat-control", broker=url, backend=url, set_as_current=False)
-    env = jobs.env(BEAT_DB, JOBS_TENANTS_FROM_TABLE="1", JOBS_CACHE_SECONDS="0.5", JOBS_BEAT="1")
+    env = jobs.env(
+        BEAT_DB,
+        TEST_JOBS_TENANTS_FROM_TABLE="1",
+        TEST_JOBS_CACHE_SECONDS="0.5",
+        TEST_JOBS_BEAT="1",
+    )
     try:
         yield control, env
     finally:
