@@ -1,5 +1,4 @@
-"""Request -> tenant name, and back: each resolver reads a request's tenant and says how a
-request names one.
+"""Resolvers: request -> tenant name, and tenant name -> how a request addresses it.
 
 A resolver returns the candidate tenant name of a request, or ``None`` when
 the request deliberately has no tenant (an excluded path, the apex domain, an

@@ -1,5 +1,7 @@
-"""How a request that has no usable tenant is answered: a 404 that goes through the app's own
-404 handler, answers JSON to JSON clients, and is logged when it comes from the app's code.
+"""Answers to requests without a usable tenant: logged 404s, JSON for JSON clients; 503s.
+
+The 404 goes through the app's own 404 handler, answers JSON to JSON
+clients, and is logged when it comes from the app's code.
 
 An unknown tenant (a foreign host, a typo) is routine and only answered; a
 ``NoTenantError`` raised by a view, or a strategy's own error (the schema
