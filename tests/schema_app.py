@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import os
 import typing as t
+import uuid
 
 import sqlalchemy as sa
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from flask_tenant_jobs import TenantJobs, TenantScoped
@@ -87,3 +89,57 @@ def create_app(**config: t.Any) -> Flask:
         return {"items": list(db.session.scalars(sa.select(Item.name).order_by(Item.id)))}
 
     return app
+
+
+# -- one test run's schemas (tests/test_schema.py, tests/test_schema_paths.py) -------------------
+
+#: The schemas of this run start with it, so runs on one database never meet.
+PREFIX = f"ftjt{uuid.uuid4().hex[:8]}"
+SHARED = f"{PREFIX}_shared"
+SCHEMA_FORMAT = PREFIX + "_t_{tenant}"
+#: The tenants whose schemas a run creates, and all it knows: ghost never gets a schema.
+CREATED = ["acme", "globex", "acme-eu"]
+RUN_TENANTS = [*CREATED, "ghost"]
+
+
+def run_schemas(engine: Engine) -> set[str]:
+    with engine.connect() as connection:
+        rows = connection.scalars(
+            sa.text("SELECT nspname FROM pg_namespace WHERE starts_with(nspname, :prefix)"),
+            {"prefix": PREFIX},
+        )
+        return set(rows)
+
+
+def reset_schemas(engine: Engine, *, keep_shared: bool) -> None:
+    """Drop every schema of this run; re-create an empty shared schema if asked."""
+    with engine.begin() as connection:
+        for schema in run_schemas(engine):
+            connection.execute(sa.schema.DropSchema(schema, cascade=True))
+        if keep_shared:
+            connection.execute(sa.schema.CreateSchema(SHARED))
+
+
+def make_run_app(postgres_url: str, **config: t.Any) -> Flask:
+    """The app on this run's schemas, knowing :data:`RUN_TENANTS`."""
+    settings: dict[str, t.Any] = {
+        "SQLALCHEMY_DATABASE_URI": postgres_url,
+        "TENANT_JOBS_SCHEMA_FORMAT": SCHEMA_FORMAT,
+        "TENANT_JOBS_SHARED_SCHEMA": SHARED,
+        "TENANT_JOBS_TENANTS": RUN_TENANTS,
+        **config,
+    }
+    return create_app(**settings)
+
+
+def schema_of(name: str) -> str:
+    return SCHEMA_FORMAT.format(tenant=name)
+
+
+def tables_in(engine: Engine, schema: str) -> set[str]:
+    with engine.connect() as connection:
+        rows = connection.scalars(
+            sa.text("SELECT table_name FROM information_schema.tables WHERE table_schema = :s"),
+            {"s": schema},
+        )
+        return set(rows)
