@@ -15,9 +15,10 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from bench.rls_role import app_role
+
 from .core_app import RLS_SUITE
 from .data import POSTGRES_URL, RABBITMQ_URL, REDIS_URL
-from .rls_role import app_role
 
 pytest_plugins = ["pytester"]
 collect_ignore = ["plugin_project"]

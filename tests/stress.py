@@ -45,8 +45,8 @@ from pathlib import Path
 import redis
 import sqlalchemy as sa
 
+from bench.rls_role import app_role
 from tests import stress_app
-from tests.rls_role import app_role
 from tests.worker_processes import Worker, subprocess_env
 
 #: pool -> concurrency
