@@ -1,7 +1,16 @@
-"""``flask tenant-jobs`` with the column strategy (SQLite and the real PostgreSQL): ``drop``
-deletes a tenant's rows from every tenant table in one transaction and reports them,
-``create`` and ``migrate`` say what they did and what is left, unknown tenants fail in one
-line; and the worker command's gevent/eventlet message when the package is missing."""
+"""``flask tenant-jobs``: the commands' tests.
+
+* Column strategy (SQLite and the real PostgreSQL): ``drop`` deletes a tenant's rows
+  from every tenant table in one transaction and reports them, ``create`` and
+  ``migrate`` say what they did and what is left, unknown tenants fail in one line;
+  the worker command's gevent/eventlet message when the package is missing.
+* Apps without ``CELERY`` or without ``TenantJobs``: one clear line, no traceback.
+* Schema strategy (the real PostgreSQL): ``list``, ``create``, ``drop`` and ``migrate``
+  on this run's schemas.
+
+The row-level security commands are tested with their policies in tests/test_rls.py,
+and ``list`` reading a tenants table with the worker processes in tests/test_workers.py.
+"""
 
 from __future__ import annotations
 
@@ -36,6 +45,7 @@ from .schema_app import (
 )
 from .schema_app import db as schema_db
 from .schema_app import tenant_jobs as jobs
+from .worker_processes import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 db = SQLAlchemy()
@@ -295,6 +305,43 @@ def test_a_missing_green_pool_package_is_one_line_naming_what_to_install(
     output = (done.stdout + done.stderr).strip()
     assert done.returncode == 1, output
     assert output.splitlines() == [output] and output.startswith(message), output
+
+
+# -- apps the commands cannot serve (tests/jobs_app.py) --------------------------------------
+
+VARIANT_APP = "tests.jobs_app:create_variant_app()"
+PLAIN_APP = "tests.jobs_app:create_app_without_tenant_jobs()"
+NO_CELERY = {"TEST_JOBS_NO_CELERY": "1"}
+
+
+@pytest.mark.parametrize(
+    ("app_spec", "args", "env", "expected"),
+    [
+        (VARIANT_APP, ["worker", "-P", "threads"], NO_CELERY, "app.config['CELERY']"),
+        (VARIANT_APP, ["beat"], NO_CELERY, "app.config['CELERY']"),
+        (PLAIN_APP, ["worker"], {}, "TenantJobs is not set up on app 'plain'"),
+        (PLAIN_APP, ["list"], {}, "TenantJobs is not set up on app 'plain'"),
+    ],
+    ids=["worker-no-celery", "beat-no-celery", "worker-no-extension", "list-no-extension"],
+)
+def test_apps_without_celery_or_the_extension_fail_in_one_line(
+    tmp_path: Path, app_spec: str, args: list[str], env: dict[str, str], expected: str
+) -> None:
+    database = f"sqlite:///{tmp_path / 'jobs.db'}"
+    done = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", app_spec, "tenant-jobs", *args],
+        cwd=ROOT,
+        env=subprocess_env("TEST_JOBS_", TEST_JOBS_DATABASE_URL=database, **env),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    output = (done.stdout + done.stderr).strip()
+    assert done.returncode != 0
+    assert "Traceback" not in output
+    assert len(output.splitlines()) == 1, output
+    assert expected in output
 
 
 # -- the schema strategy's commands (tests/schema_fixtures.py: this run's schemas) ------------

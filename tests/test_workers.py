@@ -54,7 +54,14 @@ from tests.jobs_app import (
     db,
     tenant_jobs,
 )
-from tests.worker_processes import ROOT, FlaskProcess, Worker, redis_db_url, wait_until
+from tests.worker_processes import (
+    ROOT,
+    FlaskProcess,
+    Worker,
+    redis_db_url,
+    subprocess_env,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 
@@ -62,7 +69,6 @@ redis = pytest.importorskip("redis")
 
 APP = "tests.jobs_app:create_app()"
 VARIANT_APP = "tests.jobs_app:create_variant_app()"
-PLAIN_APP = "tests.jobs_app:create_app_without_tenant_jobs()"
 #: Redis database numbers: the pool workers, and the beat test's worker and beat.
 POOL_DB = int(os.environ.get("TEST_WORKERS_REDIS_DB", "12"))
 BEAT_DB = POOL_DB + 1
@@ -110,18 +116,17 @@ class Jobs:
     def env(self, redis_db: int, **extra: str) -> dict[str, str]:
         """The environment of a worker or beat subprocess on Redis database ``redis_db``."""
         url = redis_db_url(self.redis_url, redis_db)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("TEST_JOBS_", "FLASK_"))}
-        env.update(
-            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-            PYTHONUNBUFFERED="1",
-            TEST_JOBS_BROKER_URL=url,
-            TEST_JOBS_BACKEND_URL=url,
-            TEST_JOBS_COUNTER_URL=url,
-            TEST_JOBS_DATABASE_URL=self.database_url,
-            TEST_JOBS_DEFAULT_QUEUE=QUEUE,
+        return subprocess_env(
+            "TEST_JOBS_",
+            **{
+                "TEST_JOBS_BROKER_URL": url,
+                "TEST_JOBS_BACKEND_URL": url,
+                "TEST_JOBS_COUNTER_URL": url,
+                "TEST_JOBS_DATABASE_URL": self.database_url,
+                "TEST_JOBS_DEFAULT_QUEUE": QUEUE,
+                **extra,
+            },
         )
-        env.update(extra)
-        return env
 
     def collect(
         self,
@@ -586,30 +591,6 @@ def run_cli(jobs: Jobs, app: str, *args: str, **env: str) -> subprocess.Complete
         text=True,
         timeout=60,
     )
-
-
-NO_CELERY = {"TEST_JOBS_NO_CELERY": "1"}
-
-
-@pytest.mark.parametrize(
-    ("app_spec", "args", "env", "expected"),
-    [
-        (VARIANT_APP, ["worker", "-P", "threads"], NO_CELERY, "app.config['CELERY']"),
-        (VARIANT_APP, ["beat"], NO_CELERY, "app.config['CELERY']"),
-        (PLAIN_APP, ["worker"], {}, "TenantJobs is not set up on app 'plain'"),
-        (PLAIN_APP, ["list"], {}, "TenantJobs is not set up on app 'plain'"),
-    ],
-    ids=["worker-no-celery", "beat-no-celery", "worker-no-extension", "list-no-extension"],
-)
-def test_cli_errors_are_one_clear_line(
-    jobs: Jobs, app_spec: str, args: list[str], env: dict[str, str], expected: str
-) -> None:
-    done = run_cli(jobs, app_spec, *args, **env)
-    output = (done.stdout + done.stderr).strip()
-    assert done.returncode != 0
-    assert "Traceback" not in output
-    assert len(output.splitlines()) == 1, output
-    assert expected in output
 
 
 @pytest.mark.parametrize("from_table", [False, True], ids=["list", "table"])
