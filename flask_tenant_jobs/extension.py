@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from weakref import WeakKeyDictionary
 
+from blinker import NamedSignal
 from flask import Flask, current_app, g, has_app_context, request
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.exc import SQLAlchemyError
@@ -202,12 +203,9 @@ class TenantJobs:
         the tenant known: add the name to the ``TENANT_JOBS_TENANTS`` source too;
         the cache is refreshed so that it is seen at once. Sends ``tenant_created``.
         """
-        state = self._state()
-        tenant = validate_name(name)
-        made = state.strategy.create(tenant)
-        state.registry.invalidate()
-        signals.tenant_created.send(self._app(), tenant=tenant)
-        return made
+        return self._change_storage(
+            name, lambda strategy, tenant: strategy.create(tenant), signals.tenant_created
+        )
 
     def drop(self, name: str) -> dict[str, int]:
         """Remove tenant ``name``'s data; return the rows removed per table.
@@ -216,12 +214,9 @@ class TenantJobs:
         transaction of its own (end the session's transaction first). Schema
         strategy: its schema and everything in it. Sends ``tenant_dropped``.
         """
-        state = self._state()
-        tenant = validate_name(name)
-        removed = state.strategy.drop(tenant)
-        state.registry.invalidate()
-        signals.tenant_dropped.send(self._app(), tenant=tenant)
-        return removed
+        return self._change_storage(
+            name, lambda strategy, tenant: strategy.drop(tenant), signals.tenant_dropped
+        )
 
     def migrate(self, name: str) -> None:
         """Bring tenant ``name``'s storage up to date.
@@ -306,6 +301,18 @@ class TenantJobs:
         if len(self._states) == 1:
             return next(iter(self._states))
         raise RuntimeError("No Flask app context: run this inside 'with app.app_context():'.")
+
+    def _change_storage(
+        self, name: str, change: t.Callable[[Strategy, str], T], announce: NamedSignal
+    ) -> T:
+        """Make ``change`` to tenant ``name``'s storage, read the tenant names afresh so the
+        change is seen at once, and send ``announce``."""
+        state = self._state()
+        tenant = validate_name(name)
+        result = change(state.strategy, tenant)
+        state.registry.invalidate()
+        announce.send(self._app(), tenant=tenant)
+        return result
 
     def _enter_known(self, name: str) -> context.Entered:
         """Validate ``name``, make it current and announce it."""
