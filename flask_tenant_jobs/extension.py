@@ -75,25 +75,29 @@ class TenantJobs:
         _refuse_what_cannot_be_installed(app, db, settings)
         register(app, self)
         celery = make_celery(app, settings.header) if "CELERY" in app.config else None
-        app_state = _AppState(settings, registry, resolver, strategy, db, celery)
-        self._states[app] = app_state
+        self._states[app] = _AppState(settings, registry, resolver, strategy, db, celery)
         register_flask_app(app)
-        strategy.install(app, db)
+        self._install(app, self._states[app])
+
+    def _install(self, app: Flask, state: _AppState) -> None:
+        """Hook the strategy, integrations, request hooks, answers and commands into ``app``."""
+        settings, db = state.settings, state.db
+        state.strategy.install(app, db)
         install_integrations(app, settings, db)
-        _warn_about_storage(app, strategy)
+        _warn_about_storage(app, state.strategy)
         if settings.rls:
             rls.install(app, db)
 
         def resolve_request_tenant() -> None:
-            self._resolve_request(app, app_state)
+            self._resolve_request(app, state)
 
         app.before_request_funcs.setdefault(None, []).insert(0, resolve_request_tenant)
         app.teardown_request(self._end_request)
         responses.install(app)
         app.cli.add_command(tenant_jobs_cli)
-        resolver.install(app)
+        state.resolver.install(app)
         if not settings.shared_session:
-            bind_sessions(app, registry, resolver)
+            bind_sessions(app, state.registry, state.resolver)
 
     # -- the current tenant ---------------------------------------------------------
 
