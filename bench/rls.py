@@ -37,10 +37,10 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import Mapped, mapped_column
 
 from flask_tenant_jobs import TenantJobs, TenantScoped, rls
-from tests.rls_role import app_role
 
 from . import Row, compare
 from .core import POSTGRES_URL, postgres_reachable
+from .rls_role import app_role
 
 TENANTS = [f"t{i:02d}" for i in range(10)]
 ROWS_PER_TENANT = 1000

@@ -1,4 +1,4 @@
-"""Exceptions raised by flask-tenant-jobs.
+"""The exceptions of flask-tenant-jobs: ``TenantError`` and its subclasses, each with what to do.
 
 Every error says what went wrong and what to do about it, and carries the
 tenant name (``.tenant``) where there is one. An error's ``args`` are the

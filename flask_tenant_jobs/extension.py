@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from weakref import WeakKeyDictionary
 
+from blinker import NamedSignal
 from flask import Flask, current_app, g, has_app_context, request
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.exc import SQLAlchemyError
@@ -17,7 +18,7 @@ from .errors import ConfigurationError, TenantError
 from .integrations import install_integrations
 from .iteration import TenantIterator
 from .registry import TenantRegistry, validate_name
-from .resolvers import Resolver, excluded_path_matcher, make_resolver
+from .resolvers import Resolver, make_resolver
 from .scoping import Strategy, make_strategy
 from .sending import TenantCelery, make_celery, register_flask_app
 from .sessions import bind_sessions, require_bindable
@@ -74,27 +75,29 @@ class TenantJobs:
         _refuse_what_cannot_be_installed(app, db, settings)
         register(app, self)
         celery = make_celery(app, settings.header) if "CELERY" in app.config else None
-        app_state = _AppState(settings, registry, resolver, strategy, db, celery)
-        self._states[app] = app_state
+        self._states[app] = _AppState(settings, registry, resolver, strategy, db, celery)
         register_flask_app(app)
-        strategy.install(app, db)
+        self._install(app, self._states[app])
+
+    def _install(self, app: Flask, state: _AppState) -> None:
+        """Hook the strategy, integrations, request hooks, answers and commands into ``app``."""
+        settings, db = state.settings, state.db
+        state.strategy.install(app, db)
         install_integrations(app, settings, db)
-        _warn_about_storage(app, strategy)
+        _warn_about_storage(app, state.strategy)
         if settings.rls:
             rls.install(app, db)
-        is_excluded = excluded_path_matcher(settings)
 
         def resolve_request_tenant() -> None:
-            self._resolve_request(app, app_state, is_excluded)
+            self._resolve_request(app, state)
 
         app.before_request_funcs.setdefault(None, []).insert(0, resolve_request_tenant)
         app.teardown_request(self._end_request)
         responses.install(app)
         app.cli.add_command(tenant_jobs_cli)
-        if settings.resolver == "path":
-            _route_tenant_segment(app)
+        state.resolver.install(app)
         if not settings.shared_session:
-            bind_sessions(app, registry, resolver, is_excluded)
+            bind_sessions(app, state.registry, state.resolver)
 
     # -- the current tenant ---------------------------------------------------------
 
@@ -107,6 +110,12 @@ class TenantJobs:
     def settings(self) -> Settings:
         """The ``TENANT_JOBS_*`` settings of the current app."""
         return self._state().settings
+
+    @property
+    def resolver(self) -> Resolver:
+        """The resolver of the current app: reads a request's tenant, and
+        ``resolver.address(name)`` says how a request names tenant ``name``."""
+        return self._state().resolver
 
     @property
     def celery(self) -> TenantCelery:
@@ -198,12 +207,9 @@ class TenantJobs:
         the tenant known: add the name to the ``TENANT_JOBS_TENANTS`` source too;
         the cache is refreshed so that it is seen at once. Sends ``tenant_created``.
         """
-        state = self._state()
-        tenant = validate_name(name)
-        made = state.strategy.create(tenant)
-        state.registry.invalidate()
-        signals.tenant_created.send(self._app(), tenant=tenant)
-        return made
+        return self._change_storage(
+            name, lambda strategy, tenant: strategy.create(tenant), signals.tenant_created
+        )
 
     def drop(self, name: str) -> dict[str, int]:
         """Remove tenant ``name``'s data; return the rows removed per table.
@@ -212,12 +218,9 @@ class TenantJobs:
         transaction of its own (end the session's transaction first). Schema
         strategy: its schema and everything in it. Sends ``tenant_dropped``.
         """
-        state = self._state()
-        tenant = validate_name(name)
-        removed = state.strategy.drop(tenant)
-        state.registry.invalidate()
-        signals.tenant_dropped.send(self._app(), tenant=tenant)
-        return removed
+        return self._change_storage(
+            name, lambda strategy, tenant: strategy.drop(tenant), signals.tenant_dropped
+        )
 
     def migrate(self, name: str) -> None:
         """Bring tenant ``name``'s storage up to date.
@@ -303,6 +306,18 @@ class TenantJobs:
             return next(iter(self._states))
         raise RuntimeError("No Flask app context: run this inside 'with app.app_context():'.")
 
+    def _change_storage(
+        self, name: str, change: t.Callable[[Strategy, str], T], announce: NamedSignal
+    ) -> T:
+        """Make ``change`` to tenant ``name``'s storage, read the tenant names afresh so the
+        change is seen at once, and send ``announce``."""
+        state = self._state()
+        tenant = validate_name(name)
+        result = change(state.strategy, tenant)
+        state.registry.invalidate()
+        announce.send(self._app(), tenant=tenant)
+        return result
+
     def _enter_known(self, name: str) -> context.Entered:
         """Validate ``name``, make it current and announce it."""
         return self._enter(self.validate(name))
@@ -322,9 +337,7 @@ class TenantJobs:
             )
         return token
 
-    def _resolve_request(
-        self, app: Flask, state: _AppState, is_excluded: t.Callable[[str], bool]
-    ) -> None:
+    def _resolve_request(self, app: Flask, state: _AppState) -> None:
         """Before each request: resolve the tenant onto ``g.tenant``, or answer 404.
 
         The request starts with no tenant and scoping on, whatever the caller had (a
@@ -333,11 +346,8 @@ class TenantJobs:
         the caller's state when the request ends.
         """
         request_globals = g._get_current_object()
-        tenant = None
-        if not is_excluded(request.environ.get("PATH_INFO") or "/"):
-            candidate = state.resolver(request)
-            if candidate is not None:
-                tenant = self._known_or_404(app, state, candidate)
+        candidate = state.resolver(request)
+        tenant = None if candidate is None else self._known_or_404(app, state, candidate)
         request_globals.tenant = tenant
         token = context.start(None) if tenant is None else self._enter(tenant, starting=True)
         setattr(request_globals, _REQUEST_TOKEN, token)
@@ -386,17 +396,3 @@ def _warn_about_storage(app: Flask, strategy: Strategy) -> None:
         return
     for problem in problems:
         app.logger.warning(problem)
-
-
-def _route_tenant_segment(app: Flask) -> None:
-    """With the path resolver, views need no ``tenant`` argument and ``url_for`` fills it in."""
-
-    @app.url_value_preprocessor
-    def drop_tenant_argument(endpoint: str | None, values: dict[str, t.Any] | None) -> None:
-        if values:
-            values.pop("tenant", None)
-
-    @app.url_defaults
-    def add_tenant_argument(endpoint: str, values: dict[str, t.Any]) -> None:
-        if "tenant" not in values and app.url_map.is_endpoint_expecting(endpoint, "tenant"):
-            values["tenant"] = context.get_tenant()

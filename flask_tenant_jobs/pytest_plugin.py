@@ -23,8 +23,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from . import context
-from .errors import ConfigurationError
 from .extension import TenantJobs
+from .resolvers import Address
 from .sending import header_name
 from .state import extension_of
 
@@ -164,18 +164,17 @@ def tenant_client(app: Flask) -> t.Callable[[str], FlaskClient]:
     def make(name: str) -> FlaskClient:
         extension = extension_of(app)
         with app.app_context():
-            tenant = extension.validate(name)
-            defaults = _tenant_request_defaults(extension, tenant)
+            address = extension.resolver.address(extension.validate(name))
         client = app.test_client()
         open_request, session_transaction = client.open, client.session_transaction
 
         def open_for_tenant(*args: t.Any, **kwargs: t.Any) -> t.Any:
-            args, kwargs = _addressed(defaults, args, kwargs)
+            args, kwargs = _addressed(address, args, kwargs)
             return open_request(*args, **kwargs)
 
         def session_transaction_for_tenant(*args: t.Any, **kwargs: t.Any) -> t.Any:
             """The tenant's session (each tenant has its own: docs/security.md)."""
-            args, kwargs = _addressed(defaults, args or ("/",), kwargs)
+            args, kwargs = _addressed(address, args or ("/",), kwargs)
             return session_transaction(*args, **kwargs)
 
         client.open = open_for_tenant  # type: ignore[method-assign]
@@ -186,34 +185,14 @@ def tenant_client(app: Flask) -> t.Callable[[str], FlaskClient]:
 
 
 def _addressed(
-    defaults: dict[str, t.Any], args: tuple[t.Any, ...], kwargs: dict[str, t.Any]
+    address: Address, args: tuple[t.Any, ...], kwargs: dict[str, t.Any]
 ) -> tuple[tuple[t.Any, ...], dict[str, t.Any]]:
     """The arguments of a request (or session transaction) made to go to the tenant."""
     kwargs = dict(kwargs)
-    for key, value in defaults.items():
-        if key == "headers":
-            kwargs["headers"] = {**value, **dict(kwargs.get("headers") or {})}
-        elif key == "path_prefix" and args and isinstance(args[0], str):
-            args = (value + args[0], *args[1:])
-        elif key == "base_url":
-            kwargs.setdefault("base_url", value)
+    if address.headers:
+        kwargs["headers"] = {**address.headers, **dict(kwargs.get("headers") or {})}
+    if address.path_prefix and args and isinstance(args[0], str):
+        args = (address.path_prefix + args[0], *args[1:])
+    if address.base_url:
+        kwargs.setdefault("base_url", address.base_url)
     return args, kwargs
-
-
-def _tenant_request_defaults(extension: TenantJobs, tenant: str) -> dict[str, t.Any]:
-    """How a request names ``tenant`` under the configured resolver."""
-    settings = extension.settings
-    if settings.resolver == "subdomain":
-        return {"base_url": f"http://{tenant}.{settings.base_domain}/"}
-    if settings.resolver == "header":
-        return {"headers": {settings.request_header: tenant}}
-    if settings.resolver == "path":
-        return {"path_prefix": f"/{tenant}"}
-    if settings.resolver == "domain" and isinstance(settings.domains, t.Mapping):
-        for host, name in settings.domains.items():
-            if name == tenant:
-                return {"base_url": f"http://{host}/"}
-    raise ConfigurationError(
-        f"tenant_client cannot address tenant {tenant!r} with resolver {settings.resolver!r}: "
-        "build the request yourself (e.g. client.get(url, headers=...))."
-    )

@@ -1,10 +1,13 @@
-"""How a request that has no usable tenant is answered: a 404 that goes through the app's own
-404 handler, answers JSON to JSON clients, and is logged when it comes from the app's code.
+"""Answers to requests without a usable tenant: logged 404s, JSON for JSON clients; 503s.
+
+The 404 goes through the app's own 404 handler, answers JSON to JSON
+clients, and is logged when it comes from the app's code.
 
 An unknown tenant (a foreign host, a typo) is routine and only answered; a
-``NoTenantError`` or ``SchemaNotFoundError`` raised by a view means the view
-reached tenant data where there is no tenant, so it is also logged at warning
-level with the view and the error's message, which says what to do.
+``NoTenantError`` raised by a view, or a strategy's own error (the schema
+strategy's ``SchemaNotFoundError``), means the view reached tenant data where
+there is no tenant, so it is also logged at warning level with the view and
+the error's message, which says what to do.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from werkzeug.wrappers import Request
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
 
-from .errors import NoTenantError, SchemaNotFoundError, TenantError, TenantSourceError
+from .errors import NoTenantError, TenantError, TenantSourceError
 
 #: What the client is told, for each reason there is no tenant.
 NO_SUCH_TENANT = "No such tenant."
@@ -61,26 +64,28 @@ def wants_json(incoming: Request) -> bool:
 
 
 def install(app: Flask) -> None:
-    """Answer ``NoTenantError`` and ``SchemaNotFoundError`` raised in requests as 404s,
-    and ``TenantSourceError`` (no tenant list to check against) as a 503."""
-    app.register_error_handler(NoTenantError, _no_tenant)
-    app.register_error_handler(SchemaNotFoundError, _schema_not_found)
+    """Answer ``NoTenantError`` raised in requests (by scoping or a tenant task) as a 404,
+    and ``TenantSourceError`` (no tenant list to check against) as a 503.
+
+    Each strategy answers its own errors with :func:`answer_not_found`.
+    """
+    answer_not_found(app, NoTenantError, PAGE_NEEDS_TENANT)
     app.register_error_handler(TenantSourceError, _tenant_source_response)
+
+
+def answer_not_found(app: Flask, error: type[TenantError], description: str) -> None:
+    """Answer ``error`` raised in a view of ``app`` as a 404 saying ``description``,
+    logged with the view: the view reached tenant data where there is none."""
+
+    def not_found(raised: TenantError) -> ResponseReturnValue:
+        return _not_found(raised, description)
+
+    app.register_error_handler(error, not_found)
 
 
 def _tenant_source_response(error: TenantSourceError) -> tuple[str, int]:
     """No tenant list can be read (and none recent is left): unavailable, not a 500."""
     return "Tenants cannot be checked right now: try again shortly.", 503
-
-
-def _no_tenant(error: NoTenantError) -> ResponseReturnValue:
-    """Tenant-scoped work in a request that has no tenant (e.g. on the apex domain)."""
-    return _not_found(error, PAGE_NEEDS_TENANT)
-
-
-def _schema_not_found(error: SchemaNotFoundError) -> ResponseReturnValue:
-    """The tenant's schema vanished after the request was resolved."""
-    return _not_found(error, NO_SUCH_TENANT)
 
 
 def _not_found(error: TenantError, description: str) -> ResponseReturnValue:

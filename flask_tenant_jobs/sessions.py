@@ -98,12 +98,7 @@ def session_owner(app: Flask) -> str | None:
     return t.cast("str | None", owner)
 
 
-def bind_sessions(
-    app: Flask,
-    registry: TenantRegistry,
-    resolver: Resolver,
-    is_excluded: t.Callable[[str], bool],
-) -> None:
+def bind_sessions(app: Flask, registry: TenantRegistry, resolver: Resolver) -> None:
     """Give ``app`` sessions bound to their tenant (``TENANT_JOBS_SHARED_SESSION`` off).
 
     :func:`require_bindable` has checked the session interface; one set after this
@@ -114,8 +109,6 @@ def bind_sessions(
 
     def owner_of(request: Request) -> str | None:
         try:
-            if is_excluded(request.environ.get("PATH_INFO") or "/"):
-                return None
             candidate = resolver(request)
             if candidate is None or registry.exists(candidate):
                 return candidate

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field, fields
 from flask import Flask, Request
 
 from .errors import ConfigurationError
+from .resolvers import RESOLVERS
+from .scoping import STRATEGIES
 from .state import extension_of
 
 PREFIX = "TENANT_JOBS_"
-STRATEGIES = ("column", "schema")
-RESOLVERS = ("subdomain", "domain", "header", "path")
 
 TenantSource = t.Iterable[str] | t.Callable[[], t.Iterable[str]]
 ResolverSetting = str | t.Callable[[Request], str | None]
@@ -29,6 +29,8 @@ DomainSetting = t.Mapping[str, str] | t.Callable[[str], str | None]
 #: A check takes the key and its value and returns the value to keep, or raises
 #: ``ConfigurationError`` saying what the key accepts.
 Check = t.Callable[[str, t.Any], t.Any]
+
+
 @dataclass(frozen=True)
 class Required:
     """The default of a key that must be set: what to set it to."""
@@ -142,7 +144,7 @@ def resolver_or_callable(key: str, value: t.Any) -> ResolverSetting:
     """A built-in resolver's name, or a callable ``(request) -> name or None``."""
     if callable(value):
         return t.cast(ResolverSetting, value)
-    accepted = "one of " + ", ".join(repr(r) for r in RESOLVERS)
+    accepted = "one of " + ", ".join(map(repr, RESOLVERS))
     if not isinstance(value, str) or value not in RESOLVERS:
         raise _refuse(key, value, f"{accepted}, or a callable (request) -> name or None")
     return value
@@ -232,12 +234,7 @@ class Settings:
         return settings
 
     def _check(self) -> None:
-        """What no single key can check alone."""
-        if self.resolver == "subdomain" and not self.base_domain:
-            raise ConfigurationError(
-                "The subdomain resolver needs a base domain: set 'SERVER_NAME' or "
-                "'TENANT_JOBS_BASE_DOMAIN' (e.g. 'example.test')."
-            )
+        """What no single key can check alone (each resolver checks what it needs)."""
         if self.rls:
             self._check_rls()
 
@@ -285,8 +282,6 @@ def _refuse_unknown_keys(config: t.Mapping[str, t.Any]) -> None:
                 f"Unknown setting '{key}': did you mean '{close[0]}'? The known keys are "
                 "listed in docs/configuration.md."
             )
-
-
 
 def current_settings() -> Settings:
     """The settings of the current app's ``TenantJobs`` extension."""

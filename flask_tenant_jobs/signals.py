@@ -1,4 +1,4 @@
-"""Blinker signals sent by flask-tenant-jobs.
+"""The blinker signals of flask-tenant-jobs: tenant resolved, switched, created, task enqueued...
 
 Connect receivers as with Flask's own signals, e.g.
 ``tenant_resolved.connect(receiver, app)``. The sender is the Flask app.

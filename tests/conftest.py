@@ -15,17 +15,14 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from bench.rls_role import app_role
+
 from .core_app import RLS_SUITE
-from .rls_role import app_role
+from .data import POSTGRES_URL, RABBITMQ_URL, REDIS_URL
 
 pytest_plugins = ["pytester"]
 collect_ignore = ["plugin_project"]
 
-POSTGRES_URL = os.environ.get(
-    "TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 DEMANDED = os.environ.get("TENANT_JOBS_DEMAND_SERVICES") == "1"
 
 
@@ -66,7 +63,7 @@ def rabbitmq_url() -> str:
 
 @pytest.fixture(scope="session")
 def rls_suite_url(postgres_url: str) -> t.Iterator[str]:
-    """``TENANT_JOBS_TEST_RLS``: the URL of a role that RLS applies to and that may create
+    """``TEST_CORE_RLS``: the URL of a role that RLS applies to and that may create
     (and so owns) tables; dropped, with its tables, at the end of the session."""
     with app_role(postgres_url, owner=True) as url:
         yield url
@@ -76,12 +73,12 @@ def rls_suite_url(postgres_url: str) -> t.Iterator[str]:
 def database_url(request: pytest.FixtureRequest, tmp_path: t.Any) -> str:
     """Each test using it runs on SQLite and on the real PostgreSQL.
 
-    With ``TENANT_JOBS_TEST_RLS=1`` (see ``tests/core_app.py``), on PostgreSQL only, as
+    With ``TEST_CORE_RLS=1`` (see ``tests/core_app.py``), on PostgreSQL only, as
     a role that row-level security applies to.
     """
     if request.param == "sqlite":
         if RLS_SUITE:
-            pytest.skip("TENANT_JOBS_TEST_RLS: row-level security is PostgreSQL-only; the "
+            pytest.skip("TEST_CORE_RLS: row-level security is PostgreSQL-only; the "
                         "SQLite runs are in the run without it")
         return f"sqlite:///{tmp_path / 'test.db'}"
     if RLS_SUITE:

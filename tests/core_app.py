@@ -20,11 +20,11 @@ from flask_tenant_jobs import TenantJobs
 
 TENANTS = ["globex", "acme", "initech"]  # deliberately unsorted
 
-#: ``TENANT_JOBS_TEST_RLS=1`` (``.ci/run`` sets it for a second run of tests/test_column.py):
+#: ``TEST_CORE_RLS=1`` (``.ci/run`` sets it for a second run of tests/test_column.py):
 #: apps that :func:`make_app` makes on PostgreSQL have ``TENANT_JOBS_RLS`` on, :func:`tables`
 #: protects their tables with the policies, and the ``database_url`` fixture connects as a
 #: role that row-level security applies to (neither superuser nor ``BYPASSRLS``).
-RLS_SUITE = os.environ.get("TENANT_JOBS_TEST_RLS") == "1"
+RLS_SUITE = os.environ.get("TEST_CORE_RLS") == "1"
 
 
 def make_app(db: SQLAlchemy, database_url: str, **config: t.Any) -> tuple[Flask, TenantJobs]:

@@ -3,9 +3,9 @@
 Importable by worker subprocesses (``flask --app tests.jobs_app tenant-jobs worker``),
 so everything is configured from environment variables:
 
-* ``JOBS_BROKER_URL`` (default: the in-memory broker), ``JOBS_BACKEND_URL``
-  (default: ``cache+memory://``), ``JOBS_DATABASE_URL`` (default: SQLite file),
-  ``JOBS_EAGER=1`` for ``task_always_eager``.
+* ``TEST_JOBS_BROKER_URL`` (default: the in-memory broker), ``TEST_JOBS_BACKEND_URL``
+  (default: ``cache+memory://``), ``TEST_JOBS_DATABASE_URL`` (default: SQLite file),
+  ``TEST_JOBS_EAGER=1`` for ``task_always_eager``.
 
 Each task returns an observation dict ``{"task", "tenant", "header", "label"}``
 and, where it touches the database, writes a ``Seen`` row (tenant-scoped) so
@@ -25,6 +25,8 @@ from flask_sqlalchemy import SQLAlchemy
 
 from flask_tenant_jobs import TenantJobs, TenantScoped, TenantTask, current_tenant, tenant_task
 from flask_tenant_jobs.context import is_unscoped
+
+from .data import tenant_table
 
 db = SQLAlchemy()
 tenant_jobs = TenantJobs()
@@ -246,9 +248,9 @@ def create_app(**overrides: t.Any) -> Flask:
     """The test app; ``overrides`` update ``app.config`` (``CELERY`` merges)."""
     app = Flask(__name__)
     celery_config = {
-        "broker_url": os.environ.get("JOBS_BROKER_URL", "memory://"),
-        "result_backend": os.environ.get("JOBS_BACKEND_URL", "cache+memory://"),
-        "task_always_eager": os.environ.get("JOBS_EAGER") == "1",
+        "broker_url": os.environ.get("TEST_JOBS_BROKER_URL", "memory://"),
+        "result_backend": os.environ.get("TEST_JOBS_BACKEND_URL", "cache+memory://"),
+        "task_always_eager": os.environ.get("TEST_JOBS_EAGER") == "1",
         "task_store_eager_result": True,
         "broker_connection_retry_on_startup": True,
     }
@@ -256,7 +258,7 @@ def create_app(**overrides: t.Any) -> Flask:
     app.config.update(
         SERVER_NAME="example.test",
         SQLALCHEMY_DATABASE_URI=os.environ.get(
-            "JOBS_DATABASE_URL", f"sqlite:///{os.path.abspath('jobs_app.sqlite3')}"
+            "TEST_JOBS_DATABASE_URL", f"sqlite:///{os.path.abspath('jobs_app.sqlite3')}"
         ),
         TENANT_JOBS_TENANTS=TENANTS,
         CELERY=celery_config,
@@ -272,36 +274,31 @@ def create_app(**overrides: t.Any) -> Flask:
 # ``create_variant_app()`` is ``create_app()`` plus switches read from the environment,
 # so that ``flask --app "tests.jobs_app:create_variant_app()" ...`` subprocesses can run:
 #
-# * ``JOBS_TENANTS_FROM_TABLE=1``: ``TENANT_JOBS_TENANTS`` is :func:`tenants_from_table`,
+# * ``TEST_JOBS_TENANTS_FROM_TABLE=1``: ``TENANT_JOBS_TENANTS`` is :func:`tenants_from_table`,
 #   which reads the shared ``jobs_tenant`` table and counts its calls in Redis
-#   (``INCR jobs:tenant_source_calls`` at ``JOBS_COUNTER_URL``, when set);
-# * ``JOBS_CACHE_SECONDS``: ``TENANT_JOBS_CACHE_SECONDS``;
-# * ``JOBS_BEAT=1``: a beat schedule running ``write_seen`` every second for every tenant
+#   (``INCR jobs:tenant_source_calls`` at ``TEST_JOBS_COUNTER_URL``, when set);
+# * ``TEST_JOBS_CACHE_SECONDS``: ``TENANT_JOBS_CACHE_SECONDS``;
+# * ``TEST_JOBS_BEAT=1``: a beat schedule running ``write_seen`` every second for every tenant
 #   (label ``beat-all``), for ``globex`` only (label ``beat-globex``), pinned to
 #   ``initech`` by its headers (``beat-pinned``), and for ``acme`` and ``hooli``, a tenant
 #   that does not exist (``beat-subset``);
-# * ``JOBS_WARM_ENGINE=1``: the app opens (and pools) a database connection when it is
+# * ``TEST_JOBS_WARM_ENGINE=1``: the app opens (and pools) a database connection when it is
 #   made, and records its server pid in Redis (``jobs:parent_backend_pid``), so that a
 #   forked worker child would inherit it unless the engines are disposed after the fork;
-# * ``JOBS_DEFAULT_QUEUE``: Celery's ``task_default_queue`` (so that concurrent test runs
+# * ``TEST_JOBS_DEFAULT_QUEUE``: Celery's ``task_default_queue`` (so that concurrent test runs
 #   sharing a broker do not take each other's tasks);
-# * ``JOBS_NO_CELERY=1``: no ``CELERY`` configuration at all.
+# * ``TEST_JOBS_NO_CELERY=1``: no ``CELERY`` configuration at all.
 
 SOURCE_CALLS_KEY = "jobs:tenant_source_calls"
 PARENT_BACKEND_PID_KEY = "jobs:parent_backend_pid"
 
 
-class Tenant(db.Model):  # type: ignore[name-defined,misc]
-    """A shared (not tenant-scoped) table of tenant names."""
-
-    __tablename__ = "jobs_tenant"
-    __tenant_shared__ = True
-
-    name = db.Column(db.String(63), primary_key=True)
+#: The app's shared table of tenant names.
+Tenant = tenant_table(db, "jobs_tenant")
 
 
 def _counter_redis() -> t.Any:
-    url = os.environ.get("JOBS_COUNTER_URL")
+    url = os.environ.get("TEST_JOBS_COUNTER_URL")
     if not url:
         return None
     import redis
@@ -357,12 +354,12 @@ def db_backend(self: Task, label: t.Any = None) -> dict[str, t.Any]:
 
 def create_variant_app() -> Flask:
     """``create_app()`` with the environment switches described above."""
-    if os.environ.get("JOBS_NO_CELERY") == "1":
+    if os.environ.get("TEST_JOBS_NO_CELERY") == "1":
         app = Flask(__name__)
         app.config.update(
             SERVER_NAME="example.test",
             SQLALCHEMY_DATABASE_URI=os.environ.get(
-                "JOBS_DATABASE_URL", f"sqlite:///{os.path.abspath('jobs_app.sqlite3')}"
+                "TEST_JOBS_DATABASE_URL", f"sqlite:///{os.path.abspath('jobs_app.sqlite3')}"
             ),
             TENANT_JOBS_TENANTS=TENANTS,
         )
@@ -370,18 +367,18 @@ def create_variant_app() -> Flask:
         tenant_jobs.init_app(app, db=db)
         return app
     overrides: dict[str, t.Any] = {}
-    if os.environ.get("JOBS_TENANTS_FROM_TABLE") == "1":
+    if os.environ.get("TEST_JOBS_TENANTS_FROM_TABLE") == "1":
         overrides["TENANT_JOBS_TENANTS"] = tenants_from_table
-    if os.environ.get("JOBS_CACHE_SECONDS"):
-        overrides["TENANT_JOBS_CACHE_SECONDS"] = float(os.environ["JOBS_CACHE_SECONDS"])
+    if os.environ.get("TEST_JOBS_CACHE_SECONDS"):
+        overrides["TENANT_JOBS_CACHE_SECONDS"] = float(os.environ["TEST_JOBS_CACHE_SECONDS"])
     celery_overrides: dict[str, t.Any] = {}
-    if os.environ.get("JOBS_DEFAULT_QUEUE"):
-        celery_overrides["task_default_queue"] = os.environ["JOBS_DEFAULT_QUEUE"]
-    if os.environ.get("JOBS_BEAT") == "1":
+    if os.environ.get("TEST_JOBS_DEFAULT_QUEUE"):
+        celery_overrides["task_default_queue"] = os.environ["TEST_JOBS_DEFAULT_QUEUE"]
+    if os.environ.get("TEST_JOBS_BEAT") == "1":
         celery_overrides["beat_schedule"] = BEAT_SCHEDULE
     overrides["CELERY"] = celery_overrides
     app = create_app(**overrides)
-    if os.environ.get("JOBS_WARM_ENGINE") == "1":
+    if os.environ.get("TEST_JOBS_WARM_ENGINE") == "1":
         with app.app_context():
             backend_pid = db.session.execute(db.text("SELECT pg_backend_pid()")).scalar()
             db.session.remove()  # the connection goes back to the pool, still open
@@ -395,16 +392,6 @@ def create_variant_app() -> Flask:
 
 #: The logger ``log_tenant`` writes to.
 TASK_LOGGER = "tests.jobs_app.tasks"
-
-
-class KnownTenant(db.Model):  # type: ignore[name-defined,misc]
-    """A shared (not tenant-scoped) table of tenant names, for a ``TENANT_JOBS_TENANTS``
-    callable that reads it."""
-
-    __tablename__ = "jobs_known_tenant"
-    __tenant_shared__ = True
-
-    name = db.Column(db.String(63), primary_key=True)
 
 
 @tenant_task(bind=True)

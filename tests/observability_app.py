@@ -1,9 +1,10 @@
 """The app the observability tests run: a few tenant tasks that succeed, retry and fail.
 
 Importable by worker subprocesses (``flask --app tests.observability_app tenant-jobs
-worker``), so it is configured from environment variables: ``OBS_BROKER_URL`` (default
-the in-memory broker), ``OBS_BACKEND_URL`` (default ``cache+memory://``) and
-``OBS_METRICS_PORT``: when set, the worker's main process serves the Prometheus
+worker``), so it is configured from environment variables:
+``TEST_OBSERVABILITY_BROKER_URL`` (default the in-memory broker),
+``TEST_OBSERVABILITY_BACKEND_URL`` (default ``cache+memory://``) and
+``TEST_OBSERVABILITY_METRICS_PORT``: when set, the worker's main process serves the Prometheus
 metrics of all its pool processes there (``PROMETHEUS_MULTIPROC_DIR`` set by the caller).
 """
 
@@ -76,8 +77,8 @@ def create_app(**overrides: t.Any) -> Flask:
     """The test app; ``overrides`` update ``app.config`` (``CELERY`` merges)."""
     app = Flask(__name__)
     celery_config = {
-        "broker_url": os.environ.get("OBS_BROKER_URL", "memory://"),
-        "result_backend": os.environ.get("OBS_BACKEND_URL", "cache+memory://"),
+        "broker_url": os.environ.get("TEST_OBSERVABILITY_BROKER_URL", "memory://"),
+        "result_backend": os.environ.get("TEST_OBSERVABILITY_BACKEND_URL", "cache+memory://"),
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
     }
@@ -97,7 +98,7 @@ def create_app(**overrides: t.Any) -> Flask:
 @worker_init.connect
 def _serve_metrics(**_: t.Any) -> None:
     """In the worker's main process: serve the metrics of every pool process."""
-    port = os.environ.get("OBS_METRICS_PORT")
+    port = os.environ.get("TEST_OBSERVABILITY_METRICS_PORT")
     if port:
         from flask_tenant_jobs.integrations.prometheus import start_metrics_server
 

@@ -2,8 +2,8 @@
 
 Importable by subprocesses (``flask --app tests.schema_app tenant-jobs list``), so
 :func:`create_app` with no arguments reads its settings from the environment:
-``SCHEMA_APP_DATABASE_URL``, ``SCHEMA_APP_SCHEMA_FORMAT``, ``SCHEMA_APP_SHARED_SCHEMA``
-and ``SCHEMA_APP_TENANTS`` (comma-separated).
+``TEST_SCHEMA_DATABASE_URL`` (default: ``TEST_POSTGRES_URL``), ``TEST_SCHEMA_SCHEMA_FORMAT``,
+``TEST_SCHEMA_SHARED_SCHEMA`` and ``TEST_SCHEMA_TENANTS`` (comma-separated).
 
 The engine pool holds ONE connection, so every test reuses the same PostgreSQL
 connection and any search_path left behind would be seen by the next user.
@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import os
 import typing as t
+import uuid
 
 import sqlalchemy as sa
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from flask_tenant_jobs import TenantJobs, TenantScoped
+
+from .data import POSTGRES_URL
 
 db = SQLAlchemy(engine_options={"pool_size": 1, "max_overflow": 0, "pool_timeout": 5})
 tenant_jobs = TenantJobs()
@@ -67,16 +71,14 @@ class Order(TenantScoped, db.Model):  # type: ignore[name-defined,misc]
 def create_app(**config: t.Any) -> Flask:
     """The app; ``config`` overrides the settings read from the environment."""
     app = Flask(__name__)
-    tenants = os.environ.get("SCHEMA_APP_TENANTS", "acme,globex")
+    tenants = os.environ.get("TEST_SCHEMA_TENANTS", "acme,globex")
     app.config.update(
         SERVER_NAME="example.test",
-        SQLALCHEMY_DATABASE_URI=os.environ.get(
-            "SCHEMA_APP_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-        ),
+        SQLALCHEMY_DATABASE_URI=os.environ.get("TEST_SCHEMA_DATABASE_URL") or POSTGRES_URL,
         TENANT_JOBS_STRATEGY="schema",
         TENANT_JOBS_TENANTS=[name for name in tenants.split(",") if name],
-        TENANT_JOBS_SCHEMA_FORMAT=os.environ.get("SCHEMA_APP_SCHEMA_FORMAT", "tenant_{tenant}"),
-        TENANT_JOBS_SHARED_SCHEMA=os.environ.get("SCHEMA_APP_SHARED_SCHEMA", "public"),
+        TENANT_JOBS_SCHEMA_FORMAT=os.environ.get("TEST_SCHEMA_SCHEMA_FORMAT", "tenant_{tenant}"),
+        TENANT_JOBS_SHARED_SCHEMA=os.environ.get("TEST_SCHEMA_SHARED_SCHEMA", "public"),
     )
     app.config.update(config)
     db.init_app(app)
@@ -87,3 +89,57 @@ def create_app(**config: t.Any) -> Flask:
         return {"items": list(db.session.scalars(sa.select(Item.name).order_by(Item.id)))}
 
     return app
+
+
+# -- one test run's schemas (tests/test_schema.py, tests/test_schema_paths.py) -------------------
+
+#: The schemas of this run start with it, so runs on one database never meet.
+PREFIX = f"ftjt{uuid.uuid4().hex[:8]}"
+SHARED = f"{PREFIX}_shared"
+SCHEMA_FORMAT = PREFIX + "_t_{tenant}"
+#: The tenants whose schemas a run creates, and all it knows: ghost never gets a schema.
+CREATED = ["acme", "globex", "acme-eu"]
+RUN_TENANTS = [*CREATED, "ghost"]
+
+
+def run_schemas(engine: Engine) -> set[str]:
+    with engine.connect() as connection:
+        rows = connection.scalars(
+            sa.text("SELECT nspname FROM pg_namespace WHERE starts_with(nspname, :prefix)"),
+            {"prefix": PREFIX},
+        )
+        return set(rows)
+
+
+def reset_schemas(engine: Engine, *, keep_shared: bool) -> None:
+    """Drop every schema of this run; re-create an empty shared schema if asked."""
+    with engine.begin() as connection:
+        for schema in run_schemas(engine):
+            connection.execute(sa.schema.DropSchema(schema, cascade=True))
+        if keep_shared:
+            connection.execute(sa.schema.CreateSchema(SHARED))
+
+
+def make_run_app(postgres_url: str, **config: t.Any) -> Flask:
+    """The app on this run's schemas, knowing :data:`RUN_TENANTS`."""
+    settings: dict[str, t.Any] = {
+        "SQLALCHEMY_DATABASE_URI": postgres_url,
+        "TENANT_JOBS_SCHEMA_FORMAT": SCHEMA_FORMAT,
+        "TENANT_JOBS_SHARED_SCHEMA": SHARED,
+        "TENANT_JOBS_TENANTS": RUN_TENANTS,
+        **config,
+    }
+    return create_app(**settings)
+
+
+def schema_of(name: str) -> str:
+    return SCHEMA_FORMAT.format(tenant=name)
+
+
+def tables_in(engine: Engine, schema: str) -> set[str]:
+    with engine.connect() as connection:
+        rows = connection.scalars(
+            sa.text("SELECT table_name FROM information_schema.tables WHERE table_schema = :s"),
+            {"s": schema},
+        )
+        return set(rows)

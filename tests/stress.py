@@ -45,8 +45,8 @@ from pathlib import Path
 import redis
 import sqlalchemy as sa
 
+from bench.rls_role import app_role
 from tests import stress_app
-from tests.rls_role import app_role
 from tests.worker_processes import Worker, subprocess_env
 
 #: pool -> concurrency
@@ -275,7 +275,7 @@ class StressRun:
         self.redis.flushdb()
         self._clear_rows(strategy)
         env = subprocess_env(
-            "STRESS_",
+            "TEST_STRESS_",
             **stress_app.env_for(
                 database_url=self.worker_url(strategy),
                 redis_url=self.redis_url,

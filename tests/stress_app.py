@@ -4,16 +4,16 @@ Importable by worker subprocesses (``flask --app tests.stress_app:create_app()
 tenant-jobs worker``), so it is configured from environment variables (the
 test side passes the same values to :func:`create_app` as keyword arguments):
 
-* ``STRESS_DATABASE_URL`` (PostgreSQL), ``STRESS_REDIS_URL`` (broker and results);
-* ``STRESS_STRATEGY``: ``column`` (default) or ``schema``;
-* ``STRESS_RLS=1``: ``TENANT_JOBS_RLS`` on (column strategy; connect as a role that
+* ``TEST_STRESS_DATABASE_URL`` (PostgreSQL), ``TEST_STRESS_REDIS_URL`` (broker and results);
+* ``TEST_STRESS_STRATEGY``: ``column`` (default) or ``schema``;
+* ``TEST_STRESS_RLS=1``: ``TENANT_JOBS_RLS`` on (column strategy; connect as a role that
   row-level security applies to);
-* ``STRESS_TENANTS``: how many tenants (``t000``, ``t001``, ...; default 20);
-* ``STRESS_SCHEMA_FORMAT``: ``TENANT_JOBS_SCHEMA_FORMAT`` (default ``ftjstress_{tenant}``);
-* ``STRESS_QUEUE``: Celery's ``task_default_queue``;
-* ``STRESS_DURABLE=1``: the settings docs/reliability.md recommends (``task_acks_late``,
+* ``TEST_STRESS_TENANTS``: how many tenants (``t000``, ``t001``, ...; default 20);
+* ``TEST_STRESS_SCHEMA_FORMAT``: ``TENANT_JOBS_SCHEMA_FORMAT`` (default ``ftjstress_{tenant}``);
+* ``TEST_STRESS_QUEUE``: Celery's ``task_default_queue``;
+* ``TEST_STRESS_DURABLE=1``: the settings docs/reliability.md recommends (``task_acks_late``,
   ``task_reject_on_worker_lost``, ``worker_prefetch_multiplier=1``, a Redis
-  ``visibility_timeout`` of ``STRESS_VISIBILITY_TIMEOUT`` seconds (default 5) and
+  ``visibility_timeout`` of ``TEST_STRESS_VISIBILITY_TIMEOUT`` seconds (default 5) and
   abandoned messages looked for every second).
 
 Each row records the tenant the sender meant (``owner``, an argument the task
@@ -255,28 +255,30 @@ def create_app(
     visibility_timeout: float | None = None,
     rls: bool | None = None,
 ) -> Flask:
-    """The stress app; each argument defaults to its ``STRESS_*`` environment variable."""
+    """The stress app; each argument defaults to its ``TEST_STRESS_*`` environment variable."""
     env = os.environ.get
-    database_url = database_url or env("STRESS_DATABASE_URL")
-    redis_url = redis_url or env("STRESS_REDIS_URL", "redis://127.0.0.1:6379/7")
+    database_url = database_url or env("TEST_STRESS_DATABASE_URL")
+    redis_url = redis_url or env("TEST_STRESS_REDIS_URL", "redis://127.0.0.1:6379/7")
     if not database_url:
-        raise RuntimeError("set STRESS_DATABASE_URL (a PostgreSQL URL)")
+        raise RuntimeError("set TEST_STRESS_DATABASE_URL (a PostgreSQL URL)")
     if durable is None:
-        durable = env("STRESS_DURABLE") == "1"
+        durable = env("TEST_STRESS_DURABLE") == "1"
     if visibility_timeout is None:
-        visibility_timeout = float(env("STRESS_VISIBILITY_TIMEOUT", "5"))
+        visibility_timeout = float(env("TEST_STRESS_VISIBILITY_TIMEOUT", "5"))
     if rls is None:
-        rls = env("STRESS_RLS") == "1"
+        rls = env("TEST_STRESS_RLS") == "1"
     app = Flask(__name__)
     app.config.update(
         SERVER_NAME="example.test",
         SQLALCHEMY_DATABASE_URI=database_url,
-        TENANT_JOBS_STRATEGY=strategy or env("STRESS_STRATEGY", "column"),
-        TENANT_JOBS_TENANTS=tenant_names(tenants or int(env("STRESS_TENANTS", DEFAULT_TENANTS))),
+        TENANT_JOBS_STRATEGY=strategy or env("TEST_STRESS_STRATEGY", "column"),
+        TENANT_JOBS_TENANTS=tenant_names(
+            tenants or int(env("TEST_STRESS_TENANTS", DEFAULT_TENANTS))
+        ),
         TENANT_JOBS_SCHEMA_FORMAT=schema_format
-        or env("STRESS_SCHEMA_FORMAT", DEFAULT_SCHEMA_FORMAT),
+        or env("TEST_STRESS_SCHEMA_FORMAT", DEFAULT_SCHEMA_FORMAT),
         CELERY=celery_config(
-            redis_url, queue or env("STRESS_QUEUE", "ftj-stress"), durable, visibility_timeout
+            redis_url, queue or env("TEST_STRESS_QUEUE", "ftj-stress"), durable, visibility_timeout
         ),
         TENANT_JOBS_RLS=rls,
     )
@@ -297,15 +299,15 @@ def env_for(
     visibility_timeout: float = 5.0,
     rls: bool = False,
 ) -> dict[str, str]:
-    """The ``STRESS_*`` variables that make a subprocess's :func:`create_app` match."""
+    """The ``TEST_STRESS_*`` variables that make a subprocess's :func:`create_app` match."""
     return {
-        "STRESS_DATABASE_URL": database_url,
-        "STRESS_REDIS_URL": redis_url,
-        "STRESS_STRATEGY": strategy,
-        "STRESS_TENANTS": str(tenants),
-        "STRESS_SCHEMA_FORMAT": schema_format,
-        "STRESS_QUEUE": queue,
-        "STRESS_DURABLE": "1" if durable else "0",
-        "STRESS_VISIBILITY_TIMEOUT": str(visibility_timeout),
-        "STRESS_RLS": "1" if rls else "0",
+        "TEST_STRESS_DATABASE_URL": database_url,
+        "TEST_STRESS_REDIS_URL": redis_url,
+        "TEST_STRESS_STRATEGY": strategy,
+        "TEST_STRESS_TENANTS": str(tenants),
+        "TEST_STRESS_SCHEMA_FORMAT": schema_format,
+        "TEST_STRESS_QUEUE": queue,
+        "TEST_STRESS_DURABLE": "1" if durable else "0",
+        "TEST_STRESS_VISIBILITY_TIMEOUT": str(visibility_timeout),
+        "TEST_STRESS_RLS": "1" if rls else "0",
     }

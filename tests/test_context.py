@@ -28,31 +28,9 @@ from flask_tenant_jobs.context import is_unscoped
 from flask_tenant_jobs.signals import tenant_switched
 
 from .core_app import make_app
+from .data import MALFORMED_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
-
-MALFORMED_NAMES: list[object] = [
-    "Acme",
-    "ACME",
-    "ac me",
-    " acme",
-    "acme;",
-    "acme'; drop table orders; --",
-    "'acme'",
-    '"acme"',
-    "../acme",
-    "acme/..",
-    "",
-    "-acme",
-    "acme-",
-    "ac_me",
-    "ac.me",
-    "bücher",
-    "a" * 64,
-    "a" * 200,
-    42,
-]
-
 
 @pytest.fixture
 def app_and_ext() -> t.Iterator[tuple[Flask, TenantJobs]]:

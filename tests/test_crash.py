@@ -185,7 +185,7 @@ class Harness:
 
     def start_worker(self, name: str) -> Worker:
         env = subprocess_env(
-            "STRESS_",
+            "TEST_STRESS_",
             **stress_app.env_for(
                 database_url=self.database_url,
                 redis_url=self.redis_url,

@@ -56,6 +56,7 @@ from flask_tenant_jobs.registry import TENANT_NAME, is_valid_name
 from flask_tenant_jobs.sending import TenantCelery
 
 from .core_app import StatementCounter
+from .data import HOSTS, KNOWN, LABELS, PATHS, RAW, SQL_FRAGMENTS
 from .worker_processes import redis_db_url
 
 pytestmark = [
@@ -230,81 +231,6 @@ def sites(
             if site.resolver != "subdomain":
                 with site.app.app_context():
                     DBS[site.strategy][0].engine.dispose()
-
-
-# -- what hostile input looks like ------------------------------------------------------------
-
-
-def wsgi(text: str) -> str:
-    """``text`` as a WSGI server hands it over: UTF-8 bytes decoded as latin-1."""
-    return text.encode("utf-8", "surrogatepass").decode("latin-1")
-
-
-SQL_FRAGMENTS = [
-    "acme'; DROP TABLE ftj_hostile_note; --",
-    'acme"; DROP SCHEMA public CASCADE; --',
-    "' OR '1'='1",
-    "acme' OR tenant_id <> 'acme",
-    "acme/**/",
-    "acme;",
-    "$$acme$$",
-    "acme\\",
-    "acme%",
-    "acme_",
-    "public",
-    "pg_catalog",
-    "information_schema",
-    "ftjhostile_acme",
-    "acme, public",
-    '"acme"',
-    "acme\x00",
-    "acme\t",
-    "acme\r\nX-Injected: 1",
-    "ACME",
-    "Acme",
-    " acme",
-    "acme ",
-    "acme.",
-    "xn--acme",
-    "a" * 10_000,
-    "",
-]
-
-ODD_HOSTS = [
-    "example.test", "www.example.test", "EXAMPLE.TEST", "acme.example.test.evil.test",
-    "acme.example.testx", "[::1]", "[::1]:80", "acme.globex.example.test",
-    "acme..example.test", "acme.example.test:99999999999999999999", "xn--acme.example.test",
-]  # fmt: skip
-
-KNOWN = st.sampled_from(TENANTS)
-#: Arbitrary bytes, as a WSGI server hands them over.
-RAW = st.binary(max_size=100).map(lambda raw: raw.decode("latin-1"))
-#: A tenant-ish label: known (in any case), valid but unknown, SQL, unicode, raw bytes.
-LABELS = st.one_of(
-    KNOWN,
-    KNOWN.map(str.upper),
-    st.from_regex(TENANT_NAME, fullmatch=True),
-    st.sampled_from(SQL_FRAGMENTS),
-    st.text(max_size=70).map(wsgi),
-    st.binary(max_size=70).map(lambda raw: raw.decode("latin-1")),
-)
-HOSTS = st.one_of(
-    st.tuples(LABELS, st.sampled_from(["", ":80", ":8080", ".", ":", ":x", ".:443"])).map(
-        lambda parts: f"{parts[0]}.example.test{parts[1]}"
-    ),
-    LABELS,
-    RAW,
-    st.sampled_from(ODD_HOSTS),
-)
-PATHS = st.one_of(
-    KNOWN.map(lambda label: f"/{label}/write"),
-    LABELS.map(lambda label: f"/{label}/write"),
-    st.tuples(KNOWN, st.sampled_from(["//write", "/write/", "/../write", "/./write", "/wr"])).map(
-        "/".join
-    ),
-    st.text(max_size=60).map(lambda text: "/" + wsgi(text)),
-    st.binary(max_size=60).map(lambda raw: "/" + raw.decode("latin-1")),
-)
 
 
 def call(app: Flask, path: str, environ: dict[str, str]) -> tuple[int, bytes]:

@@ -10,7 +10,7 @@ flushed first); both brokers use a queue of this module's own.
 One Celery app (and worker) per mode, kept for the whole module: the tasks of
 ``tests.jobs_app`` are shared tasks bound to the most recently made Celery app.
 Each mode has its own SQLite file database; its tenants come from the shared
-``jobs_known_tenant`` table through a callable that counts its calls.
+``jobs_tenant`` table through a callable that counts its calls.
 
 Every case asserts the tenant each task saw (``current_tenant()``) and the header
 (``self.request.tenant_for_job``), and that nothing is left behind: after every task
@@ -64,8 +64,8 @@ from .jobs_app import (
     HANDLER_CALLS,
     RAISING_HANDLER_CALLS,
     TASK_LOGGER,
-    KnownTenant,
     Seen,
+    Tenant,
     autoretry_observe,
     collect_tenants,
     db,
@@ -195,7 +195,7 @@ def jobs_mode(
         if source_errors:
             raise source_errors[0]
         with db.engine.connect() as connection:
-            return list(connection.execute(db.select(KnownTenant.name)).scalars())
+            return list(connection.execute(db.select(Tenant.name)).scalars())
 
     if strategy == "schema":
         storage = {
@@ -216,7 +216,7 @@ def jobs_mode(
     jobs = Jobs(mode, app, jobs_app.tenant_jobs, celery_app, source_calls, source_errors)
 
     def count_tenant_queries(conn: t.Any, cursor: t.Any, statement: str, *_: t.Any) -> None:
-        if "jobs_known_tenant" in statement:
+        if "jobs_tenant" in statement:
             jobs.tenant_queries.append(statement)
 
     def record_start(task: CeleryTask | None = None, task_id: str = "", **_: t.Any) -> None:
@@ -265,12 +265,12 @@ def _create_storage(strategy: str) -> None:
     if strategy != "schema":
         db.create_all()
     else:
-        shared = [KnownTenant.__table__, jobs_app.Tenant.__table__]
+        shared = [Tenant.__table__]
         db.metadata.create_all(db.engine, tables=shared)
         _drop_storage()
         for name in TENANTS:
             jobs_app.tenant_jobs.create(name)
-    db.session.add_all(KnownTenant(name=name) for name in TENANTS)
+    db.session.add_all(Tenant(name=name) for name in TENANTS)
     db.session.commit()
 
 
@@ -278,7 +278,7 @@ def _drop_storage() -> None:
     """Drop what a schema-strategy mode made (also what an interrupted run left)."""
     for name in TENANTS:
         jobs_app.tenant_jobs.drop(name)
-    db.session.execute(db.delete(KnownTenant))
+    db.session.execute(db.delete(Tenant))
     db.session.commit()
 
 
@@ -610,7 +610,7 @@ def test_a_tenant_created_elsewhere_is_found_by_the_worker_at_once(
     with jobs.app.app_context():
         jobs.ext.create("newco")  # its storage (a schema with the schema strategy)
         assert jobs.ext.exists("newco") is False  # the names are cached without it
-        db.session.add(KnownTenant(name="newco"))
+        db.session.add(Tenant(name="newco"))
         db.session.commit()
     try:
         result = deliver_unchecked(
@@ -619,7 +619,7 @@ def test_a_tenant_created_elsewhere_is_found_by_the_worker_at_once(
         assert_observed(wait(result), "newco", "hello")
     finally:
         with jobs.app.app_context():
-            db.session.execute(db.delete(KnownTenant).where(KnownTenant.name == "newco"))
+            db.session.execute(db.delete(Tenant).where(Tenant.name == "newco"))
             db.session.commit()
             jobs.ext.drop("newco")
 

@@ -284,8 +284,12 @@ def test_prefork_pool_processes_are_served_together(redis_url: str, tmp_path: Pa
     metrics_dir.mkdir()
     port = _free_port()
     env = subprocess_env(
-        "OBS_", "PROMETHEUS_", OBS_BROKER_URL=url, OBS_BACKEND_URL=url,
-        OBS_METRICS_PORT=str(port), PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
+        "TEST_OBSERVABILITY_",
+        "PROMETHEUS_",
+        TEST_OBSERVABILITY_BROKER_URL=url,
+        TEST_OBSERVABILITY_BACKEND_URL=url,
+        TEST_OBSERVABILITY_METRICS_PORT=str(port),
+        PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
     )
     app = observability_app.create_app(CELERY={"broker_url": url, "result_backend": url})
     celery_app = app.extensions["celery"]

@@ -26,16 +26,12 @@ from flask_tenant_jobs import registry as registry_module
 from flask_tenant_jobs.registry import is_valid_name
 
 from .core_app import count_statements, make_app, tables
-from .test_context import MALFORMED_NAMES
+from .data import MALFORMED_NAMES, tenant_table
 
 db = SQLAlchemy()
 
 
-class TenantRow(db.Model):  # type: ignore[name-defined,misc]
-    """The shared table a callable ``TENANT_JOBS_TENANTS`` reads."""
-
-    __tablename__ = "reg_tenant"
-    name: Mapped[str] = mapped_column(sa.String(63), primary_key=True)
+TenantRow = tenant_table(db, "reg_tenant")
 
 
 class Invoice(TenantScoped, db.Model):  # type: ignore[name-defined,misc]

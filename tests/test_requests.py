@@ -18,19 +18,17 @@ from hypothesis import strategies as st
 from sqlalchemy.orm import Mapped, mapped_column
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
-from flask_tenant_jobs import TenantJobs, TenantScoped, current_tenant
+from flask_tenant_jobs import ConfigurationError, TenantJobs, TenantScoped, current_tenant
 from flask_tenant_jobs.context import is_unscoped
 from flask_tenant_jobs.signals import tenant_not_found, tenant_resolved, tenant_switched
 
 from .core_app import StatementCounter, make_app, tables
-from .test_context import MALFORMED_NAMES
+from .data import MALFORMED_NAMES, tenant_table
 
 db = SQLAlchemy()
 
 
-class TenantRow(db.Model):  # type: ignore[name-defined,misc]
-    __tablename__ = "req_tenant"
-    name: Mapped[str] = mapped_column(sa.String(63), primary_key=True)
+TenantRow = tenant_table(db, "req_tenant")
 
 
 class Ticket(TenantScoped, db.Model):  # type: ignore[name-defined,misc]
@@ -335,6 +333,48 @@ def test_a_callable_resolver(make_site: t.Callable[..., Site]) -> None:
     assert site.get("/whoami").json["tenant"] is None
     assert site.get("/whoami?t=Initech").status_code == 404
     assert site.get("/whoami?t=umbrella").status_code == 404
+
+
+ADDRESSABLE = {
+    "subdomain": {},
+    "domain": {"TENANT_JOBS_DOMAINS": {"shop.acme.test": "acme", "globex.test": "globex"}},
+    "header": {"TENANT_JOBS_REQUEST_HEADER": "X-Org"},
+    "path": {"SERVER_NAME": None},
+}
+
+
+@pytest.mark.parametrize("resolver", ADDRESSABLE)
+def test_a_request_sent_to_a_resolvers_address_resolves_to_that_tenant(
+    make_site: t.Callable[..., Site], resolver: str
+) -> None:
+    site = make_site(TENANT_JOBS_RESOLVER=resolver, **ADDRESSABLE[resolver])
+    site.app.add_url_rule("/<tenant>/tickets", view_func=site.app.view_functions["tickets"])
+    for tenant, titles in (("acme", ["anvil"]), ("globex", ["hammock"])):
+        with site.app.app_context():
+            address = site.tenant_jobs.resolver.address(tenant)
+        response = site.get(
+            address.path_prefix + "/tickets",
+            base_url=address.base_url or "http://localhost/",
+            headers=dict(address.headers),
+        )
+        assert response.json == {"tenant": tenant, "current": tenant, "titles": titles}
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"TENANT_JOBS_RESOLVER": lambda request: request.args.get("t")},
+        {"TENANT_JOBS_RESOLVER": "domain", "TENANT_JOBS_DOMAINS": lambda host: None},
+        {"TENANT_JOBS_RESOLVER": "domain", "TENANT_JOBS_DOMAINS": {"shop.acme.test": "acme"}},
+    ],
+    ids=["callable", "callable-domains", "unmapped-domain"],
+)
+def test_a_resolver_that_cannot_address_a_tenant_says_so(
+    make_site: t.Callable[..., Site], config: dict[str, t.Any]
+) -> None:
+    site = make_site(**config)
+    with site.app.app_context(), pytest.raises(ConfigurationError, match="cannot address tenant"):
+        site.tenant_jobs.resolver.address("globex")
 
 
 # -- excluded paths, g.tenant, clean-up -------------------------------------------------

@@ -2,7 +2,7 @@
 
 The tables are made and seeded by the tests' superuser (their owner), and
 protected with ``enable_rls()``; the app under test connects as a role made
-for this module (``tests/rls_role.py``: neither SUPERUSER nor BYPASSRLS) with
+for this module (``bench/rls_role.py``: neither SUPERUSER nor BYPASSRLS) with
 ``TENANT_JOBS_RLS`` on. Every check here is SQL the ORM hooks never see
 (``text()``, Core on ``db.engine``, a session of the user's own), so what
 holds is the database's own wall. The app's pool holds ONE connection, so
@@ -29,6 +29,7 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.pool import NullPool, StaticPool
 
+from bench.rls_role import app_role
 from flask_tenant_jobs import (
     ConfigurationError,
     InvalidTenantNameError,
@@ -40,7 +41,6 @@ from flask_tenant_jobs import (
 from flask_tenant_jobs.rls import POLICY, enable_statements
 
 from .core_app import count_statements, make_app
-from .rls_role import app_role
 
 pytestmark = [
     pytest.mark.postgres,

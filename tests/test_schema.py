@@ -9,22 +9,16 @@ starts from fresh schemas and they are all dropped afterwards.
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 import threading
 import typing as t
-import uuid
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapped, mapped_column, relationship
-from sqlalchemy.pool import NullPool
 
 from flask_tenant_jobs import TenantJobs, context, signals
 from flask_tenant_jobs.errors import (
@@ -34,8 +28,26 @@ from flask_tenant_jobs.errors import (
     TenantMismatchError,
     TenantNotFoundError,
 )
-from tests.schema_app import Item, Note, Order, Tenant, create_app, db
+from tests.core_app import count_statements
+from tests.schema_app import (
+    CREATED,
+    PREFIX,
+    SCHEMA_FORMAT,
+    SHARED,
+    Item,
+    Note,
+    Order,
+    Tenant,
+    db,
+    make_run_app,
+    reset_schemas,
+    run_schemas,
+    schema_of,
+    tables_in,
+)
 from tests.schema_app import tenant_jobs as jobs
+
+from . import schema_fixtures
 
 pytestmark = [
     pytest.mark.postgres,
@@ -43,44 +55,13 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:'get_engine' is deprecated:DeprecationWarning"),
 ]
 
+#: this run's schemas, on one pooled connection
+admin = schema_fixtures.admin
+app = schema_fixtures.app
+seeded = schema_fixtures.seeded
+
 ROOT = Path(__file__).resolve().parent.parent
-PREFIX = f"ftjt{uuid.uuid4().hex[:8]}"
-SHARED = f"{PREFIX}_shared"
-SCHEMA_FORMAT = PREFIX + "_t_{tenant}"
-CREATED = ["acme", "globex", "acme-eu"]
-TENANTS = [*CREATED, "ghost"]  # ghost is a known tenant whose schema is never created
 BAD_NAMES = ["", "Acme", "acme_eu", "-acme", "acme;drop", 'a"b', "a" * 64, "ac me", "é"]
-
-
-def schema_of(name: str) -> str:
-    return SCHEMA_FORMAT.format(tenant=name)
-
-
-def run_schemas(engine: Engine) -> set[str]:
-    with engine.connect() as connection:
-        rows = connection.scalars(
-            sa.text("SELECT nspname FROM pg_namespace WHERE starts_with(nspname, :prefix)"),
-            {"prefix": PREFIX},
-        )
-        return set(rows)
-
-
-def reset_schemas(engine: Engine, *, keep_shared: bool) -> None:
-    """Drop every schema of this run; re-create an empty shared schema if asked."""
-    with engine.begin() as connection:
-        for schema in run_schemas(engine):
-            connection.execute(sa.schema.DropSchema(schema, cascade=True))
-        if keep_shared:
-            connection.execute(sa.schema.CreateSchema(SHARED))
-
-
-def tables_in(engine: Engine, schema: str) -> set[str]:
-    with engine.connect() as connection:
-        rows = connection.scalars(
-            sa.text("SELECT table_name FROM information_schema.tables WHERE table_schema = :s"),
-            {"s": schema},
-        )
-        return set(rows)
 
 
 def names_in(engine: Engine, schema: str, table: str = "items") -> list[str]:
@@ -90,55 +71,11 @@ def names_in(engine: Engine, schema: str, table: str = "items") -> list[str]:
         return list(connection.scalars(sa.text(f"SELECT name FROM {quoted} ORDER BY id")))
 
 
-@pytest.fixture(scope="module")
-def admin(postgres_url: str) -> t.Iterator[Engine]:
-    """A plain engine, without the strategy's hooks, to look at the database from outside."""
-    engine = sa.create_engine(postgres_url, poolclass=NullPool)
-    yield engine
-    reset_schemas(engine, keep_shared=False)
-    engine.dispose()
-
-
-def make_app(postgres_url: str, **config: t.Any) -> Flask:
-    settings: dict[str, t.Any] = {
-        "SQLALCHEMY_DATABASE_URI": postgres_url,
-        "TENANT_JOBS_SCHEMA_FORMAT": SCHEMA_FORMAT,
-        "TENANT_JOBS_SHARED_SCHEMA": SHARED,
-        "TENANT_JOBS_TENANTS": TENANTS,
-        **config,
-    }
-    return create_app(**settings)
-
-
-@pytest.fixture
-def app(postgres_url: str, admin: Engine) -> t.Iterator[Flask]:
-    """The app with the schemas of acme, globex and acme-eu (pytest-flask pushes its context)."""
-    reset_schemas(admin, keep_shared=True)
-    app = make_app(postgres_url)
-    with app.app_context():
-        for name in CREATED:
-            jobs.create(name)
-    yield app
-    with app.app_context():
-        db.session.remove()
-        db.engine.dispose()
-    reset_schemas(admin, keep_shared=False)
-
-
 @pytest.fixture
 def default_path(admin: Engine) -> str:
     """The search_path a fresh connection of this database and role starts with."""
     with admin.connect() as connection:
         return t.cast(str, connection.scalar(sa.text("SHOW search_path")))
-
-
-@pytest.fixture
-def seeded(app: Flask) -> None:
-    """Item 1 in each tenant, named after it: the same primary key in every schema."""
-    for name in CREATED:
-        with jobs.switch(name):
-            db.session.add(Item(id=1, name=f"{name}-1"))
-            db.session.commit()
 
 
 def raw_search_path() -> str:
@@ -174,24 +111,6 @@ def assert_clean(default_path: str) -> None:
     for name in CREATED:
         with jobs.switch(name):
             assert item_names() == [f"{name}-1"]
-
-
-class StatementLog:
-    """Every statement an engine sends while the block runs."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.statements: list[str] = []
-
-    def _record(self, conn: t.Any, cursor: t.Any, statement: str, *args: t.Any) -> None:
-        self.statements.append(statement)
-
-    def __enter__(self) -> StatementLog:
-        event.listen(self.engine, "before_cursor_execute", self._record)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        event.remove(self.engine, "before_cursor_execute", self._record)
 
 
 # -- 1. where the tables and rows live ---------------------------------------------------
@@ -261,7 +180,7 @@ def test_text_sql_is_scoped_too(app: Flask, seeded: None) -> None:
 def test_invalid_names_never_reach_sql(app: Flask, admin: Engine, name: str) -> None:
     runner = app.test_cli_runner()
     client = app.test_client()
-    with StatementLog(db.engine) as log:
+    with count_statements(db.engine) as log:
         with pytest.raises(InvalidTenantNameError), jobs.switch(name):
             pass
         for call in (jobs.create, jobs.drop, jobs.migrate, jobs.describe):
@@ -456,7 +375,7 @@ def test_no_tenant_never_falls_through_to_the_shared_schema(app: Flask, seeded: 
 def test_without_require_tenant_no_tenant_means_the_shared_schema(
     postgres_url: str, app: Flask, seeded: None
 ) -> None:
-    relaxed = make_app(postgres_url, TENANT_JOBS_REQUIRE_TENANT=False)
+    relaxed = make_run_app(postgres_url, TENANT_JOBS_REQUIRE_TENANT=False)
     with relaxed.app_context():
         db.create_all()
         db.session.add(Item(id=1, name="shared-1"))
@@ -627,7 +546,7 @@ def test_tenants_read_from_a_shared_table(postgres_url: str, app: Flask, admin: 
         with db.engine.connect() as connection:
             return list(connection.scalars(sa.select(Tenant.name)))
 
-    recipe = make_app(
+    recipe = make_run_app(
         postgres_url, TENANT_JOBS_TENANTS=tenant_names, TENANT_JOBS_CACHE_SECONDS=3600
     )
     with recipe.app_context():
@@ -689,88 +608,6 @@ def test_a_tenant_table_referencing_a_shared_table(postgres_url: str, admin: Eng
         reset_schemas(admin, keep_shared=False)
 
 
-# -- 6. the CLI ------------------------------------------------------------------------------
-
-
-def test_cli_list(app: Flask) -> None:
-    result = app.test_cli_runner().invoke(args=["tenant-jobs", "list"])
-    assert result.exit_code == 0, result.output
-    assert result.output.splitlines() == [
-        f"acme  schema={schema_of('acme')}  exists=yes",
-        f"acme-eu  schema={schema_of('acme-eu')}  exists=yes",
-        f"ghost  schema={schema_of('ghost')}  exists=no",
-        f"globex  schema={schema_of('globex')}  exists=yes",
-    ]
-
-
-def test_cli_list_in_a_subprocess(app: Flask, postgres_url: str) -> None:
-    flask = Path(sys.executable).with_name("flask")
-    command = [str(flask)] if flask.exists() else [sys.executable, "-m", "flask"]
-    env = {
-        **os.environ,
-        "SCHEMA_APP_DATABASE_URL": postgres_url,
-        "SCHEMA_APP_SCHEMA_FORMAT": SCHEMA_FORMAT,
-        "SCHEMA_APP_SHARED_SCHEMA": SHARED,
-        "SCHEMA_APP_TENANTS": ",".join(TENANTS),
-    }
-    done = subprocess.run(
-        [*command, "--app", "tests.schema_app", "tenant-jobs", "list"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert f"acme-eu  schema={schema_of('acme-eu')}  exists=yes" in done.stdout.splitlines()
-    assert f"ghost  schema={schema_of('ghost')}  exists=no" in done.stdout.splitlines()
-
-
-def test_cli_create_and_drop(app: Flask, admin: Engine) -> None:
-    runner = app.test_cli_runner()
-    ready = "'ghost' is in the TENANT_JOBS_TENANTS list in the app's config: the tenant is ready."
-    result = runner.invoke(args=["tenant-jobs", "create", "ghost"])
-    assert result.exit_code == 0, result.output
-    assert result.output.splitlines() == [
-        f"Created schema '{schema_of('ghost')}' with its tables: items, notes, orders.", ready
-    ]
-    assert tables_in(admin, schema_of("ghost")) == {"items", "notes", "orders"}
-    with jobs.switch("ghost"):
-        db.session.add_all([Item(id=1, name="boo"), Item(id=2, name="hoo")])
-        db.session.commit()
-
-    result = runner.invoke(args=["tenant-jobs", "create", "ghost"])
-    assert result.output.splitlines()[0] == (
-        f"Schema '{schema_of('ghost')}' existed with every table: nothing was created."
-    )
-    with admin.begin() as connection:
-        connection.execute(sa.text(f'DROP TABLE "{schema_of("ghost")}".notes'))
-    result = runner.invoke(args=["tenant-jobs", "create", "ghost"])
-    assert result.output.splitlines()[0] == (
-        f"Schema '{schema_of('ghost')}' existed; created its missing tables: notes."
-    )
-
-    result = runner.invoke(args=["tenant-jobs", "drop", "ghost"], input="n\n")
-    assert result.exit_code == 1
-    assert f"Drop schema '{schema_of('ghost')}' of tenant 'ghost' and everything in it?" in (
-        result.output
-    )
-    assert schema_of("ghost") in run_schemas(admin)
-
-    result = runner.invoke(args=["tenant-jobs", "drop", "ghost"], input="y\n")
-    assert result.exit_code == 0, result.output
-    assert result.output.splitlines()[1:] == [
-        f"Dropped schema '{schema_of('ghost')}' of tenant 'ghost': 2 rows in 3 tables.",
-        "  items: 2 rows",
-        "  notes: 0 rows",
-        "  orders: 0 rows",
-        "Left to do: remove 'ghost' from the TENANT_JOBS_TENANTS list in the app's config.",
-    ]
-    assert schema_of("ghost") not in run_schemas(admin)
-
-    result = runner.invoke(args=["tenant-jobs", "drop", "--yes", "ghost"])
-    assert result.exit_code == 0, result.output
-    assert result.output.splitlines()[0] == (
-        f"Tenant 'ghost' had no schema '{schema_of('ghost')}': nothing was dropped."
-    )
-
-
 def test_drop_counts_rows_of_tables_with_hostile_names(app: Flask, admin: Engine) -> None:
     """Tables a tenant made itself, with quotes and SQL in their names, are counted, not run."""
     schema = schema_of("acme-eu")
@@ -781,122 +618,6 @@ def test_drop_counts_rows_of_tables_with_hostile_names(app: Flask, admin: Engine
         "items": 0, "notes": 0, "orders": 0, 'we"ird; DROP TABLE x': 1
     }
     assert schema not in run_schemas(admin)
-
-
-def test_cli_create_of_a_name_not_yet_listed_says_what_is_left(app: Flask, admin: Engine) -> None:
-    result = app.test_cli_runner().invoke(args=["tenant-jobs", "create", "initech"])
-    try:
-        assert result.exit_code == 0, result.output
-        assert result.output.splitlines() == [
-            f"Created schema '{schema_of('initech')}' with its tables: items, notes, orders.",
-            "Left to do: add 'initech' to the TENANT_JOBS_TENANTS list in the app's config. "
-            "Until then its requests answer 404 and its tasks are refused.",
-        ]
-        response = app.test_client().get("/items", base_url="http://initech.example.test")
-        assert response.status_code == 404
-    finally:
-        jobs.drop("initech")
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["drop", "--yes", "initech"], "Error: Unknown tenant 'initech': it is not in the "
-         "TENANT_JOBS_TENANTS list in the app's config, so there is nothing to drop."),
-        (["migrate", "--tenant", "initech"], "Error: Unknown tenant 'initech': add the name to"),
-    ],
-)
-def test_cli_drop_and_migrate_of_an_unknown_tenant_fail_in_one_line(
-    app: Flask, admin: Engine, args: list[str], message: str
-) -> None:
-    with StatementLog(db.engine) as log:
-        result = app.test_cli_runner().invoke(args=["tenant-jobs", *args])
-    assert result.exit_code == 1
-    assert result.output.startswith(message), result.output
-    assert result.output.count("\n") == 1
-    assert log.statements == []
-    assert schema_of("initech") not in run_schemas(admin)
-
-
-def test_tenant_tables_in_the_shared_schema_are_reported(
-    app: Flask, admin: Engine, postgres_url: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    """``db.create_all()`` outside a tenant puts the tenant tables in the shared schema: init_app
-    warns and ``migrate`` reports them, each with the DROP TABLE that removes them."""
-    def init_app_warnings() -> list[str]:
-        caplog.clear()
-        with caplog.at_level(logging.WARNING):
-            other = make_app(postgres_url)
-        with other.app_context():
-            db.engine.dispose()
-        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-
-    assert init_app_warnings() == []
-
-    db.create_all()
-    assert tables_in(admin, SHARED) == {"tenants", "items", "notes", "orders"}
-    drop = f'DROP TABLE "{SHARED}"."items", "{SHARED}"."notes", "{SHARED}"."orders";'
-    (warning,) = init_app_warnings()
-    assert warning.startswith(
-        f"Tenant tables found in the shared schema '{SHARED}': items, notes, orders. A tenant "
-        "whose own schema lacks one of them reads and writes the shared one instead."
-    )
-    assert warning.endswith(f"remove them with: {drop}")
-    assert jobs.check_storage() == [warning]
-
-    result = app.test_cli_runner().invoke(args=["tenant-jobs", "migrate"])
-    assert result.exit_code == 1  # ghost has no schema
-    assert f"Warning: {warning}" in result.stderr
-    with admin.begin() as connection:
-        connection.execute(sa.text(drop))
-    assert jobs.check_storage() == []
-    assert tables_in(admin, SHARED) == {"tenants"}
-
-
-def test_cli_migrate_every_tenant(app: Flask, admin: Engine) -> None:
-    with admin.begin() as connection:
-        connection.execute(sa.text(f'DROP TABLE "{schema_of("globex")}".notes'))
-    result = app.test_cli_runner().invoke(args=["tenant-jobs", "migrate"])
-    assert result.exit_code == 1
-    lines = result.output.splitlines()
-    assert sorted(lines[:4]) == [
-        "acme-eu: ok",
-        "acme: ok",
-        f"ghost: failed: SchemaNotFoundError: The schema '{schema_of('ghost')}' of tenant "
-        "'ghost' does not exist: create it with 'tenant_jobs.create('ghost')' or "
-        "'flask tenant-jobs create ghost'.",
-        "globex: ok",
-    ]
-    assert lines[4:] == ["migrated 3 of 4 tenants", "Error: failed tenants: ghost"]
-    assert "notes" in tables_in(admin, schema_of("globex"))
-
-
-def test_cli_migrate_one_tenant_and_in_parallel(app: Flask) -> None:
-    runner = app.test_cli_runner()
-    result = runner.invoke(args=["tenant-jobs", "migrate", "--tenant", "acme-eu"])
-    assert (result.exit_code, result.output) == (0, "acme-eu: ok\nmigrated 1 of 1 tenants\n")
-
-    jobs.create("ghost")
-    result = runner.invoke(args=["tenant-jobs", "migrate", "--jobs", "4"])
-    assert result.exit_code == 0, result.output
-    assert sorted(result.output.splitlines()) == [
-        "acme-eu: ok", "acme: ok", "ghost: ok", "globex: ok", "migrated 4 of 4 tenants"
-    ]
-    assert runner.invoke(args=["tenant-jobs", "migrate", "--jobs", "0"]).exit_code == 2
-
-
-def test_cli_errors_are_one_line(app: Flask) -> None:
-    runner = app.test_cli_runner()
-    for args, message in [
-        (["migrate", "--tenant", "ghost"], f"Error: The schema '{schema_of('ghost')}'"),
-        (["migrate", "--tenant", "initech"], "Error: Unknown tenant 'initech'"),
-        (["create", "Bad_Name"], "Error: Invalid tenant name 'Bad_Name'"),
-        (["drop", "--yes", "Bad_Name"], "Error: Invalid tenant name 'Bad_Name'"),
-    ]:
-        result = runner.invoke(args=["tenant-jobs", *args])
-        assert result.exit_code == 1, result.output
-        assert result.output.startswith(message)
-        assert result.output.count("\n") == 1, result.output
 
 
 # -- 7. TenantScoped models in schema mode ------------------------------------------------
@@ -968,7 +689,7 @@ def migrations(postgres_url: str, admin: Engine, tmp_path: Path) -> t.Iterator[t
     from flask_migrate import Migrate
 
     reset_schemas(admin, keep_shared=True)
-    app = make_app(postgres_url)
+    app = make_run_app(postgres_url)
     directory = tmp_path / "migrations"
     Migrate(app, db, directory=str(directory))
     result = app.test_cli_runner().invoke(args=["db", "init"])
@@ -1024,7 +745,7 @@ def test_alembic_migrate_list_and_failures(migrations: tuple[Flask, Path], admin
         f"globex  schema={schema_of('globex')}  exists=yes  revision=0001",
     ]
 
-    with StatementLog(db.engine) as log:  # nothing to do: nothing written
+    with count_statements(db.engine) as log:  # nothing to do: nothing written
         result = runner.invoke(args=["tenant-jobs", "migrate", "--tenant", "acme"])
     assert (result.exit_code, result.output) == (0, "acme: ok\nmigrated 1 of 1 tenants\n")
     assert log.statements

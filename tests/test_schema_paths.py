@@ -4,7 +4,7 @@ With no tenant the search_path is the shared schema alone, so any statement that
 reaches a tenant table, however indirectly, must be refused rather than read the
 shared schema's table of the same name (or fail with a 500). Tenant names whose
 schema would be the shared schema or one PostgreSQL keeps are refused. Runs on the
-real PostgreSQL with the fixtures of tests/test_schema.py.
+real PostgreSQL with the fixtures of tests/schema_fixtures.py.
 """
 
 from __future__ import annotations
@@ -23,15 +23,23 @@ from flask_tenant_jobs.errors import (
     NoTenantError,
     TenantMismatchError,
 )
-from tests import test_schema
-from tests.schema_app import Item, Tenant, db
+from tests import schema_fixtures
+from tests.schema_app import (
+    PREFIX,
+    SHARED,
+    Item,
+    Tenant,
+    db,
+    make_run_app,
+    reset_schemas,
+    run_schemas,
+)
 from tests.schema_app import tenant_jobs as jobs
-from tests.test_schema import PREFIX, SHARED, make_app, reset_schemas, run_schemas
 
-# the fixtures of tests/test_schema.py: the schemas of one run, on one pooled connection
-admin = test_schema.admin
-app = test_schema.app
-seeded = test_schema.seeded
+# this run's schemas, on one pooled connection (tests/schema_fixtures.py)
+admin = schema_fixtures.admin
+app = schema_fixtures.app
+seeded = schema_fixtures.seeded
 
 pytestmark = pytest.mark.postgres
 
@@ -168,7 +176,7 @@ def test_a_tenant_whose_schema_is_the_shared_schema_is_refused(
     postgres_url: str, admin: Engine
 ) -> None:
     reset_schemas(admin, keep_shared=True)
-    clash = make_app(
+    clash = make_run_app(
         postgres_url,
         TENANT_JOBS_SCHEMA_FORMAT=PREFIX + "_{tenant}",
         TENANT_JOBS_TENANTS=["shared", "acme"],
@@ -192,8 +200,8 @@ def test_a_tenant_whose_schema_is_the_shared_schema_is_refused(
 
 def test_schema_names_postgresql_keeps_are_refused(postgres_url: str) -> None:
     with pytest.raises(ConfigurationError, match="pg_"):
-        make_app(postgres_url, TENANT_JOBS_SCHEMA_FORMAT="pg_{tenant}")
-    reserved = make_app(
+        make_run_app(postgres_url, TENANT_JOBS_SCHEMA_FORMAT="pg_{tenant}")
+    reserved = make_run_app(
         postgres_url,
         TENANT_JOBS_SCHEMA_FORMAT="information_{tenant}",
         TENANT_JOBS_TENANTS=["schema"],

@@ -21,7 +21,7 @@ from werkzeug.test import EnvironBuilder, run_wsgi_app
 from flask_tenant_jobs import ConfigurationError, TenantJobs
 from flask_tenant_jobs.sessions import TenantSessionInterface
 
-from .test_hostile import HOSTS
+from .data import HOSTS
 
 db = SQLAlchemy()
 TENANTS = ["acme", "acme-eu", "globex"]

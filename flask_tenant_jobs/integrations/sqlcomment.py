@@ -73,30 +73,23 @@ def _listen(engine: Engine) -> None:
     comments = _Comments(escape_percent=percent)
     plain = _Comments(escape_percent=False)
 
-    def execute(cursor: t.Any, statement: str, parameters: t.Any, context: t.Any) -> bool:
+    event.listen(engine, "do_execute", _commenting(dialect.do_execute, comments))
+    event.listen(engine, "do_executemany", _commenting(dialect.do_executemany, comments))
+    event.listen(engine, "do_execute_no_params", _commenting(dialect.do_execute_no_params, plain))
+
+
+def _commenting(run: t.Callable[..., None], comments: _Comments) -> t.Callable[..., bool]:
+    """A ``do_execute*`` hook that runs the statement with the current tenant's comment
+    through ``run`` (the dialect's own method), or leaves it to SQLAlchemy with no tenant."""
+
+    def execute(cursor: t.Any, statement: str, *rest: t.Any) -> bool:
         comment = comments.current()
         if comment is None:
             return False
-        dialect.do_execute(cursor, with_comment(statement, comment), parameters, context)
+        run(cursor, with_comment(statement, comment), *rest)
         return True
 
-    def executemany(cursor: t.Any, statement: str, parameters: t.Any, context: t.Any) -> bool:
-        comment = comments.current()
-        if comment is None:
-            return False
-        dialect.do_executemany(cursor, with_comment(statement, comment), parameters, context)
-        return True
-
-    def execute_no_params(cursor: t.Any, statement: str, context: t.Any) -> bool:
-        comment = plain.current()
-        if comment is None:
-            return False
-        dialect.do_execute_no_params(cursor, with_comment(statement, comment), context)
-        return True
-
-    event.listen(engine, "do_execute", execute)
-    event.listen(engine, "do_executemany", executemany)
-    event.listen(engine, "do_execute_no_params", execute_no_params)
+    return execute
 
 
 class _Comments:

@@ -38,7 +38,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import ORMExecuteState, Session, UOWTransaction
 from sqlalchemy.sql import visitors
 
-from .. import context
+from .. import context, responses
 from ..errors import (
     RELOAD_HINT,
     ConfigurationError,
@@ -109,6 +109,7 @@ class SchemaStrategy:
         if not event.contains(db.session, "do_orm_execute", _guard_orm_execute):
             event.listen(db.session, "do_orm_execute", _guard_orm_execute)
             event.listen(db.session, "before_flush", _guard_flush)
+        responses.answer_not_found(app, SchemaNotFoundError, responses.NO_SUCH_TENANT)
 
     def check_tenant(self, name: str) -> None:
         """Raise ``SchemaNotFoundError`` unless the tenant's schema exists."""

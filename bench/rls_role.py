@@ -1,4 +1,4 @@
-"""A PostgreSQL role that row-level security applies to, for the RLS tests and the stress.
+"""A PostgreSQL role that row-level security applies to, for the RLS benchmark, tests and stress.
 
 Superusers and ``BYPASSRLS`` roles skip every policy, and the tests' own role
 (``postgres``) is a superuser, so the RLS tests connect as a role made here:
