@@ -143,3 +143,14 @@ def tables_in(engine: Engine, schema: str) -> set[str]:
             {"s": schema},
         )
         return set(rows)
+
+
+#: What ``flask tenant-jobs migrate`` prints per tenant of a run, sorted: ghost has no schema.
+MIGRATE_LINES = [
+    "acme-eu: ok",
+    "acme: ok",
+    f"ghost: failed: SchemaNotFoundError: The schema '{schema_of('ghost')}' of tenant "
+    "'ghost' does not exist: create it with 'tenant_jobs.create('ghost')' or "
+    "'flask tenant-jobs create ghost'.",
+    "globex: ok",
+]

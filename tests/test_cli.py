@@ -34,6 +34,7 @@ from flask_tenant_jobs import TenantJobs, TenantScoped, signals
 from . import schema_fixtures
 from .core_app import count_statements, make_app, tables
 from .schema_app import (
+    MIGRATE_LINES,
     RUN_TENANTS,
     SCHEMA_FORMAT,
     SHARED,
@@ -509,14 +510,7 @@ def test_cli_migrate_every_tenant(app: Flask, admin: Engine) -> None:
     result = app.test_cli_runner().invoke(args=["tenant-jobs", "migrate"])
     assert result.exit_code == 1
     lines = result.output.splitlines()
-    assert sorted(lines[:4]) == [
-        "acme-eu: ok",
-        "acme: ok",
-        f"ghost: failed: SchemaNotFoundError: The schema '{schema_of('ghost')}' of tenant "
-        "'ghost' does not exist: create it with 'tenant_jobs.create('ghost')' or "
-        "'flask tenant-jobs create ghost'.",
-        "globex: ok",
-    ]
+    assert sorted(lines[:4]) == MIGRATE_LINES
     assert lines[4:] == ["migrated 3 of 4 tenants", "Error: failed tenants: ghost"]
     assert "notes" in tables_in(admin, schema_of("globex"))
 

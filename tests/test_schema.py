@@ -31,6 +31,7 @@ from flask_tenant_jobs.errors import (
 from tests.core_app import count_statements
 from tests.schema_app import (
     CREATED,
+    MIGRATE_LINES,
     PREFIX,
     SCHEMA_FORMAT,
     SHARED,
@@ -755,14 +756,7 @@ def test_alembic_migrate_list_and_failures(migrations: tuple[Flask, Path], admin
     add_revision(directory, "0002", "0001", add_column)
     result = runner.invoke(args=["tenant-jobs", "migrate", "--jobs", "4"])
     assert result.exit_code == 1
-    assert sorted(result.output.splitlines()[:4]) == [
-        "acme-eu: ok",
-        "acme: ok",
-        f"ghost: failed: SchemaNotFoundError: The schema '{schema_of('ghost')}' of tenant "
-        "'ghost' does not exist: create it with 'tenant_jobs.create('ghost')' or "
-        "'flask tenant-jobs create ghost'.",
-        "globex: ok",
-    ]
+    assert sorted(result.output.splitlines()[:4]) == MIGRATE_LINES
     for name in CREATED:
         assert revision_in(admin, schema_of(name)) == ["0002"]
         with admin.connect() as connection:
