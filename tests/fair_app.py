@@ -95,10 +95,20 @@ def flaky(self: t.Any, label: str) -> None:
     _log(label, started, retries=self.request.retries)
 
 
-@tenant_task(acks_late=True)
+@tenant_task
 def sleepy(label: str, seconds: float) -> None:
-    """A long task for the crash tests."""
+    """A long task for the crash tests: logs ``started`` first, then its label."""
     started = time.time()
+    _log("started:" + label, started)
+    time.sleep(seconds)
+    _log(label, started)
+
+
+@tenant_task(tenant_concurrency=2)
+def limited_sleepy(label: str, seconds: float) -> None:
+    """:func:`sleepy` with at most two at once per tenant."""
+    started = time.time()
+    _log("started:" + label, started)
     time.sleep(seconds)
     _log(label, started)
 

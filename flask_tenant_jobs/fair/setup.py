@@ -140,14 +140,14 @@ class QueueRow(t.NamedTuple):
 def queue_rows(celery_app: Celery, queue: str | None = None) -> list[QueueRow]:
     """Per tenant: tasks ready, held back by a limit, not due yet, and running under a
     limit (live leases), for ``queue`` (default: Celery's default queue)."""
+    if not is_fair(celery_app):
+        raise ConfigurationError(
+            "Tenant queues exist only with fair dispatch: set 'TENANT_JOBS_FAIR_DISPATCH' "
+            "to True (Redis broker)."
+        )
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     with celery_app.connection_for_read() as connection:
-        channel = connection.default_channel
-        if not isinstance(channel, FairChannel):
-            raise ConfigurationError(
-                "The queues of fair dispatch exist only with 'TENANT_JOBS_FAIR_DISPATCH' "
-                "on (and a Redis broker): turn it on."
-            )
+        channel = t.cast(FairChannel, connection.default_channel)
         name = queue or celery_app.conf.task_default_queue
         doorbells = [channel._q_for_pri(name, pri) for pri in channel.priority_steps]
         with channel.conn_or_acquire() as client:
