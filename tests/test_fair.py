@@ -9,6 +9,7 @@ and used. The first tests need no services: bad input is refused at decoration o
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -73,7 +74,7 @@ def test_a_limit_key_needs_a_limit_and_no_line_breaks() -> None:
 
 @pytest.mark.parametrize("value", [0, -5, "60", True])
 def test_slot_ttl_must_be_positive_seconds(value: object) -> None:
-    with pytest.raises(ConfigurationError, match="TENANT_JOBS_SLOT_TTL.*more than 0"):
+    with pytest.raises(ConfigurationError, match=r"TENANT_JOBS_SLOT_TTL.*more than 0"):
         _app({"broker_url": "redis://127.0.0.1:1/0"}, TENANT_JOBS_SLOT_TTL=value)
 
 
@@ -314,7 +315,8 @@ def test_tenant_concurrency_holds_across_two_workers(fair: Fair) -> None:
     assert _max_overlap(by_tenant["globex"]) == 2
     assert _max_overlap(by_tenant["initech"]) == 1  # one slot shared by billing_a and _b
     acme_order = [d["label"] for d in sorted(by_tenant["acme"], key=lambda d: d["start"])]
-    assert acme_order == [f"acme-{i}" for i in range(10)]
+    # delivered oldest first; two admitted together may start in either order
+    assert all(abs(acme_order.index(f"acme-{i}") - i) <= 1 for i in range(10)), acme_order
     assert fair.redis.zcard(f"{scripts.ROOT}:lease:tests.fair_app.limited\nacme") == 0
 
 
@@ -372,7 +374,7 @@ def test_tenant_rate_limit_spaces_the_starts(fair: Fair) -> None:
     fair.send(fair_app.rated, "globex", "globex-0")
     done = fair.wait_for(9)
     starts = sorted(d["start"] for d in done if d["tenant"] == "acme")
-    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert min(gaps) >= 0.25 - 0.03, gaps  # "4/s", across both workers
     assert [d["label"] for d in sorted(done, key=lambda d: d["start"])
             if d["tenant"] == "acme"] == [f"acme-{i}" for i in range(8)]  # fmt: skip
@@ -434,3 +436,22 @@ def test_flask_tenant_jobs_queues_shows_a_table(fair: Fair) -> None:
     assert lines[0].split() == ["tenant", "waiting", "held", "back", "scheduled", "running"]
     assert lines[1].split() == ["acme", "3", "0", "0", "0"]
     assert lines[2].split() == ["globex", "0", "0", "1", "0"]
+
+
+@_with_workers
+def test_a_warm_shutdown_gives_back_its_prefetched_task_and_slot(fair: Fair) -> None:
+    worker = fair.worker("threads", 1)
+    for i in range(3):
+        fair.send(fair_app.limited_sleepy, "acme", f"long-{i}", 2.0)
+    wait_until(lambda: any(line["label"] == "started:long-0" for line in fair.log()),
+               TIMEOUT, "the first task started", fair.details)  # fmt: skip
+    leases = f"{scripts.ROOT}:lease:tests.fair_app.limited_sleepy\nacme"
+    wait_until(lambda: fair.redis.zcard(leases) == 2, 5.0, "the next task prefetched",
+               fair.details)  # fmt: skip
+    worker.stop()  # SIGTERM: the running task ends, the prefetched one is given back
+    assert [line["label"] for line in fair.finished()] == ["long-0"]
+    assert fair.redis.zcard(leases) == 0  # at once, not after TENANT_JOBS_SLOT_TTL
+    with fair.app.app_context():
+        assert fair.extension.backlog() == {"acme": 2}
+    fair.worker("threads", 1)
+    assert [line["label"] for line in fair.wait_for(3)] == ["long-0", "long-1", "long-2"]

@@ -157,9 +157,9 @@ def queue_rows(celery_app: Celery, queue: str | None = None) -> list[QueueRow]:
             running = script(scripts.RUNNING)(
                 keys=[scripts.ROOT], args=[scripts.ROOT], client=client
             )
-    for lane, size, kind in zip(backlog[::3], backlog[1::3], backlog[2::3]):
+    for lane, size, kind in zip(backlog[::3], backlog[1::3], backlog[2::3], strict=False):
         counts[_tenant_of(lane)][int(kind)] += int(size)
-    for limit, live in zip(running[::2], running[1::2]):
+    for limit, live in zip(running[::2], running[1::2], strict=False):
         tenant = limit.decode().split("\n")[1]
         counts[tenant][3] += int(live)
     return [QueueRow(tenant, *counts[tenant]) for tenant in sorted(counts)]

@@ -15,10 +15,11 @@ from __future__ import annotations
 import typing as t
 import uuid
 from datetime import datetime
+from queue import Empty
 from time import monotonic
 
 from kombu.transport import redis as kombu_redis
-from kombu.utils.json import dumps, loads
+from kombu.utils import json as kombu_json
 from kombu.utils.objects import cached_property
 from redis.commands.core import Script
 
@@ -30,6 +31,12 @@ from . import scripts
 #: ``group\ntenant\rtoken\rdoorbell``.
 LEASE_HEADER = "tenant_jobs_lease"
 _TOKEN = scripts.TOKEN.encode()
+#: kombu is untyped: its Redis channel and transport, and its JSON, as ``Any``.
+_RedisChannel: t.Any = kombu_redis.Channel
+_RedisTransport: t.Any = kombu_redis.Transport
+_RedisQoS: t.Any = kombu_redis.QoS
+dumps: t.Callable[[t.Any], str] = kombu_json.dumps
+loads: t.Callable[[t.Any], t.Any] = kombu_json.loads
 
 
 class HeldBack(t.NamedTuple):
@@ -39,8 +46,25 @@ class HeldBack(t.NamedTuple):
     task: str
 
 
-class FairChannel(kombu_redis.Channel):  # type: ignore[misc]
+class FairQoS(_RedisQoS):  # type: ignore[misc]
+    """kombu's Redis acks; what a closing channel gives back frees its slots too."""
+
+    def restore_unacked(self, client: t.Any = None) -> None:
+        """Give back the messages delivered and not acked when the channel closes (a warm
+        shutdown): none of them runs here, so the slots they took are freed at once."""
+        self.channel.releasing = True
+        try:
+            super().restore_unacked(client)
+        finally:
+            self.channel.releasing = False
+
+
+class FairChannel(_RedisChannel):  # type: ignore[misc]
     """A Redis channel with per-tenant lanes behind every queue."""
+
+    QoS = FairQoS
+    #: Set while :class:`FairQoS` gives back what a closing channel holds.
+    releasing = False
 
     #: The message header naming the tenant (``TENANT_JOBS_HEADER``).
     tenant_header = "tenant_for_job"
@@ -49,10 +73,8 @@ class FairChannel(kombu_redis.Channel):  # type: ignore[misc]
     #: Called with the lanes a pick held back (fires ``task_held_back``).
     on_held_back: t.Callable[[list[HeldBack]], None] | None = None
 
-    from_transport_options = kombu_redis.Channel.from_transport_options + (
-        "tenant_header",
-        "slot_ttl",
-        "on_held_back",
+    from_transport_options = (
+        *kombu_redis.Channel.from_transport_options, "tenant_header", "slot_ttl", "on_held_back"
     )
 
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
@@ -90,7 +112,12 @@ class FairChannel(kombu_redis.Channel):  # type: ignore[misc]
                 payload, exchange, routing_key, pipe, leftmost
             )
         headers = payload.get("headers") or {}
-        headers.pop(LEASE_HEADER, None)
+        lease = headers.pop(LEASE_HEADER, None)
+        if self.releasing and isinstance(lease, str) and lease.count("\r") == 2:
+            limit, token, doorbell = lease.split("\r")
+            self._script(scripts.RELEASE)(
+                keys=[self._root], args=[scripts.ROOT, limit, token, doorbell], client=pipe
+            )
         headers["redelivered"] = True
         payload.setdefault("properties", {}).setdefault("delivery_info", {})["redelivered"] = True
         pri = self._get_message_priority(payload, reverse=False)
@@ -135,14 +162,14 @@ class FairChannel(kombu_redis.Channel):  # type: ignore[misc]
                 self.client.connection.disconnect()
                 raise
             if not reply:
-                raise kombu_redis.Empty()
+                raise Empty()
             doorbell, item = reply
-            doorbell = kombu_redis.bytes_to_str(doorbell)
+            doorbell = _text(doorbell)
             queue = doorbell.rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(queue)
             message = self._pick(doorbell) if item == _TOKEN else loads(item)
             if message is None:
-                raise kombu_redis.Empty()
+                raise Empty()
             self.connection._deliver(message, queue)
             return True
         finally:
@@ -159,7 +186,7 @@ class FairChannel(kombu_redis.Channel):  # type: ignore[misc]
                     message = self._pick(doorbell) if item == _TOKEN else loads(item)
                     if message is not None:
                         return message
-        raise kombu_redis.Empty()
+        raise Empty()
 
     def _pick(self, doorbell: str) -> dict[str, t.Any] | None:
         """Run the pick for one token of ``doorbell``; the message, with its lease."""
@@ -176,7 +203,7 @@ class FairChannel(kombu_redis.Channel):  # type: ignore[misc]
             return None
         message = t.cast(dict[str, t.Any], loads(raw))
         if limit:
-            lease = f"{kombu_redis.bytes_to_str(limit)}\r{token}\r{doorbell}"
+            lease = f"{_text(limit)}\r{token}\r{doorbell}"
             message.setdefault("headers", {})[LEASE_HEADER] = lease
         return message
 
@@ -198,7 +225,7 @@ class FairChannel(kombu_redis.Channel):  # type: ignore[misc]
                 self._next_renewal = now + max(self.slot_ttl / 3, 1.0)
                 renew_leases(client, self._root, self._unacked_leases(), self.slot_ttl)
             server_now = _server_time(client) if next_at else 0.0
-        wait = self.brpop_timeout
+        wait = float(self.brpop_timeout)
         if next_at:
             wait = min(wait, max(next_at - server_now, 0.005))
         self._next_tick = now + wait
@@ -227,7 +254,7 @@ class FairChannel(kombu_redis.Channel):  # type: ignore[misc]
         return script(source)
 
 
-class FairTransport(kombu_redis.Transport):  # type: ignore[misc]
+class FairTransport(_RedisTransport):  # type: ignore[misc]
     """kombu's Redis transport with :class:`FairChannel`."""
 
     Channel = FairChannel
@@ -258,9 +285,13 @@ def renew_leases(client: t.Any, root: str, leases: t.Iterable[str], ttl: float) 
         pipe.execute()
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _server_time(client: t.Any) -> float:
     seconds, micros = client.time()
-    return float(seconds) + micros / 1_000_000
+    return float(seconds) + float(micros) / 1_000_000
 
 
 def _due(message: dict[str, t.Any]) -> float:
@@ -277,8 +308,8 @@ def _due(message: dict[str, t.Any]) -> float:
 def _held_back(reply: list[t.Any]) -> list[HeldBack]:
     """``[lane, head message, ...]`` from a pick, as tenants and task names."""
     found = []
-    for lane, head in zip(reply[::2], reply[1::2]):
-        tenant = kombu_redis.bytes_to_str(lane).split("\n", 1)[0]
+    for lane, head in zip(reply[::2], reply[1::2], strict=False):
+        tenant = _text(lane).split("\n", 1)[0]
         try:
             task = str(loads(head)["headers"]["task"])
         except (ValueError, KeyError, TypeError):
