@@ -455,3 +455,20 @@ def test_a_warm_shutdown_gives_back_its_prefetched_task_and_slot(fair: Fair) -> 
         assert fair.extension.backlog() == {"acme": 2}
     fair.worker("threads", 1)
     assert [line["label"] for line in fair.wait_for(3)] == ["long-0", "long-1", "long-2"]
+
+
+@pytest.mark.redis
+def test_hostile_tenant_and_limit_headers_do_not_make_lanes(fair: Fair) -> None:
+    """A message by name (no tenant check at the sender) with a malformed tenant goes to
+    the plain list, where the worker refuses it as before; a malformed limit header
+    leaves the task in its tenant's lane, unlimited; nothing reaches a Lua error."""
+    hostile = ["acme\nglobex", "ACME", "", "a" * 300, "acme\r", "x:lane:y", 7]
+    with fair.app.app_context():
+        for tenant in hostile:
+            fair.celery.send_task("no.such.task", headers={"tenant_for_job": tenant})
+        for limit in ["k\n1", "k\nabc\n0", "k\n1\ninf", "\n1\n0", "k\r\n1\n0", 5]:
+            fair.celery.send_task("no.such.task", headers={"tenant_for_job": "acme",
+                                                           "tenant_jobs_limit": limit})
+        assert fair.extension.backlog() == {"acme": 6}
+    assert fair.redis.llen(fair.queue) == len(hostile) + 6  # plain messages and tokens
+    assert fair.redis.lrange(f"{scripts.ROOT}:{fair.queue}:ring", 0, -1) == [b"acme"]

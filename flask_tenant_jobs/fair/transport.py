@@ -140,7 +140,7 @@ class FairChannel(_RedisChannel):  # type: ignore[misc]
         if not is_valid_name(tenant):
             return None
         limit = headers.get(LIMIT_HEADER)
-        if not isinstance(limit, str) or limit.count("\n") != 2 or "\r" in limit:
+        if not _is_limit(limit):
             return t.cast(str, tenant)
         return f"{tenant}\n{limit}"
 
@@ -283,6 +283,18 @@ def renew_leases(client: t.Any, root: str, leases: t.Iterable[str], ttl: float) 
             limit, token, _ = lease.split("\r")
             pipe.zadd(f"{root}:lease:{limit}", {token: expiry}, xx=True)
         pipe.execute()
+
+
+def _is_limit(value: object) -> t.TypeGuard[str]:
+    """Whether a ``tenant_jobs_limit`` header is well-formed: ``key\nconcurrency\nrate``
+    (a malformed one, which no sender of this library writes, leaves the task unlimited)."""
+    if not isinstance(value, str) or "\r" in value or value.count("\n") != 2:
+        return False
+    key, concurrency, per_second = value.split("\n")
+    try:
+        return bool(key) and int(concurrency) >= 0 and 0 <= float(per_second) < float("inf")
+    except ValueError:
+        return False
 
 
 def _text(value: bytes | str) -> str:
