@@ -406,6 +406,7 @@ def test_release_is_fenced_and_idempotent_and_a_hold_fires_the_signal(fair: Fair
             first = pick(60.0)
             assert first is not None and pick(60.0) is None  # the only slot is taken
             assert held == [{"task": "tests.fair_app.billing_a", "tenant": "acme"}]
+            assert _held_back_count("acme", "tests.fair_app.billing_a") >= 1  # prometheus
             lease = first["headers"][LEASE_HEADER]
             LEASES.hold(lease, client, root, 60.0)
             assert LEASES.release(lease) is True
@@ -472,3 +473,41 @@ def test_hostile_tenant_and_limit_headers_do_not_make_lanes(fair: Fair) -> None:
         assert fair.extension.backlog() == {"acme": 6}
     assert fair.redis.llen(fair.queue) == len(hostile) + 6  # plain messages and tokens
     assert fair.redis.lrange(f"{scripts.ROOT}:{fair.queue}:ring", 0, -1) == [b"acme"]
+
+
+def _held_back_count(tenant: str, task: str) -> float:
+    """``tenant_jobs_tasks_held_back_total`` of this process (prometheus-client)."""
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value(
+        "tenant_jobs_tasks_held_back_total", {"tenant": tenant, "task": task}
+    )
+    return value or 0.0
+
+
+@pytest.mark.redis
+def test_purge_drops_tenant_lanes_too(fair: Fair) -> None:
+    for i in range(3):
+        fair.send(fair_app.record, "acme", f"a{i}")
+    fair.send(fair_app.record, "globex", "later", countdown=60)
+    fair.send(fair_app.plain, None, "plain")
+    with fair.app.app_context():
+        assert fair.celery.control.purge() == 5
+        assert fair.extension.backlog() == {}
+    assert [key for key in fair.redis.keys(f"{scripts.ROOT}:{fair.queue}*")] == []
+    assert fair.redis.llen(fair.queue) == 0
+
+
+@_with_workers
+def test_priorities_keep_their_meaning(fair: Fair) -> None:
+    """On Redis, priority 0 (the default) is served before 9; each step has its own turns."""
+    for i in range(2):
+        fair.send(fair_app.record, "acme", f"acme-low-{i}", priority=9)
+    fair.send(fair_app.record, "globex", "globex-low", priority=9)
+    for i in range(2):
+        fair.send(fair_app.record, "acme", f"acme-{i}")
+    fair.send(fair_app.record, "initech", "initech")
+    fair.worker("solo")
+    assert [line["label"] for line in fair.wait_for(6)] == [
+        "acme-0", "initech", "acme-1", "acme-low-0", "globex-low", "acme-low-1",
+    ]  # fmt: skip

@@ -130,6 +130,14 @@ class FairChannel(_RedisChannel):  # type: ignore[misc]
             )  # fmt: skip
         return None
 
+    def _purge(self, queue: str) -> int:
+        """``celery purge``, ``queue.purge()``: drop the tenant lanes too; return the count."""
+        doorbells = [self._q_for_pri(queue, pri) for pri in self.priority_steps]
+        with self.conn_or_acquire() as client:
+            return int(self._script(scripts.PURGE)(
+                keys=[self._root], args=[scripts.ROOT, *doorbells], client=client
+            ))  # fmt: skip
+
     def _lane_of(self, message: dict[str, t.Any]) -> str | None:
         """The lane of a message: its tenant, with its limit if it has one; ``None`` for
         a plain message (or one whose tenant header is not a tenant name)."""
