@@ -4,7 +4,7 @@ Configured from environment variables so that ``flask --app
 tests.fair_app:create_app() tenant-jobs worker`` subprocesses match the test side:
 ``FAIR_BROKER_URL`` (Redis; also where the tasks log what they do),
 ``FAIR_QUEUE`` (Celery's default queue), ``FAIR_SLOT_TTL`` (``TENANT_JOBS_SLOT_TTL``),
-``FAIR_DURABLE=1`` (``task_acks_late``, ``task_reject_on_worker_lost``, prefetch 1 and
+``FAIR_VISIBILITY_TIMEOUT`` (default :data:`VISIBILITY_TIMEOUT`), ``FAIR_DURABLE=1`` (``task_acks_late``, ``task_reject_on_worker_lost``, prefetch 1 and
 a short visibility timeout). Every task appends a JSON line to the Redis list
 :data:`LOG`: its tenant, its label, and when it started and ended.
 """
@@ -133,7 +133,8 @@ def create_app(**overrides: t.Any) -> Flask:
         "result_backend": broker,
         "task_default_queue": os.environ.get("FAIR_QUEUE", "fair-test"),
         "worker_prefetch_multiplier": 1,
-        "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT,
+        "broker_transport_options": {"visibility_timeout": float(os.environ.get(
+                                         "FAIR_VISIBILITY_TIMEOUT", VISIBILITY_TIMEOUT)),
                                      "unacked_restore_interval": 1,
                                      "unacked_restore_throttle": 1},
         "beat_schedule": {

@@ -511,3 +511,29 @@ def test_priorities_keep_their_meaning(fair: Fair) -> None:
     assert [line["label"] for line in fair.wait_for(6)] == [
         "acme-0", "initech", "acme-1", "acme-low-0", "globex-low", "acme-low-1",
     ]  # fmt: skip
+
+
+@_with_workers
+@pytest.mark.parametrize("pool", ["threads", "gevent"])
+def test_a_prefetched_task_keeps_its_slot_while_the_worker_is_busy(fair: Fair, pool: str) -> None:
+    """A message waiting in a busy worker for a free pool slot holds a lease: the worker
+    renews it (no doorbell wait, so no tick, runs meanwhile), so it does not expire."""
+    ttl = 2.0  # without an event loop (gevent) the worker renews about once a second
+    fair.worker(pool, 1, FAIR_SLOT_TTL=str(ttl), FAIR_VISIBILITY_TIMEOUT="30")
+    fair.send(fair_app.limited_sleepy, "acme", "long", 6.5)
+    fair.send(fair_app.limited_sleepy, "acme", "next", 0.0)
+    wait_until(lambda: any(line["label"] == "started:long" for line in fair.log()),
+               TIMEOUT, "the long task started", fair.details)  # fmt: skip
+    leases = f"{scripts.ROOT}:lease:tests.fair_app.limited_sleepy\nacme"
+
+    def live() -> int:
+        seconds, micros = fair.redis.time()
+        return int(fair.redis.zcount(leases, seconds + micros / 1e6, "+inf"))
+
+    wait_until(lambda: live() == 2, 5.0, "the next task prefetched", fair.details)
+    prefetched = time.monotonic()
+    while not any(line["label"] == "long" for line in fair.log()):
+        assert live() == 2 or any(line["label"] == "long" for line in fair.log()), fair.details()
+        time.sleep(0.1)
+    assert time.monotonic() - prefetched > 1.5 * ttl  # longer than a lease lives unrenewed
+    assert [line["label"] for line in fair.wait_for(2)] == ["long", "next"]

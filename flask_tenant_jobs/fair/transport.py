@@ -12,6 +12,9 @@ their lane.
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 import typing as t
 import uuid
 from datetime import datetime
@@ -35,6 +38,9 @@ _TOKEN = scripts.TOKEN.encode()
 _RedisChannel: t.Any = kombu_redis.Channel
 _RedisTransport: t.Any = kombu_redis.Transport
 _RedisQoS: t.Any = kombu_redis.QoS
+#: The shortest wait on the doorbells, in seconds.
+MIN_WAIT = 0.01
+_log = logging.getLogger(__name__)
 dumps: t.Callable[[t.Any], str] = kombu_json.dumps
 loads: t.Callable[[t.Any], t.Any] = kombu_json.loads
 
@@ -80,7 +86,7 @@ class FairChannel(_RedisChannel):  # type: ignore[misc]
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
         super().__init__(*args, **kwargs)
         self._next_tick = 0.0
-        self._next_renewal = 0.0
+        self._renewer: threading.Thread | None = None
 
     # -- publishing -------------------------------------------------------------------
 
@@ -157,8 +163,8 @@ class FairChannel(_RedisChannel):  # type: ignore[misc]
     def _brpop_start(self, timeout: float | None = None) -> None:
         """Run the periodic tick, then wait on the doorbells no longer than it asks."""
         wait = self._maybe_tick()
-        if wait is not None:
-            timeout = min(timeout or self.brpop_timeout, wait)
+        if wait is not None:  # at least 10 ms: Redis reads a shorter timeout as "forever"
+            timeout = max(min(timeout or self.brpop_timeout, wait), MIN_WAIT)
         super()._brpop_start(timeout)
 
     def _brpop_read(self, **options: t.Any) -> bool:
@@ -213,12 +219,13 @@ class FairChannel(_RedisChannel):  # type: ignore[misc]
         if limit:
             lease = f"{_text(limit)}\r{token}\r{doorbell}"
             message.setdefault("headers", {})[LEASE_HEADER] = lease
+            self._start_renewing()
         return message
 
     def _maybe_tick(self) -> float | None:
         """At most once a second (sooner when a held lane or a due message asks for
-        it): move due messages, wake held lanes, renew the leases of messages this
-        channel holds unacked. Returns the seconds until the next tick is wanted."""
+        it): move due messages, wake held lanes, give lost tokens back. Returns the
+        seconds until the next tick is wanted."""
         now = monotonic()
         if now < self._next_tick or not self.active_queues:
             return max(self._next_tick - now, 0.0) or None
@@ -229,15 +236,34 @@ class FairChannel(_RedisChannel):  # type: ignore[misc]
                 keys=[self._root], args=[scripts.ROOT, scripts.TICK_BATCH, *doorbells],
                 client=client,
             ))  # fmt: skip
-            if now >= self._next_renewal:
-                self._next_renewal = now + max(self.slot_ttl / 3, 1.0)
-                renew_leases(client, self._root, self._unacked_leases(), self.slot_ttl)
             server_now = _server_time(client) if next_at else 0.0
         wait = float(self.brpop_timeout)
         if next_at:
-            wait = min(wait, max(next_at - server_now, 0.005))
+            wait = min(wait, max(next_at - server_now, MIN_WAIT))
         self._next_tick = now + wait
         return wait
+
+    def _start_renewing(self) -> None:
+        """Start the thread (a greenlet under gevent) that renews the leases of the messages
+        this channel holds unacked: prefetched ones waiting for a free pool slot, and
+        ``acks_late`` ones. It runs whatever the consumer loop does meanwhile."""
+        if self._renewer is None or not self._renewer.is_alive():
+            self._renewer = threading.Thread(
+                target=self._renew_unacked, name="tenant-jobs-prefetched-leases", daemon=True
+            )
+            self._renewer.start()
+
+    def _renew_unacked(self) -> None:
+        while not self._closing:
+            time.sleep(max(self.slot_ttl / 3, MIN_WAIT))
+            leases = self._unacked_leases()
+            if not leases:
+                continue
+            try:
+                with self.conn_or_acquire() as client:
+                    renew_leases(client, self._root, leases, self.slot_ttl)
+            except Exception:  # Redis away for a moment: the next round tries again
+                _log.warning("could not renew %d lease(s)", len(leases), exc_info=True)
 
     def _unacked_leases(self) -> list[str]:
         """The leases of the messages delivered to this channel and not acked yet
