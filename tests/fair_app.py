@@ -2,11 +2,12 @@
 
 Configured from environment variables so that ``flask --app
 tests.fair_app:create_app() tenant-jobs worker`` subprocesses match the test side:
-``FAIR_BROKER_URL`` (Redis; also where the tasks log what they do),
-``FAIR_QUEUE`` (Celery's default queue), ``FAIR_SLOT_TTL`` (``TENANT_JOBS_SLOT_TTL``),
-``FAIR_VISIBILITY_TIMEOUT`` (default :data:`VISIBILITY_TIMEOUT`), ``FAIR_DURABLE=1`` (``task_acks_late``, ``task_reject_on_worker_lost``, prefetch 1 and
-a short visibility timeout). Every task appends a JSON line to the Redis list
-:data:`LOG`: its tenant, its label, and when it started and ended.
+``FAIR_BROKER_URL`` (Redis; also where the tasks log what they do), ``FAIR_QUEUE``
+(Celery's default queue), ``FAIR_SLOT_TTL`` (``TENANT_JOBS_SLOT_TTL``),
+``FAIR_VISIBILITY_TIMEOUT`` (default :data:`VISIBILITY_TIMEOUT`), ``FAIR_DURABLE=1``
+(``task_acks_late`` and ``task_reject_on_worker_lost``). Every task appends a JSON
+line to the Redis list :data:`LOG`: its tenant, its label, and when it started and
+ended.
 """
 
 from __future__ import annotations
