@@ -84,12 +84,15 @@ def test_slot_ttl_must_be_positive_seconds(value: object) -> None:
 def test_fair_dispatch_refuses_brokers_other_than_redis(broker: str | None) -> None:
     with pytest.raises(ConfigurationError, match="works with a Redis broker only") as error:
         _app({"broker_url": broker}, TENANT_JOBS_FAIR_DISPATCH=True)
-    assert "secret" not in str(error.value)
+    assert "secret" not in str(error.value) and "broker_url is" in str(error.value)
+    celery = {"broker_url": "redis://127.0.0.1:1/0", "broker_read_url": broker or "memory://"}
+    with pytest.raises(ConfigurationError, match="broker_read_url is"):
+        _app(celery, TENANT_JOBS_FAIR_DISPATCH=True)
 
 
 def test_fair_dispatch_refuses_another_broker_transport_and_no_celery() -> None:
     celery = {"broker_url": "redis://127.0.0.1:1/0", "broker_transport": "sqs"}
-    with pytest.raises(ConfigurationError, match="broker_transport 'sqs'"):
+    with pytest.raises(ConfigurationError, match="broker_transport is 'sqs'"):
         _app(celery, TENANT_JOBS_FAIR_DISPATCH=True)
     with pytest.raises(ConfigurationError, match="needs a Celery app"):
         _app(None, TENANT_JOBS_FAIR_DISPATCH=True)

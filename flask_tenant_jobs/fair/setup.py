@@ -53,17 +53,24 @@ def install(app: Flask, celery_app: Celery | None, settings: Settings) -> None:
 
 def _require_redis(celery_app: Celery) -> None:
     """Fair dispatch keeps its lanes in Redis: refuse any other broker by name."""
-    url = celery_app.conf.broker_url
-    scheme = urlsplit(url).scheme if isinstance(url, str) else ""
-    transport = celery_app.conf.broker_transport
-    if scheme not in REDIS_SCHEMES or transport not in (None, TRANSPORT, *REDIS_SCHEMES):
-        shown = f"{scheme}://" if scheme else repr(type(url).__name__ if url else None)
+    conf = celery_app.conf
+    for setting in ("broker_url", "broker_read_url", "broker_write_url"):
+        url = conf.get(setting)
+        if url is None and setting != "broker_url":
+            continue
+        scheme = urlsplit(url).scheme if isinstance(url, str) else ""
+        if scheme not in REDIS_SCHEMES:
+            shown = f"{scheme}://" if scheme else repr(None if url is None else type(url).__name__)
+            raise ConfigurationError(
+                "'TENANT_JOBS_FAIR_DISPATCH' works with a Redis broker only ("
+                f"'redis://...' or 'rediss://...'), but {setting} is {shown}: use Redis as "
+                "the broker, or turn TENANT_JOBS_FAIR_DISPATCH off."
+            )
+    if conf.broker_transport not in (None, TRANSPORT, *REDIS_SCHEMES):
         raise ConfigurationError(
-            f"'TENANT_JOBS_FAIR_DISPATCH' works with a Redis broker only (broker_url "
-            f"'redis://...' or 'rediss://...', no broker_transport of another kind), but "
-            f"the broker is {shown}"
-            + (f" with broker_transport {transport!r}" if transport else "")
-            + ": use Redis as the broker, or turn TENANT_JOBS_FAIR_DISPATCH off."
+            "'TENANT_JOBS_FAIR_DISPATCH' works with a Redis broker only, but "
+            f"broker_transport is {conf.broker_transport!r}: remove broker_transport (the "
+            "Redis URL selects Redis), or turn TENANT_JOBS_FAIR_DISPATCH off."
         )
 
 
