@@ -17,6 +17,7 @@ import typing as t
 import uuid
 from collections import Counter
 from pathlib import Path
+from queue import Empty
 
 import pytest
 from celery import chain, chord, group
@@ -540,3 +541,33 @@ def test_a_prefetched_task_keeps_its_slot_while_the_worker_is_busy(fair: Fair, p
         time.sleep(0.1)
     assert time.monotonic() - prefetched > 1.5 * ttl  # longer than a lease lives unrenewed
     assert [line["label"] for line in fair.wait_for(2)] == ["long", "next"]
+
+
+@pytest.mark.redis
+def test_kombus_global_keyprefix_prefixes_every_key(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``global_keyprefix`` every fair-dispatch key is under it; ``basic_get`` (the
+    synchronous path) delivers round-robin too."""
+    setup = Fair(redis_db_url(redis_url, FAIR_DB), tmp_path, monkeypatch)
+    setup.celery.conf.broker_transport_options = {
+        **setup.celery.conf.broker_transport_options, "global_keyprefix": "pfx:"
+    }
+    for label in ("a0", "a1"):
+        setup.send(fair_app.billing_a, "acme", label)
+    setup.send(fair_app.record, "globex", "g0")
+    assert all(key.startswith(b"pfx:") for key in setup.redis.keys("*"))
+    assert setup.redis.exists(f"pfx:{scripts.ROOT}:{setup.queue}:ring")
+    with setup.app.app_context():
+        assert setup.extension.backlog() == {"acme": 2, "globex": 1}
+    with setup.celery.connection_for_read() as connection:
+        channel = connection.default_channel
+        first, second = channel._get(setup.queue), channel._get(setup.queue)
+        assert [m["headers"]["tenant_for_job"] for m in (first, second)] == ["acme", "globex"]
+        lease = first["headers"][LEASE_HEADER]
+        assert setup.redis.zcard(f"pfx:{scripts.ROOT}:lease:billing-api\nacme") == 1
+        with pytest.raises(Empty):  # the slot is taken: nothing to get
+            channel._get(setup.queue)
+        LEASES.hold(lease, setup.redis, f"pfx:{scripts.ROOT}", 60.0)
+        assert LEASES.release(lease) is True
+        assert channel._get(setup.queue)["headers"]["tenant_for_job"] == "acme"
