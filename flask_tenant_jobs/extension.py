@@ -26,6 +26,9 @@ from .settings import Settings
 from .state import extension_of, register
 from .worker import REFRESH_COMMAND
 
+if t.TYPE_CHECKING:
+    from .fair.setup import QueueRow
+
 _REQUEST_TOKEN = "_tenant_jobs_token"
 T = t.TypeVar("T")
 
@@ -75,6 +78,10 @@ class TenantJobs:
         _refuse_what_cannot_be_installed(app, db, settings)
         register(app, self)
         celery = make_celery(app, settings.header) if "CELERY" in app.config else None
+        if settings.fair_dispatch:  # imported only then: it needs the redis library
+            from .fair import setup as fair
+
+            fair.install(app, celery, settings)
         self._states[app] = _AppState(settings, registry, resolver, strategy, db, celery)
         register_flask_app(app)
         self._install(app, self._states[app])
@@ -250,6 +257,22 @@ class TenantJobs:
         forgotten. Returns whether they were.
         """
         return self._state().registry.invalidate(older_than)
+
+    # -- fair dispatch ----------------------------------------------------------------
+
+    def backlog(self, queue: str | None = None) -> dict[str, int]:
+        """Tenant tasks waiting in ``queue`` (default: Celery's default queue), per tenant:
+        ready, held back by a limit, or not due yet. Needs ``TENANT_JOBS_FAIR_DISPATCH``."""
+        from .fair import setup as fair
+
+        return fair.backlog(self.celery, queue)
+
+    def queue_rows(self, queue: str | None = None) -> list[QueueRow]:
+        """Per tenant of ``queue``: tasks waiting, held back, scheduled and running under a
+        limit (what ``flask tenant-jobs queues`` shows)."""
+        from .fair import setup as fair
+
+        return fair.queue_rows(self.celery, queue)
 
     # -- row-level security (PostgreSQL) ----------------------------------------------
 

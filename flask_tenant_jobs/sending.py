@@ -21,12 +21,14 @@ from celery.canvas import Signature
 from celery.utils.functional import maybe_list
 from flask import Flask, current_app, has_app_context
 
-from . import context, signals
+from . import context, limits, signals
 from .errors import ConfigurationError, NoTenantError
 from .registry import validate_name
 from .state import extension_of, find_extension
 
 DEFAULT_HEADER = "tenant_for_job"
+#: The ``broker_transport`` fair dispatch selects (see flask_tenant_jobs/fair/setup.py).
+FAIR_TRANSPORT = "flask_tenant_jobs.fair.transport:FairTransport"
 #: The Flask apps ``TenantJobs`` was set up on, for Celery apps not made by it.
 _FLASK_APPS: WeakSet[Flask] = WeakSet()
 
@@ -119,6 +121,8 @@ def stamp_options(
         with app_context_of(task.app):
             tenant = extension_of(flask_app_of(task.app)).validate(tenant)
     headers[header] = tenant
+    if sent:
+        _stamp_limit(task, headers)
     stamped = {
         key: _stamped_copies(options[key], header, tenant)
         for key in ("link", "link_error", "chord")
@@ -129,6 +133,24 @@ def stamp_options(
             flask_app_of(task.app), task=sent_as or task.name, tenant=tenant
         )
     return {**options, **stamped, "headers": headers}
+
+
+def _stamp_limit(task: Task, headers: dict[str, t.Any]) -> None:
+    """Give a task with per-tenant limits the header the fair transport counts it by.
+
+    Limits are enforced by the fair-dispatch transport: sending such a task to a broker
+    without it would run it unlimited, so that is refused (eager runs ignore limits).
+    """
+    limit = limits.limit_of(task)
+    if limit is None or task.app.conf.task_always_eager:
+        return
+    if task.app.conf.broker_transport != FAIR_TRANSPORT:
+        raise ConfigurationError(
+            f"The task {task.name!r} has a per-tenant limit (tenant_concurrency or "
+            "tenant_rate_limit), which the fair-dispatch transport enforces: set "
+            "TENANT_JOBS_FAIR_DISPATCH = True (Redis broker), or remove the limit."
+        )
+    headers[limits.LIMIT_HEADER] = limit.header
 
 
 def capture_tenant(sig: Signature, header: str, tenant: str) -> None:

@@ -20,7 +20,7 @@ from celery import Celery, Task, shared_task
 from celery.canvas import Signature
 from celery.result import AsyncResult, allow_join_result
 
-from . import context
+from . import context, limits
 from .errors import ConfigurationError, NoTenantError
 from .sending import (
     app_context_of,
@@ -53,6 +53,12 @@ class TenantTask(Task):  # type: ignore[misc]
     """
 
     abstract = True
+    #: At most this many executions at once per tenant (``None``: no limit); see limits.py.
+    tenant_concurrency: int | None = None
+    #: At most this rate of starts per tenant, in Celery's syntax (``"20/s"``).
+    tenant_rate_limit: str | float | None = None
+    #: Tasks with the same key share one limit (default: the task's name).
+    tenant_limit_key: str | None = None
 
     def __call__(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
         """Refuse to run the body when the message's tenant was missing or unknown, or
@@ -133,6 +139,7 @@ def tenant_task(*args: t.Any, **options: t.Any) -> t.Any:
 
     Use as ``@tenant_task`` or ``@tenant_task(bind=True, max_retries=5, base=MyTask)``.
     """
+    limits.check_options(options)
     base = options.setdefault("base", TenantTask)
     if not (isinstance(base, type) and issubclass(base, TenantTask)):
         raise ConfigurationError(
