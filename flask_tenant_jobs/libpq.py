@@ -1,0 +1,267 @@
+"""Transaction-local settings on every transaction of an engine, trusted only as far as libpq.
+
+Row-level security (the tenant settings) and the schema strategy (``search_path``)
+both need a transaction-local setting (``set_config(..., true)``) on every
+transaction, set before its first statement. :class:`TransactionSetting` is that
+part, for psycopg 3 on PostgreSQL. A hook on the driver's execute calls of each
+engine decides from libpq's own transaction status, never from the statement's
+text, whether the open transaction carries the values wanted now:
+
+* At the start of a transaction the values ride in one round trip with the
+  ``BEGIN`` that psycopg would send anyway (libpq's pipeline mode).
+* A transaction that has carried one set of values, and run only statements that
+  cannot change them, keeps them: a savepoint rollback can only restore those
+  same values.
+* After a change of values inside the transaction (a ``switch()``), or a
+  statement that may change them itself, they are sent before each of its
+  statements, so no savepoint rollback, however it is written, and no statement
+  of the application's can leave a statement with other values.
+* On an ``AUTOCOMMIT`` connection they go in a pipeline with each statement, in
+  the same implicit transaction.
+
+What a connection carried is forgotten at check-out and check-in, where its
+transaction is not the hook's.
+"""
+
+from __future__ import annotations
+
+import abc
+import select
+import typing as t
+from contextlib import contextmanager, suppress
+from weakref import WeakKeyDictionary, WeakSet
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from .errors import ConfigurationError
+
+if t.TYPE_CHECKING:
+    import psycopg
+    from psycopg import pq
+
+#: The values of a setting, as sent: one text (or NULL) per placeholder of its query.
+Values = tuple[str | None, ...]
+
+#: What a transaction carries after its values changed: never the values wanted.
+MIXED: Values = ("\x00mixed",)
+#: libpq's transaction states (``psycopg.pq.TransactionStatus``).
+IDLE, INTRANS = 0, 2
+
+
+def check_psycopg(engine: Engine, feature: str) -> None:
+    """Refuse a driver other than psycopg 3, or a libpq without pipeline mode."""
+    url = engine.url.render_as_string(hide_password=True)
+    if engine.dialect.driver != "psycopg":
+        raise ConfigurationError(
+            f"{feature} needs the psycopg 3 driver, but {url!r} uses "
+            f"{engine.dialect.driver!r}: use a 'postgresql+psycopg://' URL."
+        )
+    import psycopg
+
+    if not psycopg.Pipeline.is_supported():
+        raise ConfigurationError(
+            f"{feature} needs libpq 14 or later (pipeline mode): install "
+            "'psycopg[binary]', which brings its own."
+        )
+
+
+class TransactionSetting(abc.ABC):
+    """Values set by one query, carried by every transaction of the hooked engines."""
+
+    #: The query setting the values, with one ``{}`` per value (``%s`` or ``$1``...).
+    query: t.ClassVar[str]
+    #: What a transaction carries before anything is sent, if that is known.
+    unset: t.ClassVar[Values | None] = None
+
+    def __init__(self) -> None:
+        self._dbapi_query = self.query.format(*("%s" for _ in range(self.query.count("{}"))))
+        self._libpq_query = self.query.format(
+            *(f"${i}" for i in range(1, self.query.count("{}") + 1))
+        ).encode()
+        self._hooked: WeakSet[Engine] = WeakSet()
+        #: Per DBAPI connection, what its open transaction carries.
+        self._carried: WeakKeyDictionary[t.Any, Values] = WeakKeyDictionary()
+
+    @abc.abstractmethod
+    def wanted(self) -> Values:
+        """The values for the statement about to run."""
+
+    def keeps_values(self, context: t.Any) -> bool:
+        """Whether the statement of ``context`` leaves the values as they are."""
+        return True
+
+    def refused(self, error: Exception, values: Values) -> Exception:
+        """The exception to raise when the query setting ``values`` failed with ``error``."""
+        return error
+
+    def install(self, engine: Engine) -> None:
+        """Hook the driver's execute calls of ``engine``, and its pool's check-out and check-in."""
+        if engine in self._hooked:
+            return
+        dialect = engine.dialect
+        event.listen(engine, "do_execute", self._carrying(dialect.do_execute))
+        event.listen(engine, "do_execute_no_params", self._carrying(dialect.do_execute_no_params))
+        event.listen(engine, "do_executemany", self._carrying(dialect.do_executemany))
+        # first of all checkout listeners: one of the user's may run SQL on the raw connection
+        event.listen(engine.pool, "checkout", self._forget, insert=True)
+        event.listen(engine.pool, "checkin", self._forget)
+        self._hooked.add(engine)
+
+    def _carrying(self, execute: t.Callable[..., None]) -> t.Callable[..., bool]:
+        """A ``do_execute*`` listener: the current values first, then the dialect's ``execute``
+        as usual, or itself behind them in a pipeline (``True``: it has run the statement)."""
+
+        def listener(cursor: t.Any, *args: t.Any) -> bool:
+            values = self._prepare(cursor, args[-1])
+            if values is None:
+                return False
+            with self._pipeline_behind(cursor.connection, values):
+                execute(cursor, *args)
+            return True
+
+        return listener
+
+    def _prepare(self, cursor: t.Any, context: t.Any) -> Values | None:
+        """Make the open transaction carry the current values before the cursor's statement.
+
+        Returns the values when the statement itself must run in a pipeline behind
+        them (an ``AUTOCOMMIT`` connection, where each statement is its own
+        transaction).
+        """
+        dbapi: psycopg.Connection[t.Any] = cursor.connection
+        wanted = self.wanted()
+        status = dbapi.pgconn.transaction_status
+        if status == INTRANS:
+            if self._carried.get(dbapi) != wanted:
+                self._carried[dbapi] = MIXED
+                self._send(dbapi, wanted)
+            if not self.keeps_values(context):
+                self._carried[dbapi] = MIXED
+            return None
+        if status != IDLE:  # a failed transaction: the statement fails (or rolls back) anyway
+            return None
+        if dbapi.autocommit:
+            return None if wanted == self.unset else wanted
+        self._carried.pop(dbapi, None)
+        self._begin_with(dbapi, wanted)
+        self._carried[dbapi] = wanted if self.keeps_values(context) else MIXED
+        return None
+
+    def _forget(self, dbapi_connection: t.Any, *args: t.Any) -> None:
+        if dbapi_connection is not None:
+            self._carried.pop(dbapi_connection, None)
+
+    def _send(self, dbapi: psycopg.Connection[t.Any], values: Values) -> None:
+        """Set ``values`` in the open transaction, in a round trip of their own."""
+        import psycopg
+
+        try:
+            with dbapi.cursor() as own:
+                own.execute(self._dbapi_query, values)
+        except psycopg.Error as error:
+            raise self.refused(error, values) from None
+
+    @contextmanager
+    def _pipeline_behind(
+        self, dbapi: psycopg.Connection[t.Any], values: Values
+    ) -> t.Iterator[None]:
+        """Run the block's statement in a psycopg pipeline behind ``values``, so that both are
+        in one implicit transaction; if setting them fails, the statement does not run."""
+        import psycopg
+
+        own = dbapi.cursor()
+        try:
+            with dbapi.pipeline():
+                own.execute(self._dbapi_query, values)
+                yield
+        except psycopg.Error as error:
+            if own.pgresult is not None:  # the values were set: the statement failed
+                raise
+            raise self.refused(error, values) from None
+        finally:
+            own.close()
+
+    def _begin_with(self, dbapi: psycopg.Connection[t.Any], values: Values) -> None:
+        """Start the transaction with ``values`` set, in one round trip.
+
+        ``BEGIN`` (with the connection's isolation level and access mode) and the
+        query go out together in libpq's pipeline mode; psycopg then sees a
+        transaction in progress and sends no ``BEGIN`` of its own.
+        """
+        pgconn = dbapi.pgconn
+        pgconn.enter_pipeline_mode()
+        try:
+            pgconn.send_query_params(begin_command(dbapi), None)
+            pgconn.send_query_params(
+                self._libpq_query, [None if v is None else v.encode() for v in values]
+            )
+            pgconn.pipeline_sync()
+            failure = _results_until_sync(pgconn)
+        except BaseException:
+            with suppress(Exception):  # the connection is likely broken: report the first error
+                pgconn.exit_pipeline_mode()
+            raise
+        pgconn.exit_pipeline_mode()
+        if failure is not None:
+            raise self.refused(_error_of(failure), values)
+
+
+def begin_command(dbapi: psycopg.Connection[t.Any]) -> bytes:
+    """The ``BEGIN`` psycopg would send for this connection's transaction settings."""
+    from psycopg import IsolationLevel
+
+    parts = ["BEGIN"]
+    if dbapi.isolation_level is not None:
+        level = IsolationLevel(dbapi.isolation_level).name.replace("_", " ")
+        parts.append(f"ISOLATION LEVEL {level}")
+    if dbapi.read_only is not None:
+        parts.append("READ ONLY" if dbapi.read_only else "READ WRITE")
+    if dbapi.deferrable is not None:
+        parts.append("DEFERRABLE" if dbapi.deferrable else "NOT DEFERRABLE")
+    return " ".join(parts).encode()
+
+
+def _results_until_sync(pgconn: pq.abc.PGconn) -> pq.abc.PGresult | None:
+    """Send what is queued and read every result up to the pipeline's sync point.
+
+    Waits with ``select.poll``, which gevent's monkey-patching makes cooperative.
+    Returns the first failed result, if any.
+    """
+    from psycopg.pq import ExecStatus
+
+    while pgconn.flush():
+        _wait(pgconn.socket, select.POLLIN | select.POLLOUT)
+        pgconn.consume_input()
+    failure = None
+    while True:
+        if pgconn.is_busy():
+            _wait(pgconn.socket, select.POLLIN)
+            pgconn.consume_input()
+            continue
+        result = pgconn.get_result()
+        if result is None:  # the end of one statement's results
+            continue
+        if result.status == ExecStatus.PIPELINE_SYNC:
+            return failure
+        if result.status == ExecStatus.FATAL_ERROR and failure is None:
+            failure = result
+
+
+def _wait(fd: int, events: int) -> None:
+    poller = select.poll()
+    poller.register(fd, events)
+    poller.poll()
+
+
+def _error_of(result: pq.abc.PGresult) -> Exception:
+    """The psycopg exception for a failed result (SQLAlchemy wraps it as usual)."""
+    import psycopg
+    from psycopg.pq import DiagnosticField
+
+    message = (result.error_message or b"").decode(errors="replace").strip()
+    sqlstate = (result.error_field(DiagnosticField.SQLSTATE) or b"").decode()
+    try:
+        return psycopg.errors.lookup(sqlstate)(message)
+    except KeyError:
+        return psycopg.DatabaseError(message)
