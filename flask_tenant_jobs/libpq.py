@@ -95,6 +95,10 @@ class TransactionSetting(abc.ABC):
         """The exception to raise when the query setting ``values`` failed with ``error``."""
         return error
 
+    def for_autocommit(self, dbapi: psycopg.Connection[t.Any], wanted: Values) -> Values | None:
+        """Before an ``AUTOCOMMIT`` statement: the values to send in a pipeline with it, if any."""
+        return None if wanted == self.unset else wanted
+
     def install(self, engine: Engine) -> None:
         """Hook the driver's execute calls of ``engine``, and its pool's check-out and check-in."""
         if engine in self._hooked:
@@ -142,7 +146,7 @@ class TransactionSetting(abc.ABC):
         if status != IDLE:  # a failed transaction: the statement fails (or rolls back) anyway
             return None
         if dbapi.autocommit:
-            return None if wanted == self.unset else wanted
+            return self.for_autocommit(dbapi, wanted)
         self._carried.pop(dbapi, None)
         self._begin_with(dbapi, wanted)
         self._carried[dbapi] = wanted if self.keeps_values(context) else MIXED
@@ -152,13 +156,13 @@ class TransactionSetting(abc.ABC):
         if dbapi_connection is not None:
             self._carried.pop(dbapi_connection, None)
 
-    def _send(self, dbapi: psycopg.Connection[t.Any], values: Values) -> None:
-        """Set ``values`` in the open transaction, in a round trip of their own."""
+    def _send(self, dbapi: psycopg.Connection[t.Any], values: Values, query: str = "") -> None:
+        """Set ``values`` in a round trip of their own (with ``query``, or the setting's)."""
         import psycopg
 
         try:
             with dbapi.cursor() as own:
-                own.execute(self._dbapi_query, values)
+                own.execute(query or self._dbapi_query, values)
         except psycopg.Error as error:
             raise self.refused(error, values) from None
 

@@ -183,7 +183,7 @@ def test_sql_that_moves_the_path_lasts_one_statement(
         assert orm_names() == ["acme-1"]
         db.session.commit()
     if change == "SET search_path":  # a session setting of the application's own: it stays
-        assert test_schema.raw_search_path() == f'"{SHARED}"'
+        assert test_schema.raw_search_path() == SHARED
         with db.engine.connect() as connection:
             connection.exec_driver_sql("RESET search_path")
             connection.commit()
