@@ -19,6 +19,7 @@ from flask import Flask
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
+from flask_tenant_jobs.errors import SchemaNotFoundError
 from tests import test_schema
 from tests.schema_app import Item, db
 from tests.schema_app import tenant_jobs as jobs
@@ -217,3 +218,267 @@ def test_discard_all_on_an_autocommit_connection(
         with jobs.switch("globex"):
             assert names(connection) == ["globex-1"]
     assert_clean(default_path)
+
+
+def test_an_autocommit_write_to_a_schema_dropped_behind_the_cache_never_lands_elsewhere(
+    app: Flask, admin: Engine, shared_copy: None
+) -> None:
+    jobs.validate("acme-eu")  # cached as existing
+    with admin.begin() as connection:
+        connection.execute(sa.schema.DropSchema(schema_of("acme-eu"), cascade=True))
+    options = {"isolation_level": "AUTOCOMMIT"}
+    autocommit = db.engine.connect().execution_options(**options)
+    with jobs.switch("acme-eu"), autocommit, pytest.raises(SchemaNotFoundError):
+        autocommit.exec_driver_sql("INSERT INTO items (id, name) VALUES (2, 'lost')")
+    with admin.connect() as connection:
+        rows = connection.scalars(sa.text(f'SELECT name FROM "{SHARED}".items ORDER BY id'))
+        assert list(rows) == ["shared-1"]
+    with pytest.raises(SchemaNotFoundError), jobs.switch("acme-eu"):
+        pass
+
+
+# -- 3. what begins, ends or hands over transactions and connections ----------------------
+
+
+def test_the_path_rides_on_begin_once_per_one_tenant_transaction(
+    app: Flask, seeded: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cheap: one path per transaction, in BEGIN's round trip; a switch inside costs more."""
+    setting = jobs._state().strategy._search_path  # type: ignore[attr-defined]
+    sent: list[str] = []
+    for name in ("_begin_with", "_send"):
+        original = getattr(setting, name)
+
+        def spy(*args: t.Any, _original: t.Any = original, _name: str = name) -> None:
+            sent.append(_name)
+            _original(*args)
+
+        monkeypatch.setattr(setting, name, spy)
+    with jobs.switch("acme"):
+        for _ in range(3):
+            assert orm_names() == ["acme-1"]
+        assert db.session.get(Item, 1) is not None
+        db.session.commit()
+    assert sent == ["_begin_with"]
+    with jobs.switch("acme"):
+        assert orm_names() == ["acme-1"]
+        with jobs.switch("globex"):
+            assert orm_names() == ["globex-1"]
+        assert orm_names() == ["acme-1"]
+        assert orm_names() == ["acme-1"]
+        db.session.commit()
+    assert sent == ["_begin_with", "_begin_with", "_send", "_send", "_send"]
+
+
+def test_streamed_results_across_a_switch(app: Flask, seeded: None) -> None:
+    """A server-side cursor keeps the rows of the tenant it was opened in."""
+    with db.engine.connect() as connection:
+        streamed = connection.execution_options(stream_results=True, max_row_buffer=1)
+        with jobs.switch("acme"):
+            acme = streamed.execute(sa.select(Item.name))
+        with jobs.switch("globex"):
+            globex = streamed.execute(sa.select(Item.name))
+            assert names(connection) == ["globex-1"]
+        with jobs.switch("acme"):
+            assert names(connection) == ["acme-1"]
+        assert acme.scalars().all() == ["acme-1"]
+        assert globex.scalars().all() == ["globex-1"]
+        connection.rollback()
+
+
+def test_yield_per_across_a_switch(app: Flask, seeded: None) -> None:
+    for name in CREATED:
+        with jobs.switch(name):
+            db.session.add(Item(id=2, name=f"{name}-2"))
+            db.session.commit()
+    with jobs.switch("acme"):
+        rows = db.session.scalars(
+            sa.select(Item.name).order_by(Item.id).execution_options(yield_per=1)
+        )
+        first = next(rows)
+        with jobs.switch("globex"):
+            assert orm_names() == ["globex-1", "globex-2"]
+        assert [first, *rows] == ["acme-1", "acme-2"]
+        db.session.rollback()
+
+
+def test_a_two_phase_transaction(app: Flask, seeded: None, default_path: str) -> None:
+    with db.engine.connect() as connection:
+        with jobs.switch("acme"):
+            twophase = connection.begin_twophase()
+            assert names(connection) == ["acme-1"]
+            with jobs.switch("globex"):
+                assert names(connection) == ["globex-1"]
+            assert names(connection) == ["acme-1"]
+            if connection.scalar(sa.text("SHOW max_prepared_transactions")) != "0":
+                twophase.prepare()
+            twophase.rollback()  # this server may allow no prepared transaction at all
+        with jobs.switch("globex"):
+            assert names(connection) == ["globex-1"]
+        connection.rollback()
+    assert_clean(default_path)
+
+
+def test_a_session_of_the_applications_own(app: Flask, seeded: None, default_path: str) -> None:
+    """``Session(db.engine)``: not Flask-SQLAlchemy's session, the same engine hooks."""
+    with Session(db.engine) as session:
+        for name in CREATED:
+            with jobs.switch(name):
+                assert session.scalars(sa.select(Item.name)).all() == [f"{name}-1"]
+        with jobs.switch("acme"):
+            savepoint = session.begin_nested()
+            with jobs.switch("globex"):
+                assert session.scalars(sa.select(Item.name)).all() == ["globex-1"]
+                savepoint.rollback()
+                assert session.scalars(sa.select(Item.name)).all() == ["globex-1"]
+            assert session.scalars(sa.select(Item.name)).all() == ["acme-1"]
+        session.commit()
+    assert_clean(default_path)
+
+
+def test_commits_and_rollbacks_midway_on_one_connection(
+    app: Flask, seeded: None, default_path: str
+) -> None:
+    with db.engine.connect() as connection:
+        with jobs.switch("acme"):
+            assert names(connection) == ["acme-1"]
+            connection.commit()
+            assert names(connection) == ["acme-1"]
+            with jobs.switch("globex"):
+                assert names(connection) == ["globex-1"]
+                connection.commit()
+                assert names(connection) == ["globex-1"]
+                connection.exec_driver_sql("/* c */ COMMIT")
+                assert names(connection) == ["globex-1"]
+            connection.rollback()
+            assert names(connection) == ["acme-1"]
+            connection.exec_driver_sql("-- c\nROLLBACK")
+            assert names(connection) == ["acme-1"]
+        connection.commit()
+    assert_clean(default_path)
+
+
+@pytest.fixture
+def app_with(postgres_url: str, admin: Engine) -> t.Iterator[t.Callable[..., Flask]]:
+    """Make an app with other engine options, its tenants' schemas and item 1 in each."""
+    made: list[Flask] = []
+
+    def make(**engine_options: t.Any) -> Flask:
+        reset_schemas(admin, keep_shared=True)
+        other = make_app(postgres_url, SQLALCHEMY_ENGINE_OPTIONS=engine_options)
+        made.append(other)
+        with other.app_context():
+            for name in CREATED:
+                jobs.create(name)
+                with jobs.switch(name):
+                    db.session.add(Item(id=1, name=f"{name}-1"))
+                    db.session.commit()
+        return other
+
+    yield make
+    for other in made:
+        with other.app_context():
+            db.session.remove()
+            db.engine.dispose()
+    reset_schemas(admin, keep_shared=False)
+
+
+def test_prepared_statements_follow_the_path(app_with: t.Callable[..., Flask]) -> None:
+    """psycopg prepares every statement (``prepare_threshold=0``); plans follow the path."""
+    other = app_with(connect_args={"prepare_threshold": 0})
+    with other.app_context():
+        for _ in range(3):
+            for name in CREATED:
+                with jobs.switch(name):
+                    assert orm_names() == [f"{name}-1"]
+                    db.session.commit()
+        with jobs.switch("acme"):
+            for _ in range(3):
+                for name in CREATED:
+                    with jobs.switch(name):
+                        assert orm_names() == [f"{name}-1"]
+            db.session.rollback()
+
+
+def test_pre_ping_and_a_killed_connection(
+    app_with: t.Callable[..., Flask], admin: Engine
+) -> None:
+    other = app_with(pool_pre_ping=True)
+    with other.app_context():
+        for name in [*CREATED, *CREATED]:
+            with jobs.switch(name):
+                assert orm_names() == [f"{name}-1"]
+                pid = db.session.scalar(sa.text("SELECT pg_backend_pid()"))
+                db.session.commit()
+        with admin.connect() as connection:  # the pooled connection dies while checked in
+            connection.scalar(sa.text(f"SELECT pg_terminate_backend({pid})"))
+        for name in CREATED:
+            with jobs.switch(name):
+                assert orm_names() == [f"{name}-1"]
+                db.session.commit()
+
+
+def test_a_connection_invalidated_mid_transaction(
+    app: Flask, seeded: None, admin: Engine, default_path: str
+) -> None:
+    with jobs.switch("acme"):
+        assert orm_names() == ["acme-1"]
+        db.session.connection().invalidate()
+        db.session.rollback()
+        with jobs.switch("globex"):
+            assert orm_names() == ["globex-1"]
+        assert orm_names() == ["acme-1"]
+        pid = db.session.scalar(sa.text("SELECT pg_backend_pid()"))
+        with jobs.switch("globex"):
+            assert orm_names() == ["globex-1"]
+            with admin.connect() as connection:  # killed mid-transaction
+                connection.scalar(sa.text(f"SELECT pg_terminate_backend({pid})"))
+            with pytest.raises(sa.exc.DBAPIError):
+                orm_names()
+            db.session.rollback()
+            assert orm_names() == ["globex-1"]
+        assert orm_names() == ["acme-1"]
+        db.session.commit()
+    assert_clean(default_path)
+
+
+def test_a_detached_connection(app: Flask, seeded: None, default_path: str) -> None:
+    with jobs.switch("acme"):
+        connection = db.session.connection()
+        connection.detach()  # leaves the pool: closed, never checked in
+        assert orm_names() == ["acme-1"]
+        with jobs.switch("globex"):
+            assert orm_names() == ["globex-1"]
+        db.session.commit()
+        autocommit = db.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        with autocommit:
+            autocommit.detach()
+            assert names(autocommit) == ["acme-1"]
+    with jobs.switch("globex"):
+        assert orm_names() == ["globex-1"]
+        db.session.commit()
+    assert_clean(default_path)
+
+
+def test_a_transaction_opened_at_checkout_still_gets_the_path(
+    app: Flask, seeded: None
+) -> None:
+    """A pool ``checkout`` listener that runs SQL opens the transaction before the first
+    statement: it carries no path of the strategy's, so the path goes before each statement."""
+
+    def look_at_the_connection(dbapi_connection: t.Any, *args: t.Any) -> None:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+
+    sa.event.listen(db.engine.pool, "checkout", look_at_the_connection)
+    try:
+        for name in [*CREATED, *CREATED]:
+            with jobs.switch(name), db.engine.begin() as connection:
+                assert names(connection) == [f"{name}-1"]
+                connection.exec_driver_sql("SAVEPOINT sp")
+                with jobs.switch("acme"):
+                    assert names(connection) == ["acme-1"]
+                    connection.exec_driver_sql("/**/ROLLBACK TO sp")
+                assert names(connection) == [f"{name}-1"]
+    finally:
+        sa.event.remove(db.engine.pool, "checkout", look_at_the_connection)
