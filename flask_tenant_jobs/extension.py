@@ -77,10 +77,10 @@ class TenantJobs:
         app.extensions["tenant_jobs"] = self
         register_flask_app(app)
         state.strategy.install(app, db)
+        if settings.rls:  # before the integrations' driver hooks (see libpq.TransactionSetting)
+            rls.install(app, db)
         install_integrations(app, settings, db)
         _warn_about_storage(app, state.strategy)
-        if settings.rls:
-            rls.install(app, db)
         is_excluded = excluded_path_matcher(settings)
 
         def resolve_request_tenant() -> None:

@@ -87,6 +87,10 @@ class TransactionSetting(abc.ABC):
     def wanted(self) -> Values:
         """The values for the statement about to run."""
 
+    def before_statement(self, context: t.Any) -> None:
+        """Look at the statement of ``context`` before anything is sent (raise to refuse it)."""
+        return None
+
     def keeps_values(self, context: t.Any) -> bool:
         """Whether the statement of ``context`` leaves the values as they are."""
         return True
@@ -100,10 +104,16 @@ class TransactionSetting(abc.ABC):
         return None if wanted == self.unset else wanted
 
     def install(self, engine: Engine) -> None:
-        """Hook the driver's execute calls of ``engine``, and its pool's check-out and check-in."""
+        """Hook the driver's execute calls of ``engine``, and its pool's check-out and check-in.
+
+        Install it before anything else hooks them (``TENANT_JOBS_SQL_COMMENT`` runs the
+        statement itself, and the first listener that does keeps the rest from running).
+        """
         if engine in self._hooked:
             return
         dialect = engine.dialect
+        # before any listener that runs the statement itself (the SQL comments): the first
+        # that does keeps the ones after it from running at all
         event.listen(engine, "do_execute", self._carrying(dialect.do_execute))
         event.listen(engine, "do_execute_no_params", self._carrying(dialect.do_execute_no_params))
         event.listen(engine, "do_executemany", self._carrying(dialect.do_executemany))
@@ -117,6 +127,7 @@ class TransactionSetting(abc.ABC):
         as usual, or itself behind them in a pipeline (``True``: it has run the statement)."""
 
         def listener(cursor: t.Any, *args: t.Any) -> bool:
+            self.before_statement(args[-1])
             values = self._prepare(cursor, args[-1])
             if values is None:
                 return False

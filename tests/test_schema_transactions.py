@@ -360,12 +360,12 @@ def test_commits_and_rollbacks_midway_on_one_connection(
 
 @pytest.fixture
 def app_with(postgres_url: str, admin: Engine) -> t.Iterator[t.Callable[..., Flask]]:
-    """Make an app with other engine options, its tenants' schemas and item 1 in each."""
+    """Make an app with other settings, its tenants' schemas and item 1 in each."""
     made: list[Flask] = []
 
-    def make(**engine_options: t.Any) -> Flask:
+    def make(**config: t.Any) -> Flask:
         reset_schemas(admin, keep_shared=True)
-        other = make_app(postgres_url, SQLALCHEMY_ENGINE_OPTIONS=engine_options)
+        other = make_app(postgres_url, **config)
         made.append(other)
         with other.app_context():
             for name in CREATED:
@@ -385,7 +385,7 @@ def app_with(postgres_url: str, admin: Engine) -> t.Iterator[t.Callable[..., Fla
 
 def test_prepared_statements_follow_the_path(app_with: t.Callable[..., Flask]) -> None:
     """psycopg prepares every statement (``prepare_threshold=0``); plans follow the path."""
-    other = app_with(connect_args={"prepare_threshold": 0})
+    other = app_with(SQLALCHEMY_ENGINE_OPTIONS={"connect_args": {"prepare_threshold": 0}})
     with other.app_context():
         for _ in range(3):
             for name in CREATED:
@@ -400,10 +400,31 @@ def test_prepared_statements_follow_the_path(app_with: t.Callable[..., Flask]) -
             db.session.rollback()
 
 
+def test_sql_comments_and_the_path(app_with: t.Callable[..., Flask]) -> None:
+    """``TENANT_JOBS_SQL_COMMENT`` runs each statement itself from a driver-execute hook:
+    the path still goes first, also in a switched transaction and on AUTOCOMMIT."""
+    other = app_with(TENANT_JOBS_SQL_COMMENT=True)
+    activity = sa.text("SELECT query FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+    with other.app_context(), db.engine.connect() as connection:
+        for name in CREATED:
+            with jobs.switch(name):
+                # pg_stat_activity is read once per transaction
+                assert connection.scalar(activity).endswith(f"/*tenant='{name}'*/")
+                connection.rollback()
+        for name in [*CREATED, *CREATED]:  # one transaction, switched
+            with jobs.switch(name):
+                assert names(connection) == [f"{name}-1"]
+        connection.rollback()
+        autocommit = connection.execution_options(isolation_level="AUTOCOMMIT")
+        for name in CREATED:
+            with jobs.switch(name):
+                assert names(autocommit) == [f"{name}-1"]
+
+
 def test_pre_ping_and_a_killed_connection(
     app_with: t.Callable[..., Flask], admin: Engine
 ) -> None:
-    other = app_with(pool_pre_ping=True)
+    other = app_with(SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": True})
     with other.app_context():
         for name in [*CREATED, *CREATED]:
             with jobs.switch(name):

@@ -116,8 +116,6 @@ class SchemaStrategy:
                     raise _not_postgres(engine)
                 libpq.check_psycopg(engine, "'TENANT_JOBS_STRATEGY' = 'schema'")
                 self._search_path.install(engine)
-                if not event.contains(engine, "before_cursor_execute", self._check_no_tenant):
-                    event.listen(engine, "before_cursor_execute", self._check_no_tenant)
         if not event.contains(db.session, "do_orm_execute", _guard_orm_execute):
             event.listen(db.session, "do_orm_execute", _guard_orm_execute)
             event.listen(db.session, "before_flush", _guard_flush)
@@ -310,15 +308,7 @@ class SchemaStrategy:
         found = self._paths[tenant] = (self.search_path(tenant), schema)
         return found
 
-    def _check_no_tenant(
-        self,
-        connection: Connection,
-        cursor: t.Any,
-        statement: str,
-        parameters: t.Any,
-        execution_context: t.Any,
-        executemany: bool,
-    ) -> None:
+    def _check_no_tenant(self, execution_context: t.Any) -> None:
         """With no tenant (and no ``without_tenant()``), refuse statements on tenant tables."""
         if context.get_tenant() is None and self.require_tenant and not context.is_unscoped():
             self._refuse_tenant_tables(execution_context)
@@ -397,6 +387,10 @@ class _SearchPath(libpq.TransactionSetting):
                 dbapi_connection.commit()
         except Exception as error:
             record.invalidate(error)
+
+    def before_statement(self, context: t.Any) -> None:
+        """Refuse a statement on tenant tables with no tenant current."""
+        self.strategy._check_no_tenant(context)
 
     def wanted(self) -> libpq.Values:
         """The path of the current tenant (the shared schema alone for none)."""
