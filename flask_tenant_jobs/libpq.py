@@ -14,8 +14,10 @@ text, whether the open transaction carries the values wanted now:
   same values.
 * After a change of values inside the transaction (a ``switch()``), or a
   statement that may change them itself, they are sent before each of its
-  statements, so no savepoint rollback, however it is written, and no statement
-  of the application's can leave a statement with other values.
+  statements, in a pipeline with it when SQLAlchemy built it (one round trip;
+  SQL text and server-side cursors get a round trip of their own), so no savepoint
+  rollback, however it is written, and no statement of the application's can
+  leave a statement with other values.
 * On an ``AUTOCOMMIT`` connection they go in a pipeline with each statement, in
   the same implicit transaction.
 
@@ -33,6 +35,7 @@ from weakref import WeakKeyDictionary, WeakSet
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.sql.elements import TextClause
 
 from .errors import ConfigurationError
 
@@ -141,18 +144,22 @@ class TransactionSetting(abc.ABC):
         """Make the open transaction carry the current values before the cursor's statement.
 
         Returns the values when the statement itself must run in a pipeline behind
-        them (an ``AUTOCOMMIT`` connection, where each statement is its own
-        transaction).
+        them: in a transaction that does not carry them (one round trip for both),
+        and on an ``AUTOCOMMIT`` connection, where each statement is its own
+        transaction.
         """
         dbapi: psycopg.Connection[t.Any] = cursor.connection
         wanted = self.wanted()
         status = dbapi.pgconn.transaction_status
         if status == INTRANS:
-            if self._carried.get(dbapi) != wanted:
+            trusted = self._carried.get(dbapi) == wanted
+            if not (trusted and self.keeps_values(context)):
                 self._carried[dbapi] = MIXED
-                self._send(dbapi, wanted)
-            if not self.keeps_values(context):
-                self._carried[dbapi] = MIXED
+            if trusted:
+                return None
+            if _pipelinable(cursor, context):
+                return wanted
+            self._send(dbapi, wanted)
             return None
         if status != IDLE:  # a failed transaction: the statement fails (or rolls back) anyway
             return None
@@ -220,6 +227,19 @@ class TransactionSetting(abc.ABC):
         pgconn.exit_pipeline_mode()
         if failure is not None:
             raise self.refused(_error_of(failure), values)
+
+
+def _pipelinable(cursor: t.Any, context: t.Any) -> bool:
+    """Whether the statement can run in a pipeline: one SQLAlchemy built (SQL text may hold
+    several statements, which a pipeline refuses), not on a server-side cursor."""
+    import psycopg
+
+    compiled = getattr(context, "compiled", None)
+    return (
+        compiled is not None
+        and not isinstance(compiled.statement, TextClause)
+        and not isinstance(cursor, psycopg.ServerCursor)
+    )
 
 
 def begin_command(dbapi: psycopg.Connection[t.Any]) -> bytes:

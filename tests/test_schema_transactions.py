@@ -243,15 +243,16 @@ def test_an_autocommit_write_to_a_schema_dropped_behind_the_cache_never_lands_el
 def test_the_path_rides_on_begin_once_per_one_tenant_transaction(
     app: Flask, seeded: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Cheap: one path per transaction, in BEGIN's round trip; a switch inside costs more."""
+    """Cheap: one path per transaction, in BEGIN's round trip; after a switch inside it,
+    in one round trip with each statement SQLAlchemy built, or one of its own before SQL text."""
     setting = jobs._state().strategy._search_path  # type: ignore[attr-defined]
     sent: list[str] = []
-    for name in ("_begin_with", "_send"):
+    for name in ("_begin_with", "_send", "_pipeline_behind"):
         original = getattr(setting, name)
 
-        def spy(*args: t.Any, _original: t.Any = original, _name: str = name) -> None:
+        def spy(*args: t.Any, _original: t.Any = original, _name: str = name) -> t.Any:
             sent.append(_name)
-            _original(*args)
+            return _original(*args)
 
         monkeypatch.setattr(setting, name, spy)
     with jobs.switch("acme"):
@@ -265,9 +266,11 @@ def test_the_path_rides_on_begin_once_per_one_tenant_transaction(
         with jobs.switch("globex"):
             assert orm_names() == ["globex-1"]
         assert orm_names() == ["acme-1"]
-        assert orm_names() == ["acme-1"]
+        assert names(db.session.connection()) == ["acme-1"]
         db.session.commit()
-    assert sent == ["_begin_with", "_begin_with", "_send", "_send", "_send"]
+    assert sent == [
+        "_begin_with", "_begin_with", "_pipeline_behind", "_pipeline_behind", "_send"
+    ]
 
 
 def test_streamed_results_across_a_switch(app: Flask, seeded: None) -> None:
@@ -503,3 +506,46 @@ def test_a_transaction_opened_at_checkout_still_gets_the_path(
                 assert names(connection) == [f"{name}-1"]
     finally:
         sa.event.remove(db.engine.pool, "checkout", look_at_the_connection)
+
+
+@pytest.mark.parametrize("built", [True, False], ids=["ORM", "text()"])
+def test_a_schema_dropped_behind_the_cache_inside_a_switched_transaction(
+    app: Flask, admin: Engine, shared_copy: None, default_path: str, built: bool
+) -> None:
+    """The path then goes in a pipeline with the statement (or before SQL text): a missing
+    schema stops the statement."""
+    jobs.validate("acme-eu")  # cached as existing
+    with admin.begin() as connection:
+        connection.execute(sa.schema.DropSchema(schema_of("acme-eu"), cascade=True))
+    with jobs.switch("acme"):
+        assert orm_names() == ["acme-1"]
+        with jobs.switch("acme-eu"), pytest.raises(SchemaNotFoundError):
+            orm_names() if built else names(db.session.connection())
+        db.session.rollback()
+    assert_clean_but(default_path, "acme-eu")
+    with pytest.raises(SchemaNotFoundError), jobs.switch("acme-eu"):
+        pass
+
+
+def test_a_failing_statement_in_a_switched_transaction_is_its_own_error(
+    app: Flask, seeded: None, default_path: str
+) -> None:
+    with jobs.switch("acme"):
+        assert orm_names() == ["acme-1"]
+        with jobs.switch("globex"), pytest.raises(sa.exc.DataError):
+            db.session.execute(sa.select(sa.literal(1) / sa.literal(0)))
+        db.session.rollback()
+        with jobs.switch("globex"):
+            assert orm_names() == ["globex-1"]
+        db.session.rollback()
+    assert_clean(default_path)
+
+
+def assert_clean_but(default_path: str, gone: str) -> None:
+    """``assert_clean`` for the tenants whose schema still exists."""
+    assert test_schema.raw_search_path() == default_path
+    for name in CREATED:
+        if name != gone:
+            with jobs.switch(name):
+                assert orm_names() == [f"{name}-1"]
+                db.session.commit()
