@@ -11,7 +11,9 @@
   session's removal, vs the same reads through a plain Flask-SQLAlchemy app whose
   transaction starts with a hand-written ``SET LOCAL search_path``; and one read
   in a transaction that has switched tenants (the path then goes before each of
-  its statements) vs one in a one-tenant transaction.
+  its statements) vs one in a one-tenant transaction. The round trips of each
+  (libpq's ReadyForQuery messages, from its protocol trace) are printed too:
+  they do not depend on the machine's load.
 * Create: ``tenant_jobs.create()`` of ``BENCH_SCHEMAS`` tenant schemas (default
   1,000), each with the app's 3 tables, vs ``CREATE SCHEMA`` + ``create_all``
   by hand on a plain engine (a sample of at most 100).
@@ -209,6 +211,21 @@ def _request_rows(app: Flask, number: int) -> list[Row]:
             yield
             db.session.remove()
 
+    with plain.app_context():
+        hand_trips = _round_trips(plain_db, by_hand)
+    with in_s03():
+        scoped_trips = _round_trips(db, scoped)
+
+        def switching() -> None:
+            _reads(db.session, BenchItem)
+            with tenant_jobs.switch("s04"):
+                _reads(db.session, BenchItem)
+            db.session.remove()
+
+        switched_trips = _round_trips(db, switching)
+    print(f"schema: round trips per request-sized transaction: by hand {hand_trips}, "
+          f"schema strategy {scoped_trips}; the same reads twice, switching tenant between "
+          f"them: {switched_trips}", file=sys.stderr)
     rows = [
         compare("schema: request-sized transaction (3 SELECTs) vs SET LOCAL search_path by hand",
                 by_hand, scoped, number=number, seconds=6.0, baseline_context=plain.app_context,
@@ -220,6 +237,21 @@ def _request_rows(app: Flask, number: int) -> list[Row]:
     with plain.app_context():
         plain_db.engine.dispose()
     return rows
+
+
+def _round_trips(database: SQLAlchemy, work: t.Callable[[], None]) -> int:
+    """How many round trips ``work`` makes on the session's connection (libpq's trace)."""
+    dbapi = database.session.connection().connection.dbapi_connection
+    database.session.remove()
+    work()  # warm
+    with tempfile.TemporaryFile("w+") as trace:
+        dbapi.pgconn.trace(trace.fileno())  # type: ignore[union-attr]
+        try:
+            work()
+        finally:
+            dbapi.pgconn.untrace()  # type: ignore[union-attr]
+        trace.seek(0)
+        return sum(1 for line in trace if "\tB\t" in line and "ReadyForQuery" in line)
 
 
 def _lifecycle_rows(app: Flask, plain: Engine) -> list[Row]:

@@ -12,7 +12,9 @@ and no ``SET`` or ``RESET`` of the application's leaves a statement with
 another path. The statement that sets it also checks that the tenant's schema
 still exists (``::regnamespace``), so a schema dropped behind this process's
 back raises ``SchemaNotFoundError`` instead of letting the shared schema answer.
-On an AUTOCOMMIT connection the path goes in a pipeline with each statement.
+On an AUTOCOMMIT connection, where each statement is its own transaction, the
+path is set for the session before each statement and reset when the
+connection goes back to the pool.
 
 With Flask-Migrate installed on the app, ``create`` and ``migrate`` run the
 Alembic migrations to head inside the tenant, with the tenant's
@@ -388,17 +390,17 @@ class _SearchPath(libpq.TransactionSetting):
         except Exception as error:
             record.invalidate(error)
 
-    def before_statement(self, context: t.Any) -> None:
+    def before_statement(self, execution_context: t.Any) -> None:
         """Refuse a statement on tenant tables with no tenant current."""
-        self.strategy._check_no_tenant(context)
+        self.strategy._check_no_tenant(execution_context)
 
     def wanted(self) -> libpq.Values:
         """The path of the current tenant (the shared schema alone for none)."""
         return self.strategy._path_and_schema(context.get_tenant())
 
-    def keeps_values(self, context: t.Any) -> bool:
+    def keeps_values(self, execution_context: t.Any) -> bool:
         """Whether the statement is one SQLAlchemy built that cannot change the path."""
-        compiled = getattr(context, "compiled", None)
+        compiled = getattr(execution_context, "compiled", None)
         return compiled is not None and isinstance(compiled.statement, _KEEPS_PATH)
 
     def refused(self, error: Exception, values: libpq.Values) -> Exception:
