@@ -33,9 +33,14 @@ import typing as t
 from contextlib import contextmanager, suppress
 from weakref import WeakKeyDictionary, WeakSet
 
+import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql.expression import (
+    ReleaseSavepointClause,
+    RollbackToSavepointClause,
+    SavepointClause,
+)
 
 from .errors import ConfigurationError
 
@@ -50,6 +55,17 @@ Values = tuple[str | None, ...]
 MIXED: Values = ("\x00mixed",)
 #: libpq's transaction states (``psycopg.pq.TransactionStatus``).
 IDLE, INTRANS = 0, 2
+#: The constructs SQLAlchemy compiles to exactly one statement of its own making.
+_BUILT = (
+    sa.Select,
+    sa.CompoundSelect,
+    sa.Insert,
+    sa.Update,
+    sa.Delete,
+    SavepointClause,
+    RollbackToSavepointClause,
+    ReleaseSavepointClause,
+)
 
 
 def check_psycopg(engine: Engine, feature: str) -> None:
@@ -229,17 +245,20 @@ class TransactionSetting(abc.ABC):
             raise self.refused(_error_of(failure), values)
 
 
+def built_by_sqlalchemy(context: t.Any) -> bool:
+    """Whether the statement of ``context`` is a single one SQLAlchemy built from a construct
+    (``SELECT``, ``INSERT``, ``UPDATE``, ``DELETE``, a savepoint), not SQL text, which may
+    hold several statements or ``SET`` anything."""
+    compiled = getattr(context, "compiled", None)
+    return compiled is not None and isinstance(compiled.statement, _BUILT)
+
+
 def _pipelinable(cursor: t.Any, context: t.Any) -> bool:
-    """Whether the statement can run in a pipeline: one SQLAlchemy built (SQL text may hold
-    several statements, which a pipeline refuses), not on a server-side cursor."""
+    """Whether the statement can run in a pipeline (which refuses several statements in one
+    string, and server-side cursors)."""
     import psycopg
 
-    compiled = getattr(context, "compiled", None)
-    return (
-        compiled is not None
-        and not isinstance(compiled.statement, TextClause)
-        and not isinstance(cursor, psycopg.ServerCursor)
-    )
+    return built_by_sqlalchemy(context) and not isinstance(cursor, psycopg.ServerCursor)
 
 
 def begin_command(dbapi: psycopg.Connection[t.Any]) -> bytes:

@@ -549,3 +549,19 @@ def assert_clean_but(default_path: str, gone: str) -> None:
             with jobs.switch(name):
                 assert orm_names() == [f"{name}-1"]
                 db.session.commit()
+
+
+def test_text_in_orm_statements_in_a_switched_transaction(app: Flask, seeded: None) -> None:
+    """``from_statement(text())`` and ``text().columns()`` are SQL text: never trusted."""
+    from_text = sa.select(Item).from_statement(sa.text("SELECT * FROM items ORDER BY id"))
+    textual = sa.text("SELECT name FROM items ORDER BY id").columns(Item.name)
+    with jobs.switch("acme"):
+        assert [i.name for i in db.session.scalars(from_text)] == ["acme-1"]
+        db.session.execute(sa.text("SAVEPOINT sp"))
+        with jobs.switch("globex"):
+            assert [i.name for i in db.session.scalars(from_text)] == ["globex-1"]
+            db.session.execute(sa.text("/* c */ ROLLBACK TO sp; SELECT 1"))
+            assert db.session.scalars(textual).all() == ["globex-1"]
+            assert [i.name for i in db.session.scalars(from_text)] == ["globex-1"]
+        assert db.session.scalars(textual).all() == ["acme-1"]
+        db.session.rollback()

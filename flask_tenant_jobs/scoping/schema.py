@@ -41,11 +41,6 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import ORMExecuteState, Session, UOWTransaction
 from sqlalchemy.sql import visitors
-from sqlalchemy.sql.expression import (
-    ReleaseSavepointClause,
-    RollbackToSavepointClause,
-    SavepointClause,
-)
 
 from .. import context, libpq
 from ..errors import (
@@ -63,19 +58,6 @@ from .column import ColumnStrategy, check_added_in
 _MAX_CACHED_PATHS = 10_000
 #: Schema names PostgreSQL keeps for itself: a tenant must never get one.
 _RESERVED_SCHEMA = re.compile(r"pg_.*|information_schema", re.IGNORECASE)
-#: Statements SQLAlchemy builds that cannot change the path (a savepoint rollback
-#: can only restore a path the transaction carried); anything else, SQL text above
-#: all, may (``SET``, ``RESET ALL``, a ``DO`` block, a function of the application's).
-_KEEPS_PATH = (
-    sa.Select,
-    sa.CompoundSelect,
-    sa.Insert,
-    sa.Update,
-    sa.Delete,
-    SavepointClause,
-    RollbackToSavepointClause,
-    ReleaseSavepointClause,
-)
 
 #: Alembic keeps its current context in module globals and Flask-Migrate's
 #: ``configure_args`` is one dict per app: one migration at a time per process.
@@ -399,9 +381,9 @@ class _SearchPath(libpq.TransactionSetting):
         return self.strategy._path_and_schema(context.get_tenant())
 
     def keeps_values(self, execution_context: t.Any) -> bool:
-        """Whether the statement is one SQLAlchemy built that cannot change the path."""
-        compiled = getattr(execution_context, "compiled", None)
-        return compiled is not None and isinstance(compiled.statement, _KEEPS_PATH)
+        """Whether the statement cannot change the path: one SQLAlchemy built, not SQL text
+        (``SET``, ``RESET ALL``, a ``DO`` block, a function of the application's)."""
+        return libpq.built_by_sqlalchemy(execution_context)
 
     def refused(self, error: Exception, values: libpq.Values) -> Exception:
         """``SchemaNotFoundError`` when the schema is gone (and ``switch()`` refuses it next)."""
