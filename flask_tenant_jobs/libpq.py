@@ -133,17 +133,24 @@ class TransactionSetting(abc.ABC):
         dialect = engine.dialect
         # before any listener that runs the statement itself (the SQL comments): the first
         # that does keeps the ones after it from running at all
-        event.listen(engine, "do_execute", self._carrying(dialect.do_execute))
-        event.listen(engine, "do_execute_no_params", self._carrying(dialect.do_execute_no_params))
-        event.listen(engine, "do_executemany", self._carrying(dialect.do_executemany))
+        for name, execute in (
+            ("do_execute", dialect.do_execute),
+            ("do_execute_no_params", dialect.do_execute_no_params),
+            ("do_executemany", dialect.do_executemany),
+        ):
+            event.listen(engine, name, self._carrying(dialect, name, execute))
         # first of all checkout listeners: one of the user's may run SQL on the raw connection
         event.listen(engine.pool, "checkout", self._forget, insert=True)
         event.listen(engine.pool, "checkin", self._forget)
         self._hooked.add(engine)
 
-    def _carrying(self, execute: t.Callable[..., None]) -> t.Callable[..., bool]:
-        """A ``do_execute*`` listener: the current values first, then the dialect's ``execute``
-        as usual, or itself behind them in a pipeline (``True``: it has run the statement)."""
+    def _carrying(
+        self, dialect: t.Any, name: str, execute: t.Callable[..., None]
+    ) -> t.Callable[..., bool]:
+        """A ``do_execute*`` listener: the current values first, then the statement as usual,
+        or behind them in a pipeline (``True``: it has run the statement), through the
+        ``name`` listeners after this one (e.g. the SQL comments) or the dialect's
+        ``execute``."""
 
         def listener(cursor: t.Any, *args: t.Any) -> bool:
             self.before_statement(args[-1])
@@ -151,7 +158,9 @@ class TransactionSetting(abc.ABC):
             if values is None:
                 return False
             with self._pipeline_behind(cursor.connection, values):
-                execute(cursor, *args)
+                listeners = getattr(dialect.dispatch, name)
+                if not _run_after(listener, listeners, cursor, args):
+                    execute(cursor, *args)
             return True
 
         return listener
@@ -243,6 +252,19 @@ class TransactionSetting(abc.ABC):
         pgconn.exit_pipeline_mode()
         if failure is not None:
             raise self.refused(_error_of(failure), values)
+
+
+def _run_after(
+    listener: t.Callable[..., bool], listeners: t.Iterable[t.Any], cursor: t.Any, args: t.Any
+) -> bool:
+    """Call the ``do_execute*`` listeners after ``listener``, as SQLAlchemy would have; return
+    whether one of them ran the statement."""
+    after = False
+    for other in listeners:
+        if after and other(cursor, *args):
+            return True
+        after = after or other is listener
+    return False
 
 
 def built_by_sqlalchemy(context: t.Any) -> bool:
