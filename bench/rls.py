@@ -139,18 +139,16 @@ def _switched(db: SQLAlchemy, model: type[t.Any], switch: bool) -> t.Callable[[]
 
 def _own_round_trip(dbapi: t.Any, values: tuple[str, str]) -> None:
     """What riding on ``BEGIN`` saves: the settings as a statement of their own."""
-    with dbapi.cursor() as cursor:
-        cursor.execute(rls._SET_DBAPI, values)
+    rls._settings._send(dbapi, values)
 
 
 @contextlib.contextmanager
 def _settings_in_their_own_round_trip() -> t.Iterator[None]:
-    riding = rls._begin_carrying
-    rls._begin_carrying = _own_round_trip  # type: ignore[assignment]
+    rls._settings._begin_with = _own_round_trip  # type: ignore[method-assign]
     try:
         yield
     finally:
-        rls._begin_carrying = riding  # type: ignore[assignment]
+        del rls._settings._begin_with
 
 
 def _rows(role_url: str, number: int, seconds: float) -> list[Row]:

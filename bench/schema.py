@@ -6,6 +6,14 @@
   plain engine with the table named by its schema. With a transaction-local
   ``search_path`` every transaction pays one ``set_config`` round trip, in the
   same tenant or not.
+* Request-sized transaction: inside ``switch()``, three ORM reads (a page of 10
+  rows, a ``session.get()``, a count over the tenant's 1,000 rows) and the
+  session's removal, vs the same reads through a plain Flask-SQLAlchemy app whose
+  transaction starts with a hand-written ``SET LOCAL search_path``; and one read
+  in a transaction that has switched tenants (the path then goes before each of
+  its statements) vs one in a one-tenant transaction. The round trips of each
+  (libpq's ReadyForQuery messages, from its protocol trace) are printed too:
+  they do not depend on the machine's load.
 * Create: ``tenant_jobs.create()`` of ``BENCH_SCHEMAS`` tenant schemas (default
   1,000), each with the app's 3 tables, vs ``CREATE SCHEMA`` + ``create_all``
   by hand on a plain engine (a sample of at most 100).
@@ -52,6 +60,7 @@ PREFIX = f"ftjb{uuid.uuid4().hex[:6]}"
 MIGRATE_SECONDS_TARGET = 60.0
 
 db = SQLAlchemy()
+plain_db = SQLAlchemy()  # no TenantJobs on it: the hand-written baseline
 tenant_jobs = TenantJobs()
 
 
@@ -62,6 +71,15 @@ class BenchTenant(db.Model):  # type: ignore[name-defined,misc]
 
 
 class BenchItem(db.Model):  # type: ignore[name-defined,misc]
+    __tablename__ = "items"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    bucket: Mapped[int] = mapped_column(index=True)
+    name: Mapped[str] = mapped_column(sa.String(50))
+
+
+class PlainItem(plain_db.Model):  # type: ignore[name-defined,misc]
+    """``BenchItem`` of the baseline app: the same table, found through ``search_path``."""
+
     __tablename__ = "items"
     id: Mapped[int] = mapped_column(primary_key=True)
     bucket: Mapped[int] = mapped_column(index=True)
@@ -142,6 +160,98 @@ def _switch_rows(app: Flask, plain: Engine, number: int) -> list[Row]:
                 same_tenant, alternating, number=number,
                 baseline_context=in_s03, measured_context=app.app_context),
     ]
+
+
+def _plain_app(url: str) -> Flask:
+    app = Flask(__name__)
+    app.config["SQLALCHEMY_DATABASE_URI"] = url
+    plain_db.init_app(app)
+    return app
+
+
+def _reads(session: t.Any, model: type[t.Any]) -> None:
+    """The three reads of a request: a page of 10 rows, one row by key, a count."""
+    assert len(session.scalars(sa.select(model).where(model.bucket == 7)).all()) == 10
+    assert session.get(model, 7) is not None
+    assert session.scalar(sa.select(sa.func.count()).select_from(model)) == ROWS_PER_TENANT
+
+
+def _request_rows(app: Flask, number: int) -> list[Row]:
+    """A request-sized transaction and a switched one (the tenants of ``_switch_rows``)."""
+    plain = _plain_app(POSTGRES_URL)
+    set_local = sa.text(f'SET LOCAL search_path TO "{_schema("s03")}", public')
+    tenants = cycle(SWITCH_TENANTS)
+    count = sa.select(sa.func.count()).select_from(BenchItem)
+
+    def by_hand() -> None:
+        plain_db.session.execute(set_local)
+        _reads(plain_db.session, PlainItem)
+        plain_db.session.remove()
+
+    def scoped() -> None:
+        _reads(db.session, BenchItem)
+        db.session.remove()
+
+    def one_tenant_read() -> None:
+        assert db.session.scalar(count) == ROWS_PER_TENANT
+
+    def switched_read() -> None:
+        with tenant_jobs.switch(next(tenants)):
+            assert db.session.scalar(count) == ROWS_PER_TENANT
+
+    @contextlib.contextmanager
+    def in_s03() -> t.Iterator[None]:
+        with app.app_context(), tenant_jobs.switch("s03"):
+            yield
+
+    @contextlib.contextmanager
+    def in_open_transaction() -> t.Iterator[None]:
+        with in_s03():
+            db.session.connection()
+            yield
+            db.session.remove()
+
+    with plain.app_context():
+        hand_trips = _round_trips(plain_db, by_hand)
+    with in_s03():
+        scoped_trips = _round_trips(db, scoped)
+
+        def switching() -> None:
+            _reads(db.session, BenchItem)
+            with tenant_jobs.switch("s04"):
+                _reads(db.session, BenchItem)
+            db.session.remove()
+
+        switched_trips = _round_trips(db, switching)
+    print(f"schema: round trips per request-sized transaction: by hand {hand_trips}, "
+          f"schema strategy {scoped_trips}; the same reads twice, switching tenant between "
+          f"them: {switched_trips}", file=sys.stderr)
+    rows = [
+        compare("schema: request-sized transaction (3 SELECTs) vs SET LOCAL search_path by hand",
+                by_hand, scoped, number=number, seconds=6.0, baseline_context=plain.app_context,
+                measured_context=in_s03),
+        compare("schema: 1 SELECT in a transaction that switches tenants vs in one tenant",
+                one_tenant_read, switched_read, number=number * 5, seconds=6.0,
+                baseline_context=in_open_transaction, measured_context=in_open_transaction),
+    ]
+    with plain.app_context():
+        plain_db.engine.dispose()
+    return rows
+
+
+def _round_trips(database: SQLAlchemy, work: t.Callable[[], None]) -> int:
+    """How many round trips ``work`` makes on the session's connection (libpq's trace)."""
+    dbapi = database.session.connection().connection.dbapi_connection
+    database.session.remove()
+    work()  # warm
+    with tempfile.TemporaryFile("w+") as trace:
+        dbapi.pgconn.trace(trace.fileno())  # type: ignore[union-attr]
+        try:
+            work()
+        finally:
+            dbapi.pgconn.untrace()  # type: ignore[union-attr]
+        trace.seek(0)
+        return sum(1 for line in trace if "\tB\t" in line and "ReadyForQuery" in line)
 
 
 def _lifecycle_rows(app: Flask, plain: Engine) -> list[Row]:
@@ -299,6 +409,7 @@ def run() -> list[Row]:
     plain = sa.create_engine(POSTGRES_URL)
     try:
         rows = _switch_rows(app, plain, number=500)
+        rows += _request_rows(app, number=50)
         rows += _lifecycle_rows(app, plain)
     finally:
         with app.app_context():

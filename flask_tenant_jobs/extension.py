@@ -90,10 +90,10 @@ class TenantJobs:
         """Hook the strategy, integrations, request hooks, answers and commands into ``app``."""
         settings, db = state.settings, state.db
         state.strategy.install(app, db)
+        if settings.rls:  # before the integrations' driver hooks (see libpq.TransactionSetting)
+            rls.install(app, db)
         install_integrations(app, settings, db)
         _warn_about_storage(app, state.strategy)
-        if settings.rls:
-            rls.install(app, db)
 
         def resolve_request_tenant() -> None:
             self._resolve_request(app, state)

@@ -6,7 +6,8 @@ Two halves, one concept:
   engines carries the current tenant in the transaction-local setting
   ``flask_tenant_jobs.tenant``, and ``without_tenant()`` in
   ``flask_tenant_jobs.unscoped`` (``set_config(..., true)``: PostgreSQL forgets
-  both when the transaction ends, so nothing survives in the pool). A hook on
+  both when the transaction ends, so nothing survives in the pool). A hook
+  (:class:`flask_tenant_jobs.libpq.TransactionSetting`) on
   the driver's execute calls of each engine sends them before a statement when
   the transaction does not carry the current values yet: at the start of a
   transaction they ride in one round trip with the ``BEGIN`` that psycopg would
@@ -24,30 +25,20 @@ Two halves, one concept:
 
 from __future__ import annotations
 
-import select
 import typing as t
-from contextlib import contextmanager, suppress
-from weakref import WeakKeyDictionary, WeakSet
 
 import sqlalchemy as sa
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import event
 from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.engine import Connection, Engine
 
-from . import context
+from . import context, libpq
 from .errors import ConfigurationError
 from .scoping.column import TenantScoped
 
 if t.TYPE_CHECKING:
-    import psycopg
-    from psycopg import pq
-
     from .settings import Settings
-
-#: The values of the two settings: ``(tenant or "", "on" | "off")``.
-Values = tuple[str, str]
 
 TENANT_SETTING = "flask_tenant_jobs.tenant"
 UNSCOPED_SETTING = "flask_tenant_jobs.unscoped"
@@ -59,24 +50,8 @@ _ADMITS = (
     f"{{column}} = (SELECT nullif(current_setting('{TENANT_SETTING}', true), '')) "
     f"OR (SELECT current_setting('{UNSCOPED_SETTING}', true)) = 'on'"
 )
-_SET = (
-    f"SELECT set_config('{TENANT_SETTING}', {{0}}, true), "
-    f"set_config('{UNSCOPED_SETTING}', {{1}}, true)"
-)
-_SET_DBAPI = _SET.format("%s", "%s")
-_SET_LIBPQ = _SET.format("$1", "$2").encode()
-
-#: What a transaction carries before anything is sent: no tenant, not unscoped.
-_NOTHING = ("", "off")
-#: What a transaction carries after its values changed: never the values wanted.
-_MIXED = ("*", "*")
-#: libpq's transaction states (``psycopg.pq.TransactionStatus``).
-_IDLE, _INTRANS = 0, 2
 
 _PREPARER = PGDialect().identifier_preparer  # type: ignore[no-untyped-call]
-_hooked: WeakSet[Engine] = WeakSet()
-#: Per DBAPI connection, what its open transaction carries.
-_carried: WeakKeyDictionary[t.Any, Values] = WeakKeyDictionary()
 
 
 # -- the settings on every transaction ------------------------------------------------
@@ -88,12 +63,29 @@ def require_driver(app: Flask, db: SQLAlchemy) -> None:
         _check_driver(engine)
 
 
+class TenantSettings(libpq.TransactionSetting):
+    """The current tenant (or ``''``) and whether unscoped, on every transaction."""
+
+    query = (
+        f"SELECT set_config('{TENANT_SETTING}', {{}}, true), "
+        f"set_config('{UNSCOPED_SETTING}', {{}}, true)"
+    )
+    #: What a transaction carries before anything is sent: no tenant, not unscoped.
+    unset = ("", "off")
+
+    def wanted(self) -> libpq.Values:
+        """The setting values for now: the current tenant (or ``''``), and whether unscoped."""
+        return context.get_tenant() or "", "on" if context.is_unscoped() else "off"
+
+
+_settings = TenantSettings()
+
+
 def install(app: Flask, db: SQLAlchemy) -> None:
     """Make every transaction on ``app``'s engines carry the current tenant settings."""
     for engine in _engines(app, db):
-        if engine not in _hooked:
-            _listen(engine)
-            _hooked.add(engine)
+        _check_driver(engine)
+        _settings.install(engine)
 
 
 def _engines(app: Flask, db: SQLAlchemy) -> list[Engine]:
@@ -103,187 +95,13 @@ def _engines(app: Flask, db: SQLAlchemy) -> list[Engine]:
 
 def _check_driver(engine: Engine) -> None:
     """Refuse anything but psycopg 3 on PostgreSQL with libpq's pipeline mode."""
-    url = engine.url.render_as_string(hide_password=True)
     if engine.dialect.name != "postgresql":
+        url = engine.url.render_as_string(hide_password=True)
         raise ConfigurationError(
             f"'TENANT_JOBS_RLS' needs PostgreSQL, but {url!r} is {engine.dialect.name!r}: "
             "turn it off, or use PostgreSQL."
         )
-    if engine.dialect.driver != "psycopg":
-        raise ConfigurationError(
-            f"'TENANT_JOBS_RLS' needs the psycopg 3 driver, but {url!r} uses "
-            f"{engine.dialect.driver!r}: use a 'postgresql+psycopg://' URL."
-        )
-    import psycopg
-
-    if not psycopg.Pipeline.is_supported():
-        raise ConfigurationError(
-            "'TENANT_JOBS_RLS' needs libpq 14 or later (pipeline mode): install "
-            "'psycopg[binary]', which brings its own."
-        )
-
-
-def _listen(engine: Engine) -> None:
-    """Hook the driver's execute calls of ``engine``, and its pool's check-out and check-in."""
-    dialect = engine.dialect
-    event.listen(engine, "do_execute", _carrying(dialect.do_execute))
-    event.listen(engine, "do_execute_no_params", _carrying(dialect.do_execute_no_params))
-    event.listen(engine, "do_executemany", _carrying(dialect.do_executemany))
-    # first of all checkout listeners: one of the user's may run SQL on the raw connection
-    event.listen(engine.pool, "checkout", _forget, insert=True)
-    event.listen(engine.pool, "checkin", _forget)
-
-
-def _carrying(execute: t.Callable[..., None]) -> t.Callable[..., bool]:
-    """A ``do_execute*`` listener: the current values first, then the dialect's ``execute``
-    as usual, or itself behind them in a pipeline (``True``: it has run the statement)."""
-
-    def listener(cursor: t.Any, *args: t.Any) -> bool:
-        if not _needs_pipeline(cursor):
-            return False
-        with _carrying_pipeline(cursor.connection):
-            execute(cursor, *args)
-        return True
-
-    return listener
-
-
-def _wanted() -> Values:
-    """The setting values for now: the current tenant (or ``''``), and whether unscoped."""
-    return context.get_tenant() or "", "on" if context.is_unscoped() else "off"
-
-
-def _needs_pipeline(cursor: t.Any) -> bool:
-    """Make the open transaction carry the current values before the cursor's statement.
-
-    A transaction that has carried one set of values trusts them until it ends: a
-    savepoint rollback can only restore those same values. Once its values change
-    (a ``switch()`` inside it), they are sent before each of its statements, so that
-    no savepoint rollback, however it is written, can leave a statement with
-    another tenant's. Returns ``True`` when the statement itself must run in a
-    pipeline behind them (an ``AUTOCOMMIT`` connection, where each statement is its
-    own transaction).
-    """
-    dbapi: psycopg.Connection[t.Any] = cursor.connection
-    wanted = _wanted()
-    status = dbapi.pgconn.transaction_status
-    if status == _INTRANS:
-        if _carried.get(dbapi) != wanted:
-            _carried[dbapi] = _MIXED
-            with dbapi.cursor() as own:
-                own.execute(_SET_DBAPI, wanted)
-        return False
-    if status != _IDLE:  # a failed transaction: the statement fails (or rolls back) anyway
-        return False
-    if dbapi.autocommit:
-        return wanted != _NOTHING
-    _carried.pop(dbapi, None)
-    _begin_carrying(dbapi, wanted)
-    _carried[dbapi] = wanted
-    return False
-
-
-def _forget(dbapi_connection: t.Any, *args: t.Any) -> None:
-    """At check-out and check-in a connection's transaction is not ours: forget what it
-    carried (a transaction opened by the pool or a listener gets the settings sent)."""
-    if dbapi_connection is not None:
-        _carried.pop(dbapi_connection, None)
-
-
-@contextmanager
-def _carrying_pipeline(dbapi: psycopg.Connection[t.Any]) -> t.Iterator[None]:
-    """Run the block's statement in a psycopg pipeline behind the current values, so
-    that both are in one implicit transaction."""
-    own = dbapi.cursor()
-    try:
-        with dbapi.pipeline():
-            own.execute(_SET_DBAPI, _wanted())
-            yield
-    finally:
-        own.close()
-
-
-def _begin_carrying(dbapi: psycopg.Connection[t.Any], values: Values) -> None:
-    """Start the transaction with the values set, in one round trip.
-
-    ``BEGIN`` (with the connection's isolation level and access mode) and the
-    ``set_config`` call go out together in libpq's pipeline mode; psycopg then sees
-    a transaction in progress and sends no ``BEGIN`` of its own.
-    """
-    pgconn = dbapi.pgconn
-    pgconn.enter_pipeline_mode()
-    try:
-        pgconn.send_query_params(_begin_command(dbapi), None)
-        pgconn.send_query_params(_SET_LIBPQ, [value.encode() for value in values])
-        pgconn.pipeline_sync()
-        failure = _results_until_sync(pgconn)
-    except BaseException:
-        with suppress(Exception):  # the connection is likely broken: report the first error
-            pgconn.exit_pipeline_mode()
-        raise
-    pgconn.exit_pipeline_mode()
-    if failure is not None:
-        raise _error_of(failure)
-
-
-def _begin_command(dbapi: psycopg.Connection[t.Any]) -> bytes:
-    """The ``BEGIN`` psycopg would send for this connection's transaction settings."""
-    from psycopg import IsolationLevel
-
-    parts = ["BEGIN"]
-    if dbapi.isolation_level is not None:
-        level = IsolationLevel(dbapi.isolation_level).name.replace("_", " ")
-        parts.append(f"ISOLATION LEVEL {level}")
-    if dbapi.read_only is not None:
-        parts.append("READ ONLY" if dbapi.read_only else "READ WRITE")
-    if dbapi.deferrable is not None:
-        parts.append("DEFERRABLE" if dbapi.deferrable else "NOT DEFERRABLE")
-    return " ".join(parts).encode()
-
-
-def _results_until_sync(pgconn: pq.abc.PGconn) -> pq.abc.PGresult | None:
-    """Send what is queued and read every result up to the pipeline's sync point.
-
-    Waits with ``select.poll``, which gevent's monkey-patching makes cooperative.
-    Returns the first failed result, if any.
-    """
-    from psycopg.pq import ExecStatus
-
-    while pgconn.flush():
-        _wait(pgconn.socket, select.POLLIN | select.POLLOUT)
-        pgconn.consume_input()
-    failure = None
-    while True:
-        if pgconn.is_busy():
-            _wait(pgconn.socket, select.POLLIN)
-            pgconn.consume_input()
-            continue
-        result = pgconn.get_result()
-        if result is None:  # the end of one statement's results
-            continue
-        if result.status == ExecStatus.PIPELINE_SYNC:
-            return failure
-        if result.status == ExecStatus.FATAL_ERROR and failure is None:
-            failure = result
-
-
-def _wait(fd: int, events: int) -> None:
-    poller = select.poll()
-    poller.register(fd, events)
-    poller.poll()
-
-
-def _error_of(result: pq.abc.PGresult) -> Exception:
-    """The psycopg exception for a failed result (SQLAlchemy wraps it as usual)."""
-    import psycopg
-    from psycopg.pq import DiagnosticField
-
-    message = (result.error_message or b"").decode(errors="replace").strip()
-    sqlstate = (result.error_field(DiagnosticField.SQLSTATE) or b"").decode()
-    try:
-        return psycopg.errors.lookup(sqlstate)(message)
-    except KeyError:
-        return psycopg.DatabaseError(message)
+    libpq.check_psycopg(engine, "'TENANT_JOBS_RLS'")
 
 
 # -- the policies -----------------------------------------------------------------------

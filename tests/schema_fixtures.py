@@ -14,7 +14,7 @@ from flask import Flask
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
 
-from .schema_app import CREATED, Item, db, make_run_app, reset_schemas
+from .schema_app import CREATED, SHARED, Item, db, make_run_app, reset_schemas
 from .schema_app import tenant_jobs as jobs
 
 
@@ -49,3 +49,45 @@ def seeded(app: Flask) -> None:
         with jobs.switch(name):
             db.session.add(Item(id=1, name=f"{name}-1"))
             db.session.commit()
+
+
+@pytest.fixture
+def default_path(admin: Engine) -> str:
+    """The search_path a fresh connection of this database and role starts with."""
+    with admin.connect() as connection:
+        return t.cast(str, connection.scalar(sa.text("SHOW search_path")))
+
+
+def raw_search_path() -> str:
+    """The pooled connection's search_path as it is: read past the strategy's hook."""
+    raw = db.engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        cursor.execute("SHOW search_path")
+        value = t.cast(str, cursor.fetchone()[0])
+        cursor.close()
+        raw.rollback()
+    finally:
+        raw.close()
+    return value
+
+
+def hooked_search_path() -> str:
+    """The search_path a new user of the engine gets for its first statement."""
+    with db.engine.connect() as connection:
+        return t.cast(str, connection.scalar(sa.text("SHOW search_path")))
+
+
+def item_names() -> list[str]:
+    names = list(db.session.scalars(sa.select(Item.name).order_by(Item.id)))
+    db.session.commit()
+    return names
+
+
+def assert_clean(default_path: str) -> None:
+    """Nothing of a tenant is left on the connection, and each tenant sees its own rows."""
+    assert raw_search_path() == default_path
+    assert hooked_search_path() == f'"{SHARED}"'
+    for name in CREATED:
+        with jobs.switch(name):
+            assert item_names() == [f"{name}-1"]

@@ -823,3 +823,21 @@ def test_a_transaction_opened_at_checkout_still_gets_the_settings(
             with db.engine.begin() as connection:
                 assert connection.scalars(NOTES).all() == ["a1", "a2"]
         db.engine.dispose()
+
+
+def test_sql_comments_do_not_keep_the_settings_from_being_sent(
+    owner: Flask, role_url: str
+) -> None:
+    """``TENANT_JOBS_SQL_COMMENT`` runs each statement itself from a driver-execute hook,
+    installed before row-level security's: the settings still go first."""
+    app, jobs = make_app(
+        db, role_url, TENANT_JOBS_RLS=True, TENANT_JOBS_SQL_COMMENT=True,
+        SQLALCHEMY_ENGINE_OPTIONS=ONE_CONNECTION,
+    )
+    with app.app_context():
+        for tenant, bodies in (("acme", ["a1", "a2"]), ("globex", ["g1"])):
+            with jobs.switch(tenant), db.engine.begin() as connection:
+                assert connection.scalars(NOTES).all() == bodies
+                query = sa.text("SELECT query FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+                assert connection.scalar(query).endswith(f"/*tenant='{tenant}'*/")
+        db.engine.dispose()

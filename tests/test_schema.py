@@ -60,6 +60,11 @@ pytestmark = [
 admin = schema_fixtures.admin
 app = schema_fixtures.app
 seeded = schema_fixtures.seeded
+default_path = schema_fixtures.default_path
+assert_clean = schema_fixtures.assert_clean
+raw_search_path = schema_fixtures.raw_search_path
+hooked_search_path = schema_fixtures.hooked_search_path
+item_names = schema_fixtures.item_names
 
 ROOT = Path(__file__).resolve().parent.parent
 BAD_NAMES = ["", "Acme", "acme_eu", "-acme", "acme;drop", 'a"b', "a" * 64, "ac me", "é"]
@@ -70,48 +75,6 @@ def names_in(engine: Engine, schema: str, table: str = "items") -> list[str]:
     with engine.connect() as connection:
         quoted = f'"{schema}"."{table}"'
         return list(connection.scalars(sa.text(f"SELECT name FROM {quoted} ORDER BY id")))
-
-
-@pytest.fixture
-def default_path(admin: Engine) -> str:
-    """The search_path a fresh connection of this database and role starts with."""
-    with admin.connect() as connection:
-        return t.cast(str, connection.scalar(sa.text("SHOW search_path")))
-
-
-def raw_search_path() -> str:
-    """The pooled connection's search_path as it is: read past the strategy's hook."""
-    raw = db.engine.raw_connection()
-    try:
-        cursor = raw.cursor()
-        cursor.execute("SHOW search_path")
-        value = t.cast(str, cursor.fetchone()[0])
-        cursor.close()
-        raw.rollback()
-    finally:
-        raw.close()
-    return value
-
-
-def hooked_search_path() -> str:
-    """The search_path a new user of the engine gets for its first statement."""
-    with db.engine.connect() as connection:
-        return t.cast(str, connection.scalar(sa.text("SHOW search_path")))
-
-
-def item_names() -> list[str]:
-    names = list(db.session.scalars(sa.select(Item.name).order_by(Item.id)))
-    db.session.commit()
-    return names
-
-
-def assert_clean(default_path: str) -> None:
-    """Nothing of a tenant is left on the connection, and each tenant sees its own rows."""
-    assert raw_search_path() == default_path
-    assert hooked_search_path() == f'"{SHARED}"'
-    for name in CREATED:
-        with jobs.switch(name):
-            assert item_names() == [f"{name}-1"]
 
 
 # -- 1. where the tables and rows live ---------------------------------------------------

@@ -3,14 +3,18 @@
 Every statement runs with ``search_path`` set to the tenant's schema, then the
 shared schema, through ``set_config('search_path', ..., true)``: a
 transaction-local setting, so nothing survives a commit, a rollback or the
-return of the connection to the pool. The path set on a connection is
-remembered only until the transaction (or a savepoint) ends, so a savepoint
-rollback that silently restores an older path is never trusted. The same
-statement checks that the tenant's schema still exists, so a schema dropped
-behind this process's back raises ``SchemaNotFoundError`` instead of letting
-the shared schema answer. On an AUTOCOMMIT connection, where a
-transaction-local setting would end with its own statement, the path is set
-for the session and reset when the connection goes back to the pool.
+return of the connection to the pool. It rides on the transaction's ``BEGIN``
+(:class:`flask_tenant_jobs.libpq.TransactionSetting`), and the path is trusted
+only while libpq reports that same transaction open, it carried no other path
+and ran only statements SQLAlchemy built (no SQL text): otherwise it is set
+again before each statement, so no savepoint rollback, however it is written,
+and no ``SET`` or ``RESET`` of the application's leaves a statement with
+another path. The statement that sets it also checks that the tenant's schema
+still exists (``::regnamespace``), so a schema dropped behind this process's
+back raises ``SchemaNotFoundError`` instead of letting the shared schema answer.
+On an AUTOCOMMIT connection, where each statement is its own transaction, the
+path is set for the session before each statement and reset when the
+connection goes back to the pool.
 
 With Flask-Migrate installed on the app, ``create`` and ``migrate`` run the
 Alembic migrations to head inside the tenant, with the tenant's
@@ -28,7 +32,7 @@ import re
 import threading
 import typing as t
 from contextlib import contextmanager
-from weakref import WeakKeyDictionary
+from weakref import WeakKeyDictionary, WeakSet
 
 import sqlalchemy as sa
 from flask import Flask, current_app
@@ -38,7 +42,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import ORMExecuteState, Session, UOWTransaction
 from sqlalchemy.sql import visitors
 
-from .. import context, responses
+from .. import context, libpq, responses
 from ..errors import (
     RELOAD_HINT,
     ConfigurationError,
@@ -51,21 +55,9 @@ from ..settings import Settings, current_settings
 from . import _sqla
 from .column import ColumnStrategy, check_added_in
 
-_PATH = "tenant_jobs_search_path"
-_SESSION_PATH = "tenant_jobs_session_search_path"
-_SET_PATH = (
-    "SELECT set_config('search_path', %(path)s, %(local)s), "
-    "to_regnamespace(%(schema)s) IS NOT NULL"
-)
 _MAX_CACHED_PATHS = 10_000
 #: Schema names PostgreSQL keeps for itself: a tenant must never get one.
 _RESERVED_SCHEMA = re.compile(r"pg_.*|information_schema", re.IGNORECASE)
-#: Statements that begin, end or roll back a transaction or savepoint: they need no
-#: path, and the path remembered for the connection may not survive them.
-_TRANSACTION_CONTROL = re.compile(
-    r"\s*(?:BEGIN|START|COMMIT|END|ROLLBACK|ABORT|SAVEPOINT|RELEASE|PREPARE\s+TRANSACTION)\b",
-    re.IGNORECASE,
-)
 
 #: Alembic keeps its current context in module globals and Flask-Migrate's
 #: ``configure_args`` is one dict per app: one migration at a time per process.
@@ -94,7 +86,8 @@ class SchemaStrategy:
         self._reaches_tenant_tables: WeakKeyDictionary[t.Any, bool] = WeakKeyDictionary()
         self._known_schemas: frozenset[str] = frozenset()
         self._lock = threading.Lock()
-        self._paths: dict[str | None, tuple[str, str]] = {}
+        self._paths: dict[str | None, libpq.Values] = {}
+        self._search_path = _SearchPath(self)
 
     # -- the Strategy interface ----------------------------------------------------
 
@@ -105,7 +98,8 @@ class SchemaStrategy:
             for engine in db.engines.values():
                 if engine.dialect.name != "postgresql":
                     raise _not_postgres(engine)
-                self._listen(engine)
+                libpq.check_psycopg(engine, "'TENANT_JOBS_STRATEGY' = 'schema'")
+                self._search_path.install(engine)
         if not event.contains(db.session, "do_orm_execute", _guard_orm_execute):
             event.listen(db.session, "do_orm_execute", _guard_orm_execute)
             event.listen(db.session, "before_flush", _guard_flush)
@@ -287,68 +281,22 @@ class SchemaStrategy:
             rows = connection.execute(sa.text("SELECT nspname FROM pg_namespace"))
             self._known_schemas = frozenset(row[0] for row in rows)
 
-    def _path_and_schema(self, tenant: str | None) -> tuple[str, str]:
+    def _path_and_schema(self, tenant: str | None) -> libpq.Values:
         """The ``search_path`` for ``tenant`` and the quoted schema that must exist (cached)."""
         try:
             return self._paths[tenant]
         except KeyError:
             pass
-        schema = self.schema_for(tenant) if tenant else self.shared_schema
         if len(self._paths) >= _MAX_CACHED_PATHS:
             self._paths.clear()
-        found = self._paths[tenant] = (self.search_path(tenant), _quote(schema))
+        schema = _quote(self.schema_for(tenant)) if tenant else None
+        found = self._paths[tenant] = (self.search_path(tenant), schema)
         return found
 
-    def _listen(self, engine: Engine) -> None:
-        """Set the path before statements; forget it whenever a transaction or savepoint ends."""
-
-        def set_path(
-            connection: Connection,
-            cursor: t.Any,
-            statement: str,
-            parameters: t.Any,
-            execution_context: t.Any,
-            executemany: bool,
-        ) -> None:
-            info = connection.info
-            if _TRANSACTION_CONTROL.match(statement):
-                # e.g. ROLLBACK TO SAVEPOINT: a path set now, inside the savepoint, would
-                # be undone by the statement itself and remembered wrongly (#1262).
-                info.pop(_PATH, None)
-                return
-            tenant = context.get_tenant()
-            if tenant is None and self.require_tenant and not context.is_unscoped():
-                self._refuse_tenant_tables(execution_context)
-            path, schema = self._path_and_schema(tenant)
-            if info.get(_PATH) == path:
-                return
-            dbapi_connection: t.Any = connection.connection.dbapi_connection
-            # Each AUTOCOMMIT statement is its own transaction: set the path for the
-            # session and reset it at check-in (see _reset_path_on_checkin).
-            local = not getattr(dbapi_connection, "autocommit", False)
-            # Its own cursor: a server-side cursor (stream_results, yield_per) would only
-            # DECLARE the statement, and set nothing.
-            own_cursor = dbapi_connection.cursor()
-            try:
-                own_cursor.execute(_SET_PATH, {"path": path, "local": local, "schema": schema})
-                exists = own_cursor.fetchone()[1]
-            finally:
-                own_cursor.close()
-            if not local:
-                info[_SESSION_PATH] = True
-            if tenant is not None and not exists:
-                missing = self.schema_for(tenant)
-                self._note_schema(missing, exists=False)  # switch() will refuse it now
-                raise SchemaNotFoundError(tenant, missing)
-            info[_PATH] = path
-
-        def forget_path(connection: Connection, *args: t.Any) -> None:
-            connection.info.pop(_PATH, None)
-
-        event.listen(engine, "before_cursor_execute", set_path)
-        for name in ("begin", "commit", "rollback", "rollback_savepoint", "release_savepoint"):
-            event.listen(engine, name, forget_path)
-        event.listen(engine.pool, "checkin", _reset_path_on_checkin)
+    def _check_no_tenant(self, execution_context: t.Any) -> None:
+        """With no tenant (and no ``without_tenant()``), refuse statements on tenant tables."""
+        if context.get_tenant() is None and self.require_tenant and not context.is_unscoped():
+            self._refuse_tenant_tables(execution_context)
 
     def _refuse_tenant_tables(self, execution_context: t.Any) -> None:
         """With no tenant, refuse a statement that reaches a tenant table in any way.
@@ -386,21 +334,68 @@ class SchemaStrategy:
             self._known_schemas = known | {schema} if exists else known - {schema}
 
 
-def _reset_path_on_checkin(dbapi_connection: t.Any, record: t.Any) -> None:
-    """Forget the path; reset a session-level one (AUTOCOMMIT) before the next user."""
-    if record is None:
-        return
-    record.info.pop(_PATH, None)
-    if not record.info.pop(_SESSION_PATH, False) or dbapi_connection is None:
-        return
-    try:
-        cursor = dbapi_connection.cursor()
-        cursor.execute("RESET search_path")
-        cursor.close()
-        if not getattr(dbapi_connection, "autocommit", False):
-            dbapi_connection.commit()
-    except Exception as error:  # never hand on a connection whose path may be a tenant's
-        record.invalidate(error)
+class _SearchPath(libpq.TransactionSetting):
+    """The current tenant's ``search_path`` on every transaction; its schema must exist."""
+
+    query = "SELECT set_config('search_path', {}, true), {}::regnamespace"
+    #: The same for the session, on AUTOCOMMIT connections.
+    session_query = "SELECT set_config('search_path', %s, false), %s::regnamespace"
+
+    def __init__(self, strategy: SchemaStrategy) -> None:
+        super().__init__()
+        self.strategy = strategy
+        #: The DBAPI connections with a session-level path, reset at check-in.
+        self._session_paths: WeakSet[t.Any] = WeakSet()
+
+    def install(self, engine: Engine) -> None:
+        """Hook ``engine`` (see the base class) and reset session paths at check-in."""
+        if not event.contains(engine.pool, "checkin", self._reset_session_path):
+            event.listen(engine.pool, "checkin", self._reset_session_path)
+        super().install(engine)
+
+    def for_autocommit(self, dbapi: t.Any, wanted: libpq.Values) -> libpq.Values | None:
+        """Set the path for the session, before every statement: each is its own transaction,
+        and some refuse a pipeline (``DISCARD ALL``, ``CREATE INDEX CONCURRENTLY``)."""
+        self._session_paths.add(dbapi)
+        self._send(dbapi, wanted, self.session_query)
+        return None
+
+    def _reset_session_path(self, dbapi_connection: t.Any, record: t.Any) -> None:
+        """Never hand on a connection whose session path may be a tenant's."""
+        if dbapi_connection is None or dbapi_connection not in self._session_paths:
+            return
+        self._session_paths.discard(dbapi_connection)
+        try:
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute("RESET search_path")
+            if not dbapi_connection.autocommit:
+                dbapi_connection.commit()
+        except Exception as error:
+            record.invalidate(error)
+
+    def before_statement(self, execution_context: t.Any) -> None:
+        """Refuse a statement on tenant tables with no tenant current."""
+        self.strategy._check_no_tenant(execution_context)
+
+    def wanted(self) -> libpq.Values:
+        """The path of the current tenant (the shared schema alone for none)."""
+        return self.strategy._path_and_schema(context.get_tenant())
+
+    def keeps_values(self, execution_context: t.Any) -> bool:
+        """Whether the statement cannot change the path: one SQLAlchemy built, not SQL text
+        (``SET``, ``RESET ALL``, a ``DO`` block, a function of the application's)."""
+        return libpq.built_by_sqlalchemy(execution_context)
+
+    def refused(self, error: Exception, values: libpq.Values) -> Exception:
+        """``SchemaNotFoundError`` when the schema is gone (and ``switch()`` refuses it next)."""
+        import psycopg
+
+        tenant = context.get_tenant()
+        if tenant is None or not isinstance(error, psycopg.errors.InvalidSchemaName):
+            return error
+        missing = self.strategy.schema_for(tenant)
+        self.strategy._note_schema(missing, exists=False)
+        return SchemaNotFoundError(tenant, missing)
 
 
 def _tables_in(connection: Connection, schema: str) -> set[str]:
