@@ -71,11 +71,11 @@ class TenantJobs:
             resolver=make_resolver(settings),
             strategy=make_strategy(settings, db),
             db=db,
-            celery=make_celery(app, settings.header) if "CELERY" in app.config else None,
+            celery=make_celery(app, settings) if "CELERY" in app.config else None,
         )
         self._states[app] = state
         app.extensions["tenant_jobs"] = self
-        register_flask_app(app)
+        register_flask_app(app, settings)
         state.strategy.install(app, db)
         install_integrations(app, settings, db)
         _warn_about_storage(app, state.strategy)

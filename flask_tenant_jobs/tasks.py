@@ -23,6 +23,7 @@ from celery.result import AsyncResult, allow_join_result
 from . import context
 from .errors import ConfigurationError, NoTenantError
 from .sending import (
+    WRAPPER_TASKS,
     app_context_of,
     capture_tenant,
     fan_out_names,
@@ -39,10 +40,6 @@ CALL_HINT = (
 )
 #: Request attribute holding the tenant error the worker met when the task started.
 TENANT_ERROR = "_tenant_jobs_error"
-#: Celery's built-in tasks that run another task's body in place: ``task.map()``,
-#: ``task.starmap()`` and ``task.chunks()`` send them, with the task's signature in
-#: their ``task`` argument.
-WRAPPER_TASKS = frozenset({"celery.map", "celery.starmap", "celery.chunks"})
 
 
 class TenantTask(Task):  # type: ignore[misc]
