@@ -3,8 +3,10 @@
 
 An unknown tenant (a foreign host, a typo) is routine and only answered; a
 ``NoTenantError`` or ``SchemaNotFoundError`` raised by a view means the view
-reached tenant data where there is no tenant, so it is also logged at warning
-level with the view and the error's message, which says what to do.
+reached tenant data where there is no tenant, and a ``TenantMismatchError`` that
+it reached another tenant's (a task result looked up by id), so they are also
+logged at warning level with the view and the error's message, which says what
+to do; the client learns nothing about the other tenant.
 """
 
 from __future__ import annotations
@@ -20,11 +22,19 @@ from werkzeug.wrappers import Request
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
 
-from .errors import NoTenantError, SchemaNotFoundError, TenantError, TenantSourceError
+from .errors import (
+    NoTenantError,
+    SchemaNotFoundError,
+    TenantError,
+    TenantMismatchError,
+    TenantSourceError,
+)
 
 #: What the client is told, for each reason there is no tenant.
 NO_SUCH_TENANT = "No such tenant."
 PAGE_NEEDS_TENANT = "This page belongs to a tenant: use a tenant's address."
+#: What the client is told about something of another tenant: nothing about that tenant.
+NOT_HERE = "Not found."
 
 
 class TenantNotFound(NotFound):
@@ -61,10 +71,12 @@ def wants_json(incoming: Request) -> bool:
 
 
 def install(app: Flask) -> None:
-    """Answer ``NoTenantError`` and ``SchemaNotFoundError`` raised in requests as 404s,
-    and ``TenantSourceError`` (no tenant list to check against) as a 503."""
+    """Answer ``NoTenantError``, ``SchemaNotFoundError`` and ``TenantMismatchError``
+    raised in requests as 404s, and ``TenantSourceError`` (no tenant list to check
+    against) as a 503."""
     app.register_error_handler(NoTenantError, _no_tenant)
     app.register_error_handler(SchemaNotFoundError, _schema_not_found)
+    app.register_error_handler(TenantMismatchError, _other_tenant)
     app.register_error_handler(TenantSourceError, _tenant_source_response)
 
 
@@ -81,6 +93,11 @@ def _no_tenant(error: NoTenantError) -> ResponseReturnValue:
 def _schema_not_found(error: SchemaNotFoundError) -> ResponseReturnValue:
     """The tenant's schema vanished after the request was resolved."""
     return _not_found(error, NO_SUCH_TENANT)
+
+
+def _other_tenant(error: TenantMismatchError) -> ResponseReturnValue:
+    """Something of another tenant (e.g. a task result looked up by id): as if absent."""
+    return _not_found(error, NOT_HERE)
 
 
 def _not_found(error: TenantError, description: str) -> ResponseReturnValue:

@@ -17,6 +17,7 @@ from contextlib import nullcontext
 from weakref import WeakKeyDictionary
 
 from celery import Celery, Task
+from celery.app import backends
 from celery.canvas import Signature
 from celery.utils import uuid
 from celery.utils.functional import maybe_list
@@ -25,6 +26,7 @@ from flask import Flask, current_app, has_app_context
 from . import context, signals
 from .errors import ConfigurationError, NoTenantError
 from .registry import validate_name
+from .results import tenant_backend_class
 from .settings import Settings
 from .signing import Signer, signature_header
 
@@ -68,6 +70,13 @@ class TenantCelery(Celery):  # type: ignore[misc]
     tenant_header: str
     tenant_signer: Signer | None
 
+    def _get_backend(self) -> t.Any:
+        """Celery's result backend, storing the tenant with each task's result."""
+        backend_class, url = backends.by_url(
+            self.backend_cls or self.conf.result_backend, self.loader
+        )
+        return tenant_backend_class(backend_class)(app=self, url=url)
+
     def send_task(
         self, name: str, args: t.Any = None, kwargs: t.Any = None, **options: t.Any
     ) -> t.Any:
@@ -110,6 +119,9 @@ def make_celery(app: Flask, settings: Settings) -> TenantCelery:
     celery_app.config_from_object(app.config["CELERY"])
     if "beat_scheduler" not in app.config["CELERY"]:
         celery_app.conf.beat_scheduler = "flask_tenant_jobs.beat:TenantScheduler"
+    backend = str(app.config["CELERY"].get("result_backend") or "")
+    if backend.startswith("db+") and "result_extended" not in app.config["CELERY"]:
+        celery_app.conf.result_extended = True  # where the database backend keeps a tenant
     celery_app.flask_app = app
     celery_app.tenant_header = settings.header
     celery_app.tenant_signer = make_signer(settings)
