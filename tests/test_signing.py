@@ -410,3 +410,19 @@ def test_the_error_comes_back_whole_from_pickling() -> None:
     error = TenantSignatureError("t", "id-1", {"not": "a name"}, "mismatch")
     again = pickle.loads(pickle.dumps(error))
     assert str(again) == str(error) and again.problem == "mismatch" and again.tenant == error.tenant
+
+
+def test_the_pytest_plugin_performs_signed_tasks(eager_app: Flask) -> None:
+    """``enqueued_tasks.perform()`` runs a recorded task as a worker would: signature checked."""
+    from flask_tenant_jobs.pytest_plugin import EnqueuedTasks
+
+    celery_app = eager_app.extensions["celery"]
+    captured = EnqueuedTasks(celery_app)
+    with tenant_jobs.switch("acme"):
+        options = celery_app.stamp_tenant(RECORD, {})
+    captured.record(RECORD, ("forged",), {}, {"headers": {HEADER: "acme"}})
+    with pytest.raises(TenantSignatureError):
+        captured.perform()
+    captured.record(RECORD, ("captured",), {}, options)
+    assert captured.perform() == [{"label": "captured", "tenant": "acme"}]
+    assert [run[0] for run in RUNS] == ["captured"]
