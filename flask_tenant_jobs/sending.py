@@ -6,8 +6,9 @@ message header that carries the tenant (:func:`header_name`), and
 ``TenantTask.apply_async``/``apply`` and ``TenantCelery.send_task`` (so also
 canvas steps, retries, ``replace()``, beat and ``apply_for_each_tenant``) call it
 to name the tenant in the message's headers and in copies of its
-``link``/``link_error``/``chord`` signatures. What the worker does with the header
-is in :mod:`flask_tenant_jobs.worker`.
+``link``/``link_error``/``chord`` signatures, and, with ``TENANT_JOBS_SIGNING_KEY``,
+to sign it for the message's task id (:mod:`flask_tenant_jobs.signing`). What the
+worker does with the headers is in :mod:`flask_tenant_jobs.worker`.
 """
 
 from __future__ import annotations
