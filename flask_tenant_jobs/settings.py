@@ -144,7 +144,8 @@ def signing_keys(key: str, value: t.Any) -> tuple[bytes, ...] | None:
         return None
     found = [value] if isinstance(value, (str, bytes)) else value
     if not isinstance(found, (list, tuple)) or not found:
-        raise ConfigurationError(f"'{key}' is a {type(value).__name__}: use {KEYS_ACCEPTED}.")
+        what = "an empty list" if isinstance(found, (list, tuple)) else type(value).__name__
+        raise ConfigurationError(f"'{key}' is {what}: use {KEYS_ACCEPTED}.")
     keys = tuple(k.encode() if isinstance(k, str) else k for k in found)
     if not all(isinstance(k, bytes) and len(k) >= MIN_KEY_BYTES for k in keys):
         raise ConfigurationError(  # never echo the secret itself
