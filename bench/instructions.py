@@ -64,6 +64,7 @@ class Comparison:
 #: and on its measured side.
 COMPARISONS = [
     Comparison("worker-side per task (tracer, no broker)", "task"),
+    Comparison("worker-side per task, signing on (tracer, no broker)", "task", "signed"),
     Comparison("request with subdomain resolution vs plain Flask", "request"),
     Comparison("SQLite: select 10 rows, statement built per call", "select_built"),
     Comparison("SQLite: same statement object reused", "select_reused"),
@@ -184,9 +185,35 @@ def _tenant_operations() -> dict[str, t.Callable[[], object]]:
     }
 
 
+def _signed_operations() -> dict[str, t.Callable[[], object]]:
+    """A tenant task whose message carries a signed tenant (``TENANT_JOBS_SIGNING_KEY``)."""
+    from flask import Flask
+    from flask_sqlalchemy import SQLAlchemy
+
+    from flask_tenant_jobs import TenantJobs, tenant_task
+
+    @tenant_task(name="bench.tenant_noop")
+    def tenant_noop() -> None:
+        return None
+
+    db = SQLAlchemy()
+    tenant_jobs = TenantJobs()
+    app = _flask_app(Flask, db, TENANT_JOBS_TENANTS=TENANTS,
+                     TENANT_JOBS_SIGNING_KEY="bench-signing-key-0123456789abcdef",
+                     CELERY={"broker_url": "memory://", "task_ignore_result": True})
+    tenant_jobs.init_app(app, db=db)
+    app.app_context().push()
+    celery_app = tenant_jobs.celery
+    task = celery_app.tasks["bench.tenant_noop"]
+    signature = celery_app.tenant_signer.sign(task.name, "id", TENANT)
+    return {"task": _tracer(task, {"tenant_for_job": TENANT,
+                                   "tenant_for_job_signature": signature})}
+
+
 SIDES: dict[str, t.Callable[[], dict[str, t.Callable[[], object]]]] = {
     "plain": _plain_operations,
     "tenant": _tenant_operations,
+    "signed": _signed_operations,
 }
 
 

@@ -29,8 +29,15 @@ def plain_noop() -> None:
     """Does nothing, in no tenant."""
 
 
-def create_app(tenants: int = 10_000, broker_url: str | None = None) -> Flask:
-    """The bench app with ``tenants`` tenants; the broker from ``BENCH_BROKER_URL``."""
+#: The signing key of the bench's signing rows.
+SIGNING_KEY = "bench-signing-key-0123456789abcdef"
+
+
+def create_app(
+    tenants: int = 10_000, broker_url: str | None = None, signing: bool = False
+) -> Flask:
+    """The bench app with ``tenants`` tenants; the broker from ``BENCH_BROKER_URL``;
+    ``signing``: tenant headers signed (``TENANT_JOBS_SIGNING_KEY``)."""
     app = Flask(__name__)
     broker = broker_url or os.environ.get("BENCH_BROKER_URL", "memory://")
     app.config.update(
@@ -44,6 +51,8 @@ def create_app(tenants: int = 10_000, broker_url: str | None = None) -> Flask:
             "worker_prefetch_multiplier": 16,
         },
     )
+    if signing:
+        app.config["TENANT_JOBS_SIGNING_KEY"] = SIGNING_KEY
     db.init_app(app)
     tenant_jobs.init_app(app, db=db)
     return app

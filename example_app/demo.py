@@ -164,7 +164,8 @@ def _run_jobs(app: Flask, out: t.Callable[[str], None]) -> JobsResult:
         body = client.post(f"http://{tenant}.{server}/orders", json={"item": item}).get_json()
         job_ids.append((tenant, body["job"]))
     for tenant, job_id in job_ids:
-        done = wait(jobs.process_order.AsyncResult(job_id))
+        with app.app_context(), tenant_jobs.switch(tenant):  # a result reads in its tenant
+            done = wait(jobs.process_order.AsyncResult(job_id))
         result.processed.setdefault(tenant, []).append(done["status"])
         page = client.get(f"http://{tenant}.{server}/jobs/{job_id}", headers=JSON)
         out(f"process_order({done['order']}) ran in {done['tenant']}: {done['status']} "
@@ -191,7 +192,8 @@ def _run_jobs(app: Flask, out: t.Callable[[str], None]) -> JobsResult:
         result.everywhere = wait(jobs.count_orders_everywhere.delay())
         out(f"count_orders_everywhere (a plain task visiting each tenant): {result.everywhere}")
         for job_id in wait(jobs.start_nightly_reports.delay()):
-            done = wait(jobs.order_report.AsyncResult(job_id))
+            with tenant_jobs.without_tenant():  # every tenant's report, deliberately
+                done = wait(jobs.order_report.AsyncResult(job_id))
             result.nightly[done["tenant"]] = done["kind"]
         out(f"start_nightly_reports sent one order_report per tenant: {result.nightly}")
     out("")

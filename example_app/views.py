@@ -103,13 +103,16 @@ def create_order() -> ResponseReturnValue:
 def job_status(job_id: str) -> ResponseReturnValue:
     """The state of an order's job (``PENDING``, ``SUCCESS``, ...) and its result once done.
 
-    The job is found through its order, so another tenant's job id is a 404.
+    ``process_order.AsyncResult`` reads a job in the request's tenant only: another
+    tenant's job is a 404 (the extension answers its ``TenantMismatchError``). A job
+    not stored yet reads as ``PENDING`` whoever asks; its order, which the page
+    shows, is found in this tenant's orders only, so an id of no order here is a 404.
     """
+    result = process_order.AsyncResult(job_id)
+    state = result.state
     order = db.session.scalar(db.select(Order).where(Order.job_id == job_id))
     if order is None:
         abort(404, description="No such job in this shop.")
-    result = process_order.AsyncResult(job_id)
-    state = result.state
     done = result.successful()
     if wants_json():
         return jsonify(job=job_id, state=state, result=result.result if done else None,

@@ -20,6 +20,7 @@ from .errors import (
     TenantImmutableError,
     TenantMismatchError,
     TenantNotFoundError,
+    TenantSignatureError,
     TenantSourceError,
 )
 
@@ -60,6 +61,7 @@ __all__ = [
     "TenantMismatchError",
     "TenantNotFoundError",
     "TenantScoped",
+    "TenantSignatureError",
     "TenantSourceError",
     "TenantTask",
     "current_tenant",

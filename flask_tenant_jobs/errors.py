@@ -141,3 +141,42 @@ class TenantSourceError(TenantError):
             "raise 'TENANT_JOBS_STALE_SECONDS' to serve the last list longer."
         )
         self.args = (reason, stale_seconds)
+
+
+#: Why a tenant signature was refused, and what to do about it.
+_SIGNATURE_PROBLEMS = {
+    "unsigned": (
+        "without a signature: it was not sent by an app holding 'TENANT_JOBS_SIGNING_KEY'. "
+        "Send it from the app (delay(), apply_async(), send_task()); while signing is being "
+        "rolled out, 'TENANT_JOBS_ACCEPT_UNSIGNED' = True lets the messages queued before run"
+    ),
+    "malformed": (
+        "with a malformed signature (flask-tenant-jobs writes a string 'v1:' and 64 hex "
+        "digits): the message was not made by this library, so it does not run"
+    ),
+    "mismatch": (
+        "with a signature that does not match it (made with another key, or for another task "
+        "id, task or tenant): forged or copied from another message, so it does not run. "
+        "After a key change, list the old key after the new one in 'TENANT_JOBS_SIGNING_KEY'"
+    ),
+}
+
+
+class TenantSignatureError(TenantError):
+    """A tenant task's message names its tenant without a valid signature (signing on)."""
+
+    def __init__(self, task: object, task_id: object, tenant: object, problem: str) -> None:
+        task, task_id, tenant = (_storable(value) for value in (task, task_id, tenant))
+        why = _SIGNATURE_PROBLEMS.get(problem, problem)
+        super().__init__(
+            f"The tenant task {task!r} (id {task_id!r}) names tenant {tenant!r} {why}.",
+            tenant,
+        )
+        self.args = (task, task_id, tenant, problem)
+        self.problem = problem
+
+
+def _storable(value: object) -> str:
+    """``value`` from a message, as a short string (a result backend stores the error)."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

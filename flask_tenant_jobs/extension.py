@@ -77,13 +77,13 @@ class TenantJobs:
         strategy = make_strategy(settings, db)
         _refuse_what_cannot_be_installed(app, db, settings)
         register(app, self)
-        celery = make_celery(app, settings.header) if "CELERY" in app.config else None
+        celery = make_celery(app, settings) if "CELERY" in app.config else None
         if settings.fair_dispatch:  # imported only then: it needs the redis library
             from .fair import setup as fair
 
             fair.install(app, celery, settings)
         self._states[app] = _AppState(settings, registry, resolver, strategy, db, celery)
-        register_flask_app(app)
+        register_flask_app(app, settings)
         self._install(app, self._states[app])
 
     def _install(self, app: Flask, state: _AppState) -> None:

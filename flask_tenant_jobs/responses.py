@@ -6,8 +6,10 @@ clients, and is logged when it comes from the app's code.
 An unknown tenant (a foreign host, a typo) is routine and only answered; a
 ``NoTenantError`` raised by a view, or a strategy's own error (the schema
 strategy's ``SchemaNotFoundError``), means the view reached tenant data where
-there is no tenant, so it is also logged at warning level with the view and
-the error's message, which says what to do.
+there is no tenant, and a ``TenantMismatchError`` that it reached another
+tenant's (a task result looked up by id), so they are also logged at warning
+level with the view and the error's message, which says what to do; the
+client learns nothing about the other tenant.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from werkzeug.wrappers import Request
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
 
-from .errors import NoTenantError, TenantError, TenantSourceError
+from .errors import NoTenantError, TenantError, TenantMismatchError, TenantSourceError
 
 #: What the client is told, for each reason there is no tenant.
 NO_SUCH_TENANT = "No such tenant."
 PAGE_NEEDS_TENANT = "This page belongs to a tenant: use a tenant's address."
+#: What the client is told about something of another tenant: nothing about that tenant.
+NOT_HERE = "Not found."
 
 
 class TenantNotFound(NotFound):
@@ -64,12 +68,14 @@ def wants_json(incoming: Request) -> bool:
 
 
 def install(app: Flask) -> None:
-    """Answer ``NoTenantError`` raised in requests (by scoping or a tenant task) as a 404,
+    """Answer ``NoTenantError`` raised in requests (by scoping or a tenant task) and
+    ``TenantMismatchError`` (another tenant's task result) as 404s,
     and ``TenantSourceError`` (no tenant list to check against) as a 503.
 
     Each strategy answers its own errors with :func:`answer_not_found`.
     """
     answer_not_found(app, NoTenantError, PAGE_NEEDS_TENANT)
+    answer_not_found(app, TenantMismatchError, NOT_HERE)
     app.register_error_handler(TenantSourceError, _tenant_source_response)
 
 

@@ -6,31 +6,42 @@ message header that carries the tenant (:func:`header_name`), and
 ``TenantTask.apply_async``/``apply`` and ``TenantCelery.send_task`` (so also
 canvas steps, retries, ``replace()``, beat and ``apply_for_each_tenant``) call it
 to name the tenant in the message's headers and in copies of its
-``link``/``link_error``/``chord`` signatures. What the worker does with the header
-is in :mod:`flask_tenant_jobs.worker`.
+``link``/``link_error``/``chord`` signatures, and, with ``TENANT_JOBS_SIGNING_KEY``,
+to sign it for the message's task id (:mod:`flask_tenant_jobs.signing`). What the
+worker does with the headers is in :mod:`flask_tenant_jobs.worker`.
 """
 
 from __future__ import annotations
 
 import typing as t
 from contextlib import nullcontext
-from weakref import WeakSet
+from weakref import WeakKeyDictionary
 
 from celery import Celery, Task
+from celery.app import backends
 from celery.canvas import Signature
+from celery.utils import uuid
 from celery.utils.functional import maybe_list
 from flask import Flask, current_app, has_app_context
 
 from . import context, limits, signals
 from .errors import ConfigurationError, NoTenantError
 from .registry import validate_name
+from .results import tenant_backend_class
+from .settings import Settings
+from .signing import Signer, signature_header
 from .state import extension_of, find_extension
 
 DEFAULT_HEADER = "tenant_for_job"
 #: The ``broker_transport`` fair dispatch selects (see flask_tenant_jobs/fair/setup.py).
 FAIR_TRANSPORT = "flask_tenant_jobs.fair.transport:FairTransport"
-#: The Flask apps ``TenantJobs`` was set up on, for Celery apps not made by it.
-_FLASK_APPS: WeakSet[Flask] = WeakSet()
+#: Celery's built-in tasks that run another task's body in place: ``task.map()``,
+#: ``task.starmap()`` and ``task.chunks()`` send them, with the task's signature in
+#: their ``task`` argument.
+WRAPPER_TASKS = frozenset({"celery.map", "celery.starmap", "celery.chunks"})
+#: The Flask apps ``TenantJobs`` was set up on (for Celery apps not made by it), and
+#: the signer of each (``None``: tenant headers are not signed).
+_FLASK_APPS: WeakKeyDictionary[Flask, Signer | None] = WeakKeyDictionary()
 
 
 def send_hint(header: str) -> str:
@@ -42,11 +53,33 @@ def send_hint(header: str) -> str:
     )
 
 
+class WrapperStampingTask(Task):  # type: ignore[misc]
+    """The task class of a ``TenantCelery``'s own tasks: Celery's ``celery.map``/
+    ``starmap``/``chunks`` wrappers of a tenant task are stamped when run in place
+    (``apply()``, eager mode) as when sent, so that a signed tenant checks out."""
+
+    def apply(self, args: t.Any = None, kwargs: t.Any = None, **options: t.Any) -> t.Any:
+        """Run the task here and now; a wrapper of a tenant task carries its tenant."""
+        if self.name in WRAPPER_TASKS:
+            options = self.app.stamp_tenant(self.name, options, kwargs, sent=False)
+        return super().apply(args, kwargs, **options)
+
+
 class TenantCelery(Celery):  # type: ignore[misc]
     """A Celery app tied to one Flask app; ``send_task`` stamps tenant tasks too."""
 
+    task_cls = WrapperStampingTask
+
     flask_app: Flask
     tenant_header: str
+    tenant_signer: Signer | None
+
+    def _get_backend(self) -> t.Any:
+        """Celery's result backend, storing the tenant with each task's result."""
+        backend_class, url = backends.by_url(
+            self.backend_cls or self.conf.result_backend, self.loader
+        )
+        return tenant_backend_class(backend_class)(app=self, url=url)
 
     def send_task(
         self, name: str, args: t.Any = None, kwargs: t.Any = None, **options: t.Any
@@ -57,7 +90,7 @@ class TenantCelery(Celery):  # type: ignore[misc]
         )
 
     def stamp_tenant(
-        self, name: str, options: dict[str, t.Any], kwargs: t.Any = None
+        self, name: str, options: dict[str, t.Any], kwargs: t.Any = None, sent: bool = True
     ) -> dict[str, t.Any]:
         """``options`` for sending task ``name``: a tenant task's headers name its tenant.
 
@@ -65,7 +98,7 @@ class TenantCelery(Celery):  # type: ignore[misc]
         ``TenantTask.apply_async`` already stamped (it passes ``task_type``) are kept.
         A ``celery.map``/``starmap``/``chunks`` wrapper of a tenant task (``kwargs``
         holds its signature) carries the tenant that signature names, else the
-        current one, like the tenant task itself.
+        current one, like the tenant task itself. ``sent``: as in :func:`stamp_options`.
         """
         from .tasks import TenantTask, wrapped_task  # tasks.py imports this module
 
@@ -73,7 +106,7 @@ class TenantCelery(Celery):  # type: ignore[misc]
         if isinstance(options.get("task_type"), TenantTask):
             return options
         if isinstance(task, TenantTask):
-            return stamp_options(task, options)
+            return stamp_options(task, options, sent)
         wrapped = wrapped_task(self, name, kwargs)
         if wrapped is None:
             return options
@@ -81,17 +114,21 @@ class TenantCelery(Celery):  # type: ignore[misc]
         headers = options.get("headers") or {}
         if tenant is not None and self.tenant_header not in headers:
             options = {**options, "headers": {**headers, self.tenant_header: tenant}}
-        return stamp_options(inner, options, sent_as=name)
+        return stamp_options(inner, options, sent, sent_as=name)
 
 
-def make_celery(app: Flask, header: str) -> TenantCelery:
+def make_celery(app: Flask, settings: Settings) -> TenantCelery:
     """Build the Celery app of ``app`` from ``app.config["CELERY"]`` (Flask's pattern)."""
     celery_app = TenantCelery(app.import_name)
     celery_app.config_from_object(app.config["CELERY"])
     if "beat_scheduler" not in app.config["CELERY"]:
         celery_app.conf.beat_scheduler = "flask_tenant_jobs.beat:TenantScheduler"
+    backend = str(app.config["CELERY"].get("result_backend") or "")
+    if backend.startswith("db+") and "result_extended" not in app.config["CELERY"]:
+        celery_app.conf.result_extended = True  # where the database backend keeps a tenant
     celery_app.flask_app = app
-    celery_app.tenant_header = header
+    celery_app.tenant_header = settings.header
+    celery_app.tenant_signer = make_signer(settings)
     celery_app.set_default()
     app.extensions["celery"] = celery_app
     return celery_app
@@ -103,6 +140,9 @@ def stamp_options(
     """``options`` for sending (or running) tenant task ``task``: headers naming a known
     tenant (the one in ``headers``, checked, else the current one), and copies of the
     ``link``/``link_error``/``chord`` signatures that carry it.
+
+    With a signing key, the headers also sign the tenant for the task's id (made here,
+    as Celery would, when ``task_id`` is not given) and name (``sent_as`` or the task's).
 
     ``sent``: the task is being sent (``task_enqueued`` fires, naming ``sent_as`` or
     the task), not run by ``apply()`` (which eager ``apply_async`` also ends in: the
@@ -121,6 +161,12 @@ def stamp_options(
         with app_context_of(task.app):
             tenant = extension_of(flask_app_of(task.app)).validate(tenant)
     headers[header] = tenant
+    signer = signer_of(task.app)
+    if signer is not None:
+        options = {**options, "task_id": options.get("task_id") or uuid()}
+        headers[signature_header(header)] = signer.sign(
+            sent_as or task.name, options["task_id"], tenant
+        )
     if sent:
         _stamp_limit(task, headers)
     stamped = {
@@ -185,9 +231,9 @@ def fan_out_names(
 # -- which Flask app a Celery app belongs to ------------------------------------------------
 
 
-def register_flask_app(app: Flask) -> None:
+def register_flask_app(app: Flask, settings: Settings) -> None:
     """Remember a Flask app ``TenantJobs`` is set up on, for Celery apps it did not make."""
-    _FLASK_APPS.add(app)
+    _FLASK_APPS[app] = make_signer(settings)
 
 
 def flask_apps() -> list[Flask]:
@@ -229,6 +275,21 @@ def header_name(celery_app: Celery) -> str:
         return t.cast(str, header)
     app = find_flask_app(celery_app)
     return str(app.config.get("TENANT_JOBS_HEADER") or DEFAULT_HEADER) if app else DEFAULT_HEADER
+
+
+def make_signer(settings: Settings) -> Signer | None:
+    """The signer of tenant headers that ``settings`` ask for (``None``: not signed)."""
+    if settings.signing_key is None:
+        return None
+    return Signer(settings.signing_key, settings.accept_unsigned)
+
+
+def signer_of(celery_app: Celery) -> Signer | None:
+    """The signer of tenant headers for this Celery app (``None``: not signed)."""
+    if isinstance(celery_app, TenantCelery):
+        return celery_app.tenant_signer
+    app = find_flask_app(celery_app)
+    return _FLASK_APPS.get(app) if app is not None else None
 
 
 def app_context_of(celery_app: Celery) -> t.ContextManager[t.Any]:

@@ -45,12 +45,17 @@ class AppDefault:
     compute: t.Callable[[Flask], t.Any]
 
 
-def setting(default: t.Any, check: Check, *, none_is_a_value: bool = False) -> t.Any:
+def setting(
+    default: t.Any, check: Check, *, none_is_a_value: bool = False, secret: bool = False
+) -> t.Any:
     """Declare a key: its default (a value, an ``AppDefault`` or ``Required``) and its check.
 
     A key set to ``None`` takes its default, unless ``none_is_a_value`` (``None`` means off).
+    A ``secret`` is left out of the settings' repr (logs, tracebacks).
     """
-    return field(metadata={"default": default, "check": check, "none": none_is_a_value})
+    return field(
+        repr=not secret, metadata={"default": default, "check": check, "none": none_is_a_value}
+    )
 
 
 # -- checks: each names the key and what it accepts -------------------------------------------
@@ -133,6 +138,31 @@ def path_list(key: str, value: t.Any) -> tuple[str, ...]:
     if not all(path.startswith("/") for path in found):
         raise _refuse(key, value, "paths that start with '/', e.g. ['/static', '/health']")
     return tuple(found)
+
+
+#: Shortest signing key accepted, in bytes.
+MIN_KEY_BYTES = 16
+KEYS_ACCEPTED = (
+    f"a secret of at least {MIN_KEY_BYTES} bytes (str or bytes, e.g. "
+    "secrets.token_hex(32)), or a list of them whose first signs and all verify"
+)
+
+
+def signing_keys(key: str, value: t.Any) -> tuple[bytes, ...] | None:
+    """``None`` (not signed), a secret (str or bytes), or a non-empty list of secrets."""
+    if value is None:
+        return None
+    found = [value] if isinstance(value, (str, bytes)) else value
+    if not isinstance(found, (list, tuple)) or not found:
+        what = "an empty list" if isinstance(found, (list, tuple)) else type(value).__name__
+        raise ConfigurationError(f"'{key}' is {what}: use {KEYS_ACCEPTED}.")
+    keys = tuple(k.encode() if isinstance(k, str) else k for k in found)
+    if not all(isinstance(k, bytes) and len(k) >= MIN_KEY_BYTES for k in keys):
+        raise ConfigurationError(  # never echo the secret itself
+            f"'{key}' holds a key that is not a str or bytes of at least {MIN_KEY_BYTES} "
+            f"bytes: use {KEYS_ACCEPTED}."
+        )
+    return keys
 
 
 TENANTS_ACCEPTED = "a list of tenant names, or a zero-argument callable that returns them"
@@ -232,6 +262,8 @@ class Settings:
     rls: bool = setting(False, boolean)
     fair_dispatch: bool = setting(False, boolean)
     slot_ttl: float = setting(60.0, positive_seconds)
+    signing_key: tuple[bytes, ...] | None = setting(None, signing_keys, secret=True)
+    accept_unsigned: bool = setting(False, boolean)
 
     @classmethod
     def from_app(cls, app: Flask) -> Settings:
@@ -246,6 +278,12 @@ class Settings:
         """What no single key can check alone (each resolver checks what it needs)."""
         if self.rls:
             self._check_rls()
+        if self.accept_unsigned and self.signing_key is None:
+            raise ConfigurationError(
+                "'TENANT_JOBS_ACCEPT_UNSIGNED' is for rolling signing out, but "
+                "'TENANT_JOBS_SIGNING_KEY' is not set: set the key too, or leave "
+                "TENANT_JOBS_ACCEPT_UNSIGNED out (without a key nothing is signed or checked)."
+            )
 
     def _check_rls(self) -> None:
         """Row-level security fails closed, so it needs the column strategy and a tenant."""

@@ -14,15 +14,19 @@ body in place; they carry and restore the tenant as the tenant task would.
 
 from __future__ import annotations
 
+import sys
 import typing as t
 
 from celery import Celery, Task, shared_task
+from celery import result as celery_result
 from celery.canvas import Signature
-from celery.result import AsyncResult, allow_join_result
+from celery.result import allow_join_result
 
 from . import context, limits
 from .errors import ConfigurationError, NoTenantError
+from .results import TenantAsyncResult
 from .sending import (
+    WRAPPER_TASKS,
     app_context_of,
     capture_tenant,
     fan_out_names,
@@ -39,10 +43,6 @@ CALL_HINT = (
 )
 #: Request attribute holding the tenant error the worker met when the task started.
 TENANT_ERROR = "_tenant_jobs_error"
-#: Celery's built-in tasks that run another task's body in place: ``task.map()``,
-#: ``task.starmap()`` and ``task.chunks()`` send them, with the task's signature in
-#: their ``task`` argument.
-WRAPPER_TASKS = frozenset({"celery.map", "celery.starmap", "celery.chunks"})
 
 
 class TenantTask(Task):  # type: ignore[misc]
@@ -80,9 +80,23 @@ class TenantTask(Task):  # type: ignore[misc]
 
     subtask = signature
 
+    def AsyncResult(self, task_id: str, **kwargs: t.Any) -> celery_result.AsyncResult:
+        """The result of task ``task_id``, read only in the tenant the task ran in
+        (:class:`~flask_tenant_jobs.results.TenantAsyncResult`).
+
+        The handles Celery itself makes while sending (what ``delay()``,
+        ``apply_async()`` and canvas return) are Celery's own: they belong to the
+        caller who sent the task.
+        """
+        if _called_from_celery():
+            return super().AsyncResult(task_id, **kwargs)
+        return TenantAsyncResult(
+            task_id, backend=self.backend, task_name=self.name, app=self.app, **kwargs
+        )
+
     def apply_async(
         self, args: t.Any = None, kwargs: t.Any = None, **options: t.Any
-    ) -> AsyncResult:
+    ) -> celery_result.AsyncResult:
         """Send the task carrying the tenant named in ``headers``, else the current one."""
         return super().apply_async(args, kwargs, **stamp_options(self, options))
 
@@ -103,7 +117,7 @@ class TenantTask(Task):  # type: ignore[misc]
         kwargs: t.Any = None,
         tenants: t.Iterable[str] | None = None,
         **options: t.Any,
-    ) -> list[AsyncResult]:
+    ) -> list[celery_result.AsyncResult]:
         """Send the task once per tenant (or per name in ``tenants``), each in its tenant.
 
         The names in ``tenants`` are all checked before anything is sent: an unknown
@@ -129,7 +143,9 @@ class TenantTask(Task):  # type: ignore[misc]
                 for name in names
             ]
 
-    def delay_for_each_tenant(self, *args: t.Any, **kwargs: t.Any) -> list[AsyncResult]:
+    def delay_for_each_tenant(
+        self, *args: t.Any, **kwargs: t.Any
+    ) -> list[celery_result.AsyncResult]:
         """Send the task once per tenant with these arguments, each in its own tenant."""
         return self.apply_for_each_tenant(args, kwargs)
 
@@ -164,6 +180,13 @@ def wrapped_task(
     headers = options.get("headers") if isinstance(options, dict) else None
     tenant = headers.get(header_name(celery_app)) if isinstance(headers, dict) else None
     return task, tenant
+
+
+def _called_from_celery() -> bool:
+    """Whether the caller of ``TenantTask.AsyncResult`` is Celery's own code (sending a
+    task or freezing a canvas), two frames up."""
+    caller = sys._getframe(2).f_globals.get("__name__", "")
+    return isinstance(caller, str) and caller.startswith("celery.")
 
 
 def _no_tenant_to_run(task: TenantTask) -> Exception:

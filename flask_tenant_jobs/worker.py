@@ -10,7 +10,9 @@ runs in Celery's ``finally``: the tenant is reset whatever happened. A bad
 tenant cannot be refused from ``task_prerun`` (Celery only logs errors there),
 so the error is kept and raised by ``TenantTask.__call__`` before the body
 runs; so is any error met while looking the tenant up (a tenant source or
-database that is down).
+database that is down). With ``TENANT_JOBS_SIGNING_KEY`` set, the tenant's
+signature is checked first (:mod:`flask_tenant_jobs.signing`): an unsigned or
+forged one is such an error too.
 
 Tenant tasks on other Celery apps (Flask's own ``celery_init_app`` pattern) are
 restored the same way, in the Flask app that app belongs to; so are Celery's
@@ -44,7 +46,13 @@ from flask import Flask
 from flask.ctx import AppContext
 
 from . import context, registry, signals
-from .errors import ConfigurationError, NoTenantError, TenantError, TenantNotFoundError
+from .errors import (
+    ConfigurationError,
+    NoTenantError,
+    TenantError,
+    TenantNotFoundError,
+    TenantSignatureError,
+)
 from .log import TenantLogFilter
 from .sending import (
     DEFAULT_HEADER,
@@ -53,7 +61,9 @@ from .sending import (
     flask_apps,
     header_name,
     send_hint,
+    signer_of,
 )
+from .signing import Signer, signature_header
 from .state import extension_of
 from .tasks import TENANT_ERROR, TenantTask, wrapped_task
 
@@ -89,21 +99,27 @@ _UNFINISHED: ContextVar[_Unfinished | None] = ContextVar(
 
 
 def tenant_of_request(request: t.Any, header: str = DEFAULT_HEADER) -> object:
-    """The tenant a task request names: a request attribute (worker) or in ``headers``.
+    """The tenant a task request names: a request attribute (worker) or in ``headers``."""
+    return header_of_request(request, header)
+
+
+def header_of_request(request: t.Any, name: str) -> object:
+    """The value of message header ``name`` of a task request: a request attribute
+    (worker), else in ``request.headers``.
 
     Eager runs keep custom headers in ``request.headers``; tools such as
     sentry-sdk nest a ``headers`` dict in there, so both levels are read.
     """
-    value = getattr(request, header, None)
+    value = getattr(request, name, None)
     if value is not None:
         return value
     headers = getattr(request, "headers", None)
     if not isinstance(headers, dict):
         return None
-    value = headers.get(header)
+    value = headers.get(name)
     nested = headers.get("headers")
     if value is None and isinstance(nested, dict):
-        value = nested.get(header)
+        value = nested.get(name)
     return value
 
 
@@ -211,18 +227,17 @@ def _no_flask_app(celery_app: Celery) -> ConfigurationError:
 def _restorable_tenant(
     task: Task, flask_app: Flask, wrapped: tuple[TenantTask, object] | None
 ) -> str:
-    """The task's tenant, validated; raises ``NoTenantError``/``TenantNotFoundError``.
-
-    A wrapper task (``celery.map``...) whose message names no tenant falls back on the
-    one its tenant task's signature carries, and when run in place (``apply()``,
-    eager mode) on the caller's.
-    """
+    """The task's tenant, its signature checked (signing on) and the name validated;
+    raises ``TenantSignatureError``, ``NoTenantError`` or ``TenantNotFoundError``."""
     header = header_name(task.app)
-    raw = tenant_of_request(task.request, header)
-    if raw is None and wrapped is not None:
-        raw = wrapped[1]
-        if raw is None and task.request.is_eager:
-            raw = context.get_tenant()
+    signer = signer_of(task.app)
+    request = task.request
+    raw = tenant_of_request(request, header)
+    if raw is not None and signer is not None:
+        signature = header_of_request(request, signature_header(header))
+        signer.verify(task.name, request.id, raw, signature)
+    elif raw is None and wrapped is not None:
+        raw = _tenant_of_wrapper(task, wrapped[1], signer)
     if raw is None:
         what = f"{task.name!r} of the tenant task {wrapped[0].name!r}" if wrapped else None
         raise NoTenantError(
@@ -234,8 +249,22 @@ def _restorable_tenant(
     except TenantError:
         signals.tenant_not_found.send(flask_app, tenant=raw, source="task")
         raise
-    setattr(task.request, header, tenant)
+    setattr(request, header, tenant)
     return tenant
+
+
+def _tenant_of_wrapper(task: Task, inner_tenant: object, signer: Signer | None) -> object:
+    """The tenant of a ``celery.map``/``starmap``/``chunks`` message that names none in
+    its headers: the one its tenant task's signature carries (in the message body: not
+    with signing on, unless unsigned messages are accepted), else, when run in place
+    (``apply()``, eager mode), the caller's. A tenant left only in the body with
+    signing on raises ``TenantSignatureError``."""
+    if inner_tenant is not None and (signer is None or signer.accept_unsigned):
+        return inner_tenant
+    caller = context.get_tenant() if task.request.is_eager else None
+    if caller is None and inner_tenant is not None:
+        raise TenantSignatureError(task.name, task.request.id, inner_tenant, "unsigned")
+    return caller
 
 
 def _validate_reloading_once(extension: TenantJobs, raw: object) -> str:

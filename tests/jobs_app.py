@@ -278,6 +278,7 @@ def create_app(**overrides: t.Any) -> Flask:
 #   which reads the shared ``jobs_tenant`` table and counts its calls in Redis
 #   (``INCR jobs:tenant_source_calls`` at ``TEST_JOBS_COUNTER_URL``, when set);
 # * ``TEST_JOBS_CACHE_SECONDS``: ``TENANT_JOBS_CACHE_SECONDS``;
+# * ``TEST_JOBS_SIGNING_KEY``: ``TENANT_JOBS_SIGNING_KEY`` (tenant headers signed and checked);
 # * ``TEST_JOBS_BEAT=1``: a beat schedule running ``write_seen`` every second for every tenant
 #   (label ``beat-all``), for ``globex`` only (label ``beat-globex``), pinned to
 #   ``initech`` by its headers (``beat-pinned``), and for ``acme`` and ``hooli``, a tenant
@@ -371,6 +372,8 @@ def create_variant_app() -> Flask:
         overrides["TENANT_JOBS_TENANTS"] = tenants_from_table
     if os.environ.get("TEST_JOBS_CACHE_SECONDS"):
         overrides["TENANT_JOBS_CACHE_SECONDS"] = float(os.environ["TEST_JOBS_CACHE_SECONDS"])
+    if os.environ.get("TEST_JOBS_SIGNING_KEY"):
+        overrides["TENANT_JOBS_SIGNING_KEY"] = os.environ["TEST_JOBS_SIGNING_KEY"]
     celery_overrides: dict[str, t.Any] = {}
     if os.environ.get("TEST_JOBS_DEFAULT_QUEUE"):
         celery_overrides["task_default_queue"] = os.environ["TEST_JOBS_DEFAULT_QUEUE"]

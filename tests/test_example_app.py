@@ -109,7 +109,7 @@ JOBS_LINES = [
     "process_order(1) ran in acme: processed (GET /jobs/... -> SUCCESS)",
     "process_order(3) ran in globex: processed (GET /jobs/... -> SUCCESS)",
     "GET http://globex.example.test/jobs/<acme's job> -> 404: globex may not read acme's job "
-    "(No such job in this shop.)",
+    "(Not found.)",
     "order_report('weekly') ran in acme: {'processed': 2}",
     "send_digest (sent with countdown=1) ran: globex: 1 orders in the shop",
     "count_orders_everywhere (a plain task visiting each tenant): {'acme': 2, 'globex': 1}",
@@ -400,7 +400,7 @@ def test_flask_run_and_a_worker_process_share_the_embedded_broker(tmp_path: Path
         assert received == len(early) + len(many)  # each message delivered exactly once
 
         acme_job, acme_order = early[0][1]["job"], early[0][1]["id"]
-        assert job("globex", acme_job) == (404, {"error": "No such job in this shop."})
+        assert job("globex", acme_job) == (404, {"error": "Not found."})  # its result's tenant
         assert web.request("GET", "globex.example.test", f"/orders/{acme_order}") == (
             404, {"error": "No such order in this shop."}
         )

@@ -58,6 +58,7 @@ from flask_tenant_jobs.context import is_unscoped
 from flask_tenant_jobs.log import TenantLogFilter
 from flask_tenant_jobs.sending import TenantCelery
 from flask_tenant_jobs.signals import task_enqueued, tenant_not_found
+from flask_tenant_jobs.signing import Signer, signature_header
 
 from . import jobs_app
 from .jobs_app import (
@@ -98,8 +99,12 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 #: Each mode is a broker (eager: none), and with "-schema" the schema strategy on the real
-#: PostgreSQL instead of the column strategy on SQLite.
-MODES = ["eager", "redis", "rabbitmq", "eager-schema", "redis-schema"]
+#: PostgreSQL instead of the column strategy on SQLite; with "-signed" the tenant headers
+#: are signed (``TENANT_JOBS_SIGNING_KEY``) and checked by the worker.
+MODES = [
+    "eager", "redis", "rabbitmq", "eager-schema", "redis-schema", "eager-signed", "redis-signed"
+]
+SIGNING_KEY = "jobs-signing-key-of-the-test-modes"
 #: Schema names of the schema-strategy modes (dropped afterwards).
 SCHEMA_FORMAT = "ftjjobs_{tenant}"
 TENANTS = ("acme", "globex", "initech")
@@ -169,7 +174,8 @@ def jobs_mode(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> t.Iterator[Jobs]:
     mode: str = request.param
-    broker, _, strategy = mode.partition("-")
+    broker, *flags = mode.split("-")
+    strategy = "schema" if "schema" in flags else "column"
     celery_config: dict[str, t.Any] = {
         "task_default_queue": QUEUE,
         "worker_hijack_root_logger": False,
@@ -206,6 +212,8 @@ def jobs_mode(
     else:
         database = tmp_path_factory.mktemp(f"jobs-{mode}") / "jobs.sqlite3"
         storage = {"SQLALCHEMY_DATABASE_URI": f"sqlite:///{database}"}
+    if "signed" in flags:
+        storage["TENANT_JOBS_SIGNING_KEY"] = SIGNING_KEY
     app = jobs_app.create_app(
         TENANT_JOBS_TENANTS=tenants_from_table, CELERY=celery_config, **storage
     )
@@ -351,10 +359,29 @@ def deliver_unchecked(jobs: Jobs, name: str, args: tuple[t.Any, ...], **options:
 
     With a worker: publish through the base ``Celery.send_task``. Eager: run it
     through the base ``Task.apply`` (what a worker would do with such a message).
+    In the signed modes the tenant the headers name is signed as the app would sign
+    it, so that the message meets the worker's other checks.
     """
+    if jobs.celery.tenant_signer is not None:
+        options = signed_like_the_app(jobs, name, options)
     if jobs.eager:
         return CeleryTask.apply(jobs.celery.tasks[name], args, **options)
     return Celery.send_task(jobs.celery, name, args, **options)
+
+
+def signed_like_the_app(jobs: Jobs, name: str, options: dict[str, t.Any]) -> dict[str, t.Any]:
+    """``options`` whose tenant header (top level or nested) is signed for task ``name``."""
+    headers = dict(options.get("headers") or {})
+    nested = dict(headers.get("headers") or {})
+    level = headers if HEADER in headers else nested
+    if HEADER not in level:
+        return options
+    task_id = options.get("task_id") or str(uuid.uuid4())
+    signer = t.cast(Signer, jobs.celery.tenant_signer)
+    level[signature_header(HEADER)] = signer.sign(name, task_id, level[HEADER])
+    if level is nested:
+        headers["headers"] = nested
+    return {**options, "task_id": task_id, "headers": headers}
 
 
 # -- Capture at the call site ---------------------------------------------------------------

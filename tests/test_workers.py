@@ -635,11 +635,15 @@ def beat_services(jobs: Jobs) -> Iterator[tuple[Celery, dict[str, str]]]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
 def test_beat_runs_entries_per_tenant_and_picks_up_new_tenants(
-    jobs: Jobs, beat_services: tuple[Celery, dict[str, str]], tmp_path: Path
+    jobs: Jobs, beat_services: tuple[Celery, dict[str, str]], tmp_path: Path, signed: bool
 ) -> None:
-    """A real beat and worker: every tenant per tick, or the entry's ``tenants``; new ones too."""
+    """A real beat and worker: every tenant per tick, or the entry's ``tenants``; new ones too
+    (signed: beat signs each tenant's message and the worker checks it)."""
     control, env = beat_services
+    if signed:
+        env = {**env, "TEST_JOBS_SIGNING_KEY": "beat-and-worker-share-this-key"}
     jobs.clear_seen()
     worker = Worker(VARIANT_APP, "threads", 4, env, tmp_path / "worker.log")
     processes: list[FlaskProcess] = [worker]
