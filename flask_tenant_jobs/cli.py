@@ -297,6 +297,22 @@ def rls_check_command() -> None:
     click.echo("row-level security: every tenant table is protected")
 
 
+@tenant_jobs_cli.command("queues")
+@click.option("--queue", "-Q", default=None, help="The queue (default: Celery's default queue).")
+def queues_command(queue: str | None) -> None:
+    """Show per tenant the tasks waiting, held back by a limit, scheduled and running."""
+    with _one_line_errors():
+        rows = _extension(current_app).queue_rows(queue)
+    header = ("tenant", "waiting", "held back", "scheduled", "running")
+    lines = [header, *((r.tenant, *map(str, r[1:])) for r in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for line in lines:
+        click.echo("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                             for i, (cell, w) in enumerate(zip(line, widths))).rstrip())  # fmt: skip
+    if not rows:
+        click.echo("no tenant task is waiting")
+
+
 @contextmanager
 def _one_line_errors() -> t.Iterator[None]:
     """Turn a tenant or database error into one clear line and a non-zero exit."""

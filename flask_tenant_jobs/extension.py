@@ -12,6 +12,7 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import context, responses, rls, signals
+from .fair import setup as fair
 from .cli import tenant_jobs_cli
 from .errors import ConfigurationError, TenantError
 from .integrations import install_integrations
@@ -73,6 +74,7 @@ class TenantJobs:
             db=db,
             celery=make_celery(app, settings.header) if "CELERY" in app.config else None,
         )
+        fair.install(app, state.celery, settings)
         self._states[app] = state
         app.extensions["tenant_jobs"] = self
         register_flask_app(app)
@@ -246,6 +248,18 @@ class TenantJobs:
         forgotten. Returns whether they were.
         """
         return self._state().registry.invalidate(older_than)
+
+    # -- fair dispatch ----------------------------------------------------------------
+
+    def backlog(self, queue: str | None = None) -> dict[str, int]:
+        """Tenant tasks waiting in ``queue`` (default: Celery's default queue), per tenant:
+        ready, held back by a limit, or not due yet. Needs ``TENANT_JOBS_FAIR_DISPATCH``."""
+        return fair.backlog(self.celery, queue)
+
+    def queue_rows(self, queue: str | None = None) -> list[fair.QueueRow]:
+        """Per tenant of ``queue``: tasks waiting, held back, scheduled and running under a
+        limit (what ``flask tenant-jobs queues`` shows)."""
+        return fair.queue_rows(self.celery, queue)
 
     # -- row-level security (PostgreSQL) ----------------------------------------------
 

@@ -84,6 +84,13 @@ def seconds(key: str, value: t.Any) -> float:
     return float(value)
 
 
+def positive_seconds(key: str, value: t.Any) -> float:
+    """A number of seconds, more than 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise _refuse(key, value, "a number of seconds, more than 0 (e.g. 60)")
+    return float(value)
+
+
 def text(key: str, value: t.Any) -> str:
     """A non-empty string."""
     if not isinstance(value, str) or not value:
@@ -220,6 +227,8 @@ class Settings:
     metrics: bool = setting(True, boolean)
     metrics_max_tenants: int = setting(100, whole_number)
     rls: bool = setting(False, boolean)
+    fair_dispatch: bool = setting(False, boolean)
+    slot_ttl: float = setting(60.0, positive_seconds)
 
     @classmethod
     def from_app(cls, app: Flask) -> Settings:

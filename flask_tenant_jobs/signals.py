@@ -25,3 +25,7 @@ tenant_dropped = _signals.signal("tenant-dropped")
 task_enqueued = _signals.signal("task-enqueued")
 #: A worker restored a task's tenant before running it. Keywords: ``task`` and ``tenant``.
 task_tenant_restored = _signals.signal("task-tenant-restored")
+#: A per-tenant limit held a task back (the worker picked another tenant's task, or
+#: waits). Sent in the worker process that tried to pick it. Keywords: ``task`` (name)
+#: and ``tenant``.
+task_held_back = _signals.signal("task-held-back")

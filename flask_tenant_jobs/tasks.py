@@ -24,7 +24,7 @@ from celery.result import AsyncResult, allow_join_result
 from celery.utils.functional import maybe_list
 from flask import Flask, current_app, has_app_context
 
-from . import context, signals
+from . import context, limits, signals
 from .errors import ConfigurationError, NoTenantError
 from .registry import validate_name
 
@@ -46,6 +46,8 @@ TENANT_ERROR = "_tenant_jobs_error"
 #: ``task.starmap()`` and ``task.chunks()`` send them, with the task's signature in
 #: their ``task`` argument.
 WRAPPER_TASKS = frozenset({"celery.map", "celery.starmap", "celery.chunks"})
+#: The ``broker_transport`` fair dispatch selects (see flask_tenant_jobs/fair/setup.py).
+FAIR_TRANSPORT = "flask_tenant_jobs.fair.transport:FairTransport"
 #: The Flask apps ``TenantJobs`` was set up on, for Celery apps not made by it.
 _FLASK_APPS: WeakSet[Flask] = WeakSet()
 
@@ -58,6 +60,12 @@ class TenantTask(Task):  # type: ignore[misc]
     """
 
     abstract = True
+    #: At most this many executions at once per tenant (``None``: no limit); see limits.py.
+    tenant_concurrency: int | None = None
+    #: At most this rate of starts per tenant, in Celery's syntax (``"20/s"``).
+    tenant_rate_limit: str | float | None = None
+    #: Tasks with the same key share one limit (default: the task's name).
+    tenant_limit_key: str | None = None
 
     def __call__(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
         """Refuse to run the body when the message's tenant was missing or unknown, or
@@ -165,6 +173,8 @@ class TenantTask(Task):  # type: ignore[misc]
             with self._app_context():
                 tenant = _extension(self._flask_app).validate(tenant)
         headers[header] = tenant
+        if sent:
+            _stamp_limit(self, headers)
         stamped = {
             key: _stamped_copies(options[key], header, tenant)
             for key in ("link", "link_error", "chord")
@@ -182,6 +192,7 @@ def tenant_task(*args: t.Any, **options: t.Any) -> t.Any:
 
     Use as ``@tenant_task`` or ``@tenant_task(bind=True, max_retries=5, base=MyTask)``.
     """
+    limits.check_options(options)
     base = options.setdefault("base", TenantTask)
     if not (isinstance(base, type) and issubclass(base, TenantTask)):
         raise ConfigurationError(
@@ -293,6 +304,24 @@ def _require_tenant_celery(task: TenantTask) -> None:
             "app.config['CELERY'] to a dict of Celery settings, e.g. {'broker_url': "
             "'redis://127.0.0.1:6379/0'}, before 'tenant_jobs.init_app(app)'."
         )
+
+
+def _stamp_limit(task: TenantTask, headers: dict[str, t.Any]) -> None:
+    """Give a task with per-tenant limits the header the fair transport counts it by.
+
+    Limits are enforced by the fair-dispatch transport: sending such a task to a broker
+    without it would run it unlimited, so that is refused (eager runs ignore limits).
+    """
+    limit = limits.limit_of(task)
+    if limit is None or task.app.conf.task_always_eager:
+        return
+    if task.app.conf.broker_transport != FAIR_TRANSPORT:
+        raise ConfigurationError(
+            f"The task {task.name!r} has a per-tenant limit (tenant_concurrency or "
+            "tenant_rate_limit), which the fair-dispatch transport enforces: set "
+            "TENANT_JOBS_FAIR_DISPATCH = True (Redis broker), or remove the limit."
+        )
+    headers[limits.LIMIT_HEADER] = limit.header
 
 
 def _extension(app: Flask) -> t.Any:

@@ -1,0 +1,287 @@
+"""A kombu Redis transport whose queues deliver tenant messages round-robin by tenant.
+
+Publishing a message that names a tenant puts it in its tenant's lane and rings
+the queue's doorbell (the Redis list kombu already ``BRPOP``s) with a token;
+plain messages go to that list as before. A worker popping a token runs the
+``PICK`` script: the next lane of the ring that no limit holds back gives up its
+oldest message, and a lease is taken atomically when the task has a
+per-tenant concurrency limit. Everything else (acks, the visibility timeout,
+fanout, priorities) is kombu's own; restored messages go back to the head of
+their lane.
+"""
+
+from __future__ import annotations
+
+import typing as t
+import uuid
+from datetime import datetime
+from time import monotonic
+
+from kombu.transport import redis as kombu_redis
+from kombu.utils.json import dumps, loads
+from kombu.utils.objects import cached_property
+from redis.commands.core import Script
+
+from ..limits import LIMIT_HEADER
+from ..registry import is_valid_name
+from . import scripts
+
+#: The header a delivered message carries when it took a lease:
+#: ``group\ntenant\rtoken\rdoorbell``.
+LEASE_HEADER = "tenant_jobs_lease"
+_TOKEN = scripts.TOKEN.encode()
+
+
+class HeldBack(t.NamedTuple):
+    """A lane a limit held back at a pick: its tenant and the task at its head."""
+
+    tenant: str
+    task: str
+
+
+class FairChannel(kombu_redis.Channel):  # type: ignore[misc]
+    """A Redis channel with per-tenant lanes behind every queue."""
+
+    #: The message header naming the tenant (``TENANT_JOBS_HEADER``).
+    tenant_header = "tenant_for_job"
+    #: Seconds a lease lives unless renewed (``TENANT_JOBS_SLOT_TTL``).
+    slot_ttl = 60.0
+    #: Called with the lanes a pick held back (fires ``task_held_back``).
+    on_held_back: t.Callable[[list[HeldBack]], None] | None = None
+
+    from_transport_options = kombu_redis.Channel.from_transport_options + (
+        "tenant_header",
+        "slot_ttl",
+        "on_held_back",
+    )
+
+    def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._next_tick = 0.0
+        self._next_renewal = 0.0
+
+    # -- publishing -------------------------------------------------------------------
+
+    def _put(self, queue: str, message: dict[str, t.Any], **kwargs: t.Any) -> None:
+        """Put a tenant message in its lane (a plain one as kombu does)."""
+        lane = self._lane_of(message)
+        if lane is None:
+            return super()._put(queue, message, **kwargs)  # type: ignore[no-any-return]
+        kwargs.pop("_publish_batch", None)
+        pri = self._get_message_priority(message, reverse=False)
+        with self.conn_or_acquire() as client:
+            self._script(scripts.PUT)(
+                keys=[self._root],
+                args=[scripts.ROOT, self._q_for_pri(queue, pri), lane,
+                      dumps(message), _due(message), 0],
+                client=client,
+            )  # fmt: skip
+        return None
+
+    def _do_restore_message(
+        self, payload: dict[str, t.Any], exchange: str, routing_key: str, pipe: t.Any,
+        leftmost: bool = False,
+    ) -> None:
+        """Put a restored tenant message back at the head of its lane (kombu's restore
+        puts it where it is consumed next; ``leftmost``, a requeue, at the end)."""
+        lane = self._lane_of(payload)
+        if lane is None:
+            return super()._do_restore_message(  # type: ignore[no-any-return]
+                payload, exchange, routing_key, pipe, leftmost
+            )
+        headers = payload.get("headers") or {}
+        headers.pop(LEASE_HEADER, None)
+        headers["redelivered"] = True
+        payload.setdefault("properties", {}).setdefault("delivery_info", {})["redelivered"] = True
+        pri = self._get_message_priority(payload, reverse=False)
+        for queue in self._lookup(exchange, routing_key):
+            self._script(scripts.PUT)(
+                keys=[self._root],
+                args=[scripts.ROOT, self._q_for_pri(queue, pri), lane,
+                      dumps(payload), 0, 0 if leftmost else 1],
+                client=pipe,
+            )  # fmt: skip
+        return None
+
+    def _lane_of(self, message: dict[str, t.Any]) -> str | None:
+        """The lane of a message: its tenant, with its limit if it has one; ``None`` for
+        a plain message (or one whose tenant header is not a tenant name)."""
+        headers = message.get("headers")
+        if not isinstance(headers, dict):
+            return None
+        tenant = headers.get(self.tenant_header)
+        if not is_valid_name(tenant):
+            return None
+        limit = headers.get(LIMIT_HEADER)
+        if not isinstance(limit, str) or limit.count("\n") != 2 or "\r" in limit:
+            return t.cast(str, tenant)
+        return f"{tenant}\n{limit}"
+
+    # -- consuming --------------------------------------------------------------------
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        """Run the periodic tick, then wait on the doorbells no longer than it asks."""
+        wait = self._maybe_tick()
+        if wait is not None:
+            timeout = min(timeout or self.brpop_timeout, wait)
+        super()._brpop_start(timeout)
+
+    def _brpop_read(self, **options: t.Any) -> bool:
+        """A token from the doorbell: deliver the message the pick gives (or none)."""
+        try:
+            try:
+                reply = self.client.parse_response(self.client.connection, "BRPOP", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            if not reply:
+                raise kombu_redis.Empty()
+            doorbell, item = reply
+            doorbell = kombu_redis.bytes_to_str(doorbell)
+            queue = doorbell.rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(queue)
+            message = self._pick(doorbell) if item == _TOKEN else loads(item)
+            if message is None:
+                raise kombu_redis.Empty()
+            self.connection._deliver(message, queue)
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+
+    def _get(self, queue: str) -> dict[str, t.Any]:
+        """``basic_get``: the next message of ``queue``, by priority, picked fairly."""
+        self._maybe_tick()
+        with self.conn_or_acquire() as client:
+            for pri in self.priority_steps:
+                doorbell = self._q_for_pri(queue, pri)
+                while (item := client.rpop(doorbell)) is not None:
+                    message = self._pick(doorbell) if item == _TOKEN else loads(item)
+                    if message is not None:
+                        return message
+        raise kombu_redis.Empty()
+
+    def _pick(self, doorbell: str) -> dict[str, t.Any] | None:
+        """Run the pick for one token of ``doorbell``; the message, with its lease."""
+        token = uuid.uuid4().hex
+        with self.conn_or_acquire() as client:
+            reply = self._script(scripts.PICK)(
+                keys=[self._root], args=[scripts.ROOT, doorbell, self.slot_ttl, token],
+                client=client,
+            )  # fmt: skip
+        raw, limit, *held = reply
+        if held and self.on_held_back is not None:
+            self.on_held_back(_held_back(held))
+        if not raw:
+            return None
+        message = t.cast(dict[str, t.Any], loads(raw))
+        if limit:
+            lease = f"{kombu_redis.bytes_to_str(limit)}\r{token}\r{doorbell}"
+            message.setdefault("headers", {})[LEASE_HEADER] = lease
+        return message
+
+    def _maybe_tick(self) -> float | None:
+        """At most once a second (sooner when a held lane or a due message asks for
+        it): move due messages, wake held lanes, renew the leases of messages this
+        channel holds unacked. Returns the seconds until the next tick is wanted."""
+        now = monotonic()
+        if now < self._next_tick or not self.active_queues:
+            return max(self._next_tick - now, 0.0) or None
+        doorbells = [self._q_for_pri(queue, pri)
+                     for queue in self.active_queues for pri in self.priority_steps]  # fmt: skip
+        with self.conn_or_acquire() as client:
+            next_at = float(self._script(scripts.TICK)(
+                keys=[self._root], args=[scripts.ROOT, scripts.TICK_BATCH, *doorbells],
+                client=client,
+            ))  # fmt: skip
+            if now >= self._next_renewal:
+                self._next_renewal = now + max(self.slot_ttl / 3, 1.0)
+                renew_leases(client, self._root, self._unacked_leases(), self.slot_ttl)
+            server_now = _server_time(client) if next_at else 0.0
+        wait = self.brpop_timeout
+        if next_at:
+            wait = min(wait, max(next_at - server_now, 0.005))
+        self._next_tick = now + wait
+        return wait
+
+    def _unacked_leases(self) -> list[str]:
+        """The leases of the messages delivered to this channel and not acked yet
+        (prefetched, or running with ``acks_late``)."""
+        found = []
+        for message in list(self.qos._delivered.values()):
+            headers = getattr(message, "headers", None) or {}
+            lease = headers.get(LEASE_HEADER)
+            if isinstance(lease, str):
+                found.append(lease)
+        return found
+
+    # -- helpers ------------------------------------------------------------------------
+
+    @cached_property
+    def _root(self) -> str:
+        """The namespace key, with no prefix: kombu's prefixed client adds it."""
+        return scripts.ROOT
+
+    def _script(self, source: str) -> Script:
+        """A registered script (one per source text per process)."""
+        return script(source)
+
+
+class FairTransport(kombu_redis.Transport):  # type: ignore[misc]
+    """kombu's Redis transport with :class:`FairChannel`."""
+
+    Channel = FairChannel
+    driver_name = "redis"
+
+
+_SCRIPTS: dict[str, Script] = {}
+
+
+def script(source: str) -> Script:
+    """The ``Script`` object of ``source``; it loads itself into Redis on first use."""
+    found = _SCRIPTS.get(source)
+    if found is None:
+        found = _SCRIPTS[source] = Script(None, source.encode())  # type: ignore[arg-type]
+    return found
+
+
+def renew_leases(client: t.Any, root: str, leases: t.Iterable[str], ttl: float) -> None:
+    """Push back the expiry of each live lease (``ZADD XX``: a freed lease stays freed)."""
+    leases = list(leases)
+    if not leases:
+        return
+    expiry = _server_time(client) + ttl
+    with client.pipeline(transaction=False) as pipe:
+        for lease in leases:
+            limit, token, _ = lease.split("\r")
+            pipe.zadd(f"{root}:lease:{limit}", {token: expiry}, xx=True)
+        pipe.execute()
+
+
+def _server_time(client: t.Any) -> float:
+    seconds, micros = client.time()
+    return float(seconds) + micros / 1_000_000
+
+
+def _due(message: dict[str, t.Any]) -> float:
+    """The epoch seconds of a message's ``eta`` (0: none, or not readable)."""
+    eta = (message.get("headers") or {}).get("eta")
+    if not isinstance(eta, str):
+        return 0.0
+    try:
+        return datetime.fromisoformat(eta).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def _held_back(reply: list[t.Any]) -> list[HeldBack]:
+    """``[lane, head message, ...]`` from a pick, as tenants and task names."""
+    found = []
+    for lane, head in zip(reply[::2], reply[1::2]):
+        tenant = kombu_redis.bytes_to_str(lane).split("\n", 1)[0]
+        try:
+            task = str(loads(head)["headers"]["task"])
+        except (ValueError, KeyError, TypeError):
+            task = ""
+        found.append(HeldBack(tenant, task))
+    return found
