@@ -54,7 +54,9 @@ SMALL_TASKS = 10
 TASK_SECONDS = float(os.environ.get("BENCH_FAIRNESS_TASK_MS", "2")) / 1000
 CONCURRENCY = 4
 REPEAT = 2
-LIMIT_BATCH = int(os.environ.get("BENCH_LIMIT_TASKS", "2000"))
+LIMIT_BATCH = int(os.environ.get("BENCH_LIMIT_TASKS", "500"))
+#: Batches per side of the limit-overhead rows (short batches, many: the best counts).
+LIMIT_REPEAT = 6
 #: The limit-holds run: tenants, tasks per tenant, seconds per task.
 HOLD_TENANTS, HOLD_TASKS, HOLD_SECONDS = 4, 24, 0.05
 P95_TARGET = 2.0
@@ -330,7 +332,7 @@ def limit_overhead_rows(bench: Bench) -> list[Row]:
                 f"limit overhead: {label} vs none, {LIMIT_BATCH:,} {TASK_SECONDS * 1000:g} ms "
                 f"tasks of 20 tenants (µs per task)",
                 batch(f"bench.fairness_app.{plain}"), batch(f"bench.fairness_app.{limited}"),
-                number=1, repeat=REPEAT, target=OVERHEAD_TARGET,
+                number=1, repeat=LIMIT_REPEAT, target=OVERHEAD_TARGET,
             )
             rows.append(Row(row.name, row.baseline_us / LIMIT_BATCH,
                             row.measured_us / LIMIT_BATCH, row.ratio, row.target))
