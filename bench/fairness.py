@@ -5,7 +5,8 @@
   ``TENANT_JOBS_FAIR_DISPATCH`` on, against the same 200 tasks with no flood (target
   <= 2.0x), and against plain Celery (FIFO, no flask-tenant-jobs) under the same
   flood (reported). Total throughput of the flood runs, fair vs FIFO: the time from
-  the first send to the last finish (target >= 0.90x, i.e. time <= 1.11x).
+  the first send to the last finish (target >= 0.90x, i.e. time <= 1.11x); and fair
+  vs flask-tenant-jobs with fair dispatch off (what the transport itself costs).
 * Limit overhead: batches of tasks spread over 20 tenants, so that no limit ever
   holds one back, with ``tenant_concurrency`` vs the same task without it, and with
   a ``tenant_rate_limit`` no run reaches vs without it (target <= 1.15x time).
@@ -17,8 +18,9 @@
 Every task works ``BENCH_FAIRNESS_TASK_MS`` (2) milliseconds (a sleep: waiting, like
 I/O) on a worker with the prefork pool, ``-c 4``, Celery's default prefetch. Each
 measurement runs twice, alternating sides, and the better run counts. The workers
-are ``flask tenant-jobs worker`` (fair dispatch) and ``celery worker`` (the baseline)
-subprocesses on the bench apps of ``bench/fairness_app.py``.
+are ``flask tenant-jobs worker`` and ``celery worker`` (the baseline) subprocesses on
+the bench apps of ``bench/fairness_app.py``. ``python -m bench fairness`` runs it (about
+five minutes, so it is not in ``MODULES``).
 
 ``BENCH_BROKER_URL`` (the broker, default ``redis://127.0.0.1:6379/10``) and
 ``BENCH_REDIS_URL`` (what the tasks record, default ``redis://127.0.0.1:6379/9``)
@@ -54,9 +56,9 @@ SMALL_TASKS = 10
 TASK_SECONDS = float(os.environ.get("BENCH_FAIRNESS_TASK_MS", "2")) / 1000
 CONCURRENCY = 4
 REPEAT = 2
-LIMIT_BATCH = int(os.environ.get("BENCH_LIMIT_TASKS", "500"))
+LIMIT_BATCH = int(os.environ.get("BENCH_LIMIT_TASKS", "300"))
 #: Batches per side of the limit-overhead rows (short batches, many: the best counts).
-LIMIT_REPEAT = 6
+LIMIT_REPEAT = 8
 #: The limit-holds run: tenants, tasks per tenant, seconds per task.
 HOLD_TENANTS, HOLD_TASKS, HOLD_SECONDS = 4, 24, 0.05
 P95_TARGET = 2.0
@@ -75,18 +77,33 @@ def _reachable(url: str) -> bool:
     return True
 
 
-class WorkerProcess:
-    """A worker subprocess in its own session (stopping it stops its pool too)."""
+#: ``plain``: plain Celery (FIFO, no flask-tenant-jobs); ``tenant``: flask-tenant-jobs with
+#: fair dispatch off (FIFO); ``fair``: with ``TENANT_JOBS_FAIR_DISPATCH`` on.
+Kind = t.Literal["plain", "tenant", "fair"]
 
-    def __init__(self, argv: Sequence[str], env: dict[str, str], log_path: Path) -> None:
-        self.hostname = f"bench-fair-{uuid.uuid4().hex[:8]}@localhost"
+
+def queue_of(kind: Kind) -> str:
+    """Each kind's workers consume a queue of their own."""
+    return f"{fairness_app.QUEUE}-{kind}"
+
+
+class WorkerProcess:
+    """A worker subprocess of ``kind`` in its own session (stopping it stops its pool)."""
+
+    def __init__(self, kind: Kind, log_path: Path) -> None:
+        if kind == "plain":
+            argv = [sys.executable, "-m", "celery", "-A", "bench.fairness_app:plain", "worker"]
+        else:
+            argv = [sys.executable, "-m", "flask", "--app", "bench.fairness_app:create_app()",
+                    "tenant-jobs", "worker"]
+        self.hostname = f"bench-{kind}-{uuid.uuid4().hex[:8]}@localhost"
         self.log_path = log_path
         with log_path.open("wb") as log:
             self.popen = subprocess.Popen(
-                [*argv, "-P", "prefork", "-c", str(CONCURRENCY), "-Q", fairness_app.QUEUE,
+                [*argv, "-P", "prefork", "-c", str(CONCURRENCY), "-Q", queue_of(kind),
                  "-n", self.hostname, "-l", "warning", "--without-gossip", "--without-mingle",
                  "--without-heartbeat"],
-                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                cwd=ROOT, env=_env(kind), stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
 
@@ -116,37 +133,14 @@ class WorkerProcess:
         self.popen.wait()
 
 
-def _env(fair: bool) -> dict[str, str]:
+def _env(kind: Kind) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLASK_")}
     env.update(
-        PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", BENCH_FAIR="1" if fair else "0",
+        PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", BENCH_FAIR="1" if kind == "fair" else "0",
         BENCH_BROKER_URL=fairness_app.broker_url(),
         BENCH_REDIS_URL=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/9"),
     )
     return env
-
-
-@contextmanager
-def workers(fair: bool, count: int, log_dir: Path) -> Iterator[list[WorkerProcess]]:
-    """``count`` workers: ``flask tenant-jobs worker`` (fair) or ``celery worker`` (plain)."""
-    if fair:
-        argv = [sys.executable, "-m", "flask", "--app", "bench.fairness_app:create_app()",
-                "tenant-jobs", "worker"]
-    else:
-        argv = [sys.executable, "-m", "celery", "-A", "bench.fairness_app:plain", "worker"]
-    kind = "fair" if fair else "fifo"
-    started = [WorkerProcess(argv, _env(fair), log_dir / f"worker-{kind}-{i}.log")
-               for i in range(count)]
-    try:
-        for worker in started:
-            worker.wait_ready()
-        yield started
-    finally:
-        for worker in started:
-            worker.stop()
-
-
-Send = Callable[[str, str, float], None]
 
 
 @dataclass
@@ -168,53 +162,73 @@ class Batch:
 
 
 class Bench:
-    """Sends batches through whichever workers run, and reads what the tasks recorded."""
+    """Sends batches to the workers of one kind or another, reads what the tasks recorded.
+
+    Workers of every kind needed run at once (idle ones wait on their own queue), so
+    that the runs of the kinds can alternate: load from other processes then falls on
+    every side alike.
+    """
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.records = fairness_app.records()
         self.broker = redis.Redis.from_url(fairness_app.broker_url())
-        self.app = fairness_app.create_app(fair=False)
+        self.apps = {"tenant": fairness_app.create_app(fair=False),
+                     "fair": fairness_app.create_app(fair=True)}  # fmt: skip
         self.running: list[WorkerProcess] = []
-        self.fair = False
 
     def flush(self) -> None:
         self.records.flushdb()
         self.broker.flushdb()
 
-    @contextmanager
-    def workers(self, fair: bool, count: int = 1) -> Iterator[None]:
-        """Run the batches of the block on ``count`` fair (or plain FIFO) workers."""
+    def close(self) -> None:
         self.flush()
-        self.fair = fair
-        self.app = fairness_app.create_app(fair=fair)
-        with workers(fair, count, self.log_dir) as self.running:
+        for app in self.apps.values():
+            app.extensions["celery"].close()
+
+    @contextmanager
+    def workers(self, kinds: t.Mapping[Kind, int]) -> Iterator[None]:
+        """Run ``count`` workers of each kind for the block."""
+        self.flush()
+        self.running = [WorkerProcess(kind, self.log_dir / f"worker-{kind}-{i}.log")
+                        for kind, count in kinds.items() for i in range(count)]  # fmt: skip
+        try:
+            for worker in self.running:
+                worker.wait_ready()
             yield
-        self.running = []
-        self.app.extensions["celery"].close()
+        finally:
+            for worker in self.running:
+                worker.stop()
+            self.running = []
 
     def send(
-        self, task_name: str, tasks: Sequence[tuple[str, str]], seconds: float = TASK_SECONDS
+        self,
+        kind: Kind,
+        task_name: str,
+        tasks: Sequence[tuple[str, str]],
+        seconds: float = TASK_SECONDS,
     ) -> Batch:
-        """Send ``(tenant, label)`` tasks that work ``seconds`` each, in order; wait until
-        all of them finished."""
+        """Send ``(tenant, label)`` tasks that work ``seconds`` each, in order, to the
+        workers of ``kind``; wait until all of them finished."""
         self.records.delete(fairness_app.FINISHED)
         sent: dict[str, float] = {}
-        if self.fair:
-            celery_app = self.app.extensions["celery"]
-            task = celery_app.tasks[task_name]
-            switch = self.app.extensions["tenant_jobs"].switch
-            with self.app.app_context(), celery_app.producer_or_acquire() as producer:
-                for tenant, label in tasks:
-                    with switch(tenant):
-                        sent[label] = time.time()
-                        task.apply_async((label, seconds), producer=producer)
-        else:
-            plain = fairness_app.plain_work
+        queue = queue_of(kind)
+        if kind == "plain":
+            plain = fairness_app.plain.tasks[f"bench.fairness_app.plain_{task_name}"]
             with fairness_app.plain.producer_or_acquire() as producer:
                 for _tenant, label in tasks:
                     sent[label] = time.time()
-                    plain.apply_async((label, seconds), producer=producer)
+                    plain.apply_async((label, seconds), queue=queue, producer=producer)
+        else:
+            app = self.apps[kind]
+            celery_app = app.extensions["celery"]
+            task = celery_app.tasks[f"bench.fairness_app.{task_name}"]
+            switch = app.extensions["tenant_jobs"].switch
+            with app.app_context(), celery_app.producer_or_acquire() as producer:
+                for tenant, label in tasks:
+                    with switch(tenant):
+                        sent[label] = time.time()
+                        task.apply_async((label, seconds), queue=queue, producer=producer)
         finished = self._wait(len(tasks))
         return Batch(
             {label: finished[label] - sent[label] for label in sent},
@@ -257,31 +271,38 @@ def flood_tasks() -> list[tuple[str, str]]:
 
 @dataclass
 class NoisyNeighbour:
-    """The best of each case's runs: p95 of the 20 tenants' tasks, flood run seconds."""
+    """The best of a kind's runs: p95 of the 20 tenants' tasks, flood run seconds."""
 
-    quiet_p95: float
-    flood_p95: float
-    flood_seconds: float
+    quiet_p95: float = math.inf
+    flood_p95: float = math.inf
+    flood_seconds: float = math.inf
+
+    def add(self, quiet: Batch | None, flooded: Batch) -> None:
+        if quiet is not None:
+            self.quiet_p95 = min(self.quiet_p95, quiet.p95("s"))
+        self.flood_p95 = min(self.flood_p95, flooded.p95("s"))
+        self.flood_seconds = min(self.flood_seconds, flooded.seconds)
 
 
-def noisy_neighbour(bench: Bench, fair: bool) -> NoisyNeighbour:
-    """Runs with and without the flood, alternating, on one worker of ``fair``'s kind."""
-    quiet, flooded = [], []
-    with bench.workers(fair):
-        bench.send("bench.fairness_app.work", small_tasks())  # warm up
+def noisy_neighbour(bench: Bench) -> dict[Kind, NoisyNeighbour]:
+    """Runs with and without the flood on plain Celery and fair dispatch, and with the
+    flood on flask-tenant-jobs without fair dispatch, kind after kind, :data:`REPEAT`
+    times."""
+    kinds: tuple[Kind, ...] = ("plain", "fair", "tenant")
+    found = {kind: NoisyNeighbour() for kind in kinds}
+    with bench.workers({kind: 1 for kind in kinds}):
+        for kind in kinds:
+            bench.send(kind, "work", small_tasks())  # warm up
         for _ in range(REPEAT):
-            quiet.append(bench.send("bench.fairness_app.work", small_tasks()))
-            flooded.append(bench.send("bench.fairness_app.work", flood_tasks()))
-    return NoisyNeighbour(
-        min(b.p95("s") for b in quiet),
-        min(b.p95("s") for b in flooded),
-        min(b.seconds for b in flooded),
-    )
+            for kind in kinds:
+                quiet = bench.send(kind, "work", small_tasks()) if kind != "tenant" else None
+                found[kind].add(quiet, bench.send(kind, "work", flood_tasks()))
+    return found
 
 
 def noisy_neighbour_rows(bench: Bench) -> list[Row]:
-    fifo = noisy_neighbour(bench, fair=False)
-    fair = noisy_neighbour(bench, fair=True)
+    found = noisy_neighbour(bench)
+    fifo, fair, tenant = found["plain"], found["fair"], found["tenant"]
     total = FLOOD + SMALL_TENANTS * SMALL_TASKS
     work = f"{TASK_SECONDS * 1000:g} ms tasks, prefork -c {CONCURRENCY}"
     us = 1e6
@@ -291,7 +312,9 @@ def noisy_neighbour_rows(bench: Bench) -> list[Row]:
         f"  plain Celery (FIFO): no flood {fifo.quiet_p95 * 1000:.0f} ms, flood "
         f"{fifo.flood_p95 * 1000:.0f} ms; {total:,} tasks in {fifo.flood_seconds:.2f} s\n"
         f"  fair dispatch:       no flood {fair.quiet_p95 * 1000:.0f} ms, flood "
-        f"{fair.flood_p95 * 1000:.0f} ms; {total:,} tasks in {fair.flood_seconds:.2f} s",
+        f"{fair.flood_p95 * 1000:.0f} ms; {total:,} tasks in {fair.flood_seconds:.2f} s\n"
+        f"  flask-tenant-jobs without fair dispatch (FIFO): flood "
+        f"{tenant.flood_p95 * 1000:.0f} ms; {total:,} tasks in {tenant.flood_seconds:.2f} s",
         flush=True,
     )
     return [
@@ -308,6 +331,10 @@ def noisy_neighbour_rows(bench: Bench) -> list[Row]:
             f"({fifo.flood_seconds / fair.flood_seconds:.2f}x; µs per task)",
             fifo.flood_seconds / total * us, fair.flood_seconds / total * us,
             fair.flood_seconds / fifo.flood_seconds, THROUGHPUT_TARGET),
+        Row(f"throughput under the flood: fair vs flask-tenant-jobs without fair dispatch "
+            f"(the transport's own cost), {total:,} tasks (µs per task)",
+            tenant.flood_seconds / total * us, fair.flood_seconds / total * us,
+            fair.flood_seconds / tenant.flood_seconds),
     ]
 
 
@@ -320,18 +347,17 @@ def limit_overhead_rows(bench: Bench) -> list[Row]:
     """Capped vs uncapped and rate-limited vs not, batch against batch, one fair worker."""
 
     def batch(task_name: str) -> Callable[[], object]:
-        return lambda: bench.send(task_name, spread_tasks("o"))
+        return lambda: bench.send("fair", task_name, spread_tasks("o"))
 
     rows = []
-    with bench.workers(fair=True):
+    with bench.workers({"fair": 1}):
         for label, plain, limited in (
             (f"tenant_concurrency={fairness_app.CAP}", "uncapped", "capped"),
             (f"tenant_rate_limit={fairness_app.UNREACHED_RATE!r}", "work", "rated"),
         ):
             row = compare(
                 f"limit overhead: {label} vs none, {LIMIT_BATCH:,} {TASK_SECONDS * 1000:g} ms "
-                f"tasks of 20 tenants (µs per task)",
-                batch(f"bench.fairness_app.{plain}"), batch(f"bench.fairness_app.{limited}"),
+                f"tasks of 20 tenants (µs per task)", batch(plain), batch(limited),
                 number=1, repeat=LIMIT_REPEAT, target=OVERHEAD_TARGET,
             )
             rows.append(Row(row.name, row.baseline_us / LIMIT_BATCH,
@@ -354,11 +380,11 @@ def peaks(bench: Bench) -> dict[str, int]:
 def limit_holds_row(bench: Bench) -> Row:
     """Two prefork -c 4 workers: the capped tasks' highest count at once, per tenant."""
     seconds, observed = {}, {}
-    with bench.workers(fair=True, count=2):
+    with bench.workers({"fair": 2}):
         for name in ("uncapped", "capped"):
             bench.records.delete(fairness_app.PEAK, fairness_app.RUNNING)
             started = time.perf_counter()
-            bench.send(f"bench.fairness_app.{name}", hold_tasks(), HOLD_SECONDS)
+            bench.send("fair", name, hold_tasks(), HOLD_SECONDS)
             seconds[name] = time.perf_counter() - started
             observed[name] = peaks(bench)
     cap = fairness_app.CAP
@@ -377,16 +403,15 @@ def limit_holds_row(bench: Bench) -> Row:
 
 
 def run() -> list[Row]:
-    """All fairness benchmarks (about two minutes)."""
+    """All fairness benchmarks (about five minutes)."""
     if not _reachable(fairness_app.broker_url()):
         print(f"Redis not reachable at {fairness_app.broker_url()}: fairness rows skipped")
         return []
-    log_dir = Path(tempfile.mkdtemp(prefix="ftj-bench-fairness-"))
-    bench = Bench(log_dir)
+    bench = Bench(Path(tempfile.mkdtemp(prefix="ftj-bench-fairness-")))
     try:
         rows = noisy_neighbour_rows(bench)
         rows += limit_overhead_rows(bench)
         rows.append(limit_holds_row(bench))
     finally:
-        bench.flush()
+        bench.close()
     return rows
