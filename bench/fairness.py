@@ -402,6 +402,65 @@ def limit_holds_row(bench: Bench) -> Row:
     )
 
 
+def transport_rows(bench: Bench) -> list[Row]:
+    """The broker's part alone, in this process: publishing a tenant task, and taking one
+    message off the queue, with fair dispatch vs without (kombu's Redis transport)."""
+    queue = f"{fairness_app.QUEUE}-transport"
+    messages = 1000
+
+    def publish(kind: Kind) -> Callable[[], object]:
+        app = bench.apps[kind]
+        celery_app = app.extensions["celery"]
+        task = celery_app.tasks["bench.fairness_app.work"]
+
+        def run() -> object:
+            with app.app_context(), app.extensions["tenant_jobs"].switch("t001"), \
+                    celery_app.producer_or_acquire() as producer:
+                for i in range(messages):
+                    task.apply_async((f"p{i}",), queue=queue, producer=producer)
+            return None
+
+        return run
+
+    def fetch(kind: Kind) -> Callable[[], object]:
+        app = bench.apps[kind]
+        celery_app = app.extensions["celery"]
+
+        def run() -> object:
+            with celery_app.connection_for_read() as connection:
+                waiting = connection.SimpleQueue(queue, no_ack=True)
+                for _ in range(messages):
+                    waiting.get(block=False)
+                waiting.close()
+            return None
+
+        return run
+
+    def refill(kind: Kind) -> t.Callable[[], t.ContextManager[object]]:
+        @contextmanager
+        def filled() -> Iterator[None]:
+            publish(kind)()
+            yield
+
+        return filled
+
+    bench.flush()
+    rows = [
+        compare("transport: publish a tenant task, fair dispatch vs kombu's Redis transport "
+                "(µs per message)", publish("tenant"), publish("fair"), number=1,
+                repeat=LIMIT_REPEAT),
+    ]
+    bench.flush()
+    rows.append(compare(
+        "transport: take a tenant task off the queue, fair dispatch vs kombu's Redis "
+        "transport (µs per message)", fetch("tenant"), fetch("fair"), number=1, repeat=LIMIT_REPEAT,
+        baseline_context=refill("tenant"), measured_context=refill("fair"),
+    ))
+    bench.flush()
+    return [Row(r.name, r.baseline_us / messages, r.measured_us / messages, r.ratio)
+            for r in rows]
+
+
 def run() -> list[Row]:
     """All fairness benchmarks (about five minutes)."""
     if not _reachable(fairness_app.broker_url()):
@@ -410,6 +469,7 @@ def run() -> list[Row]:
     bench = Bench(Path(tempfile.mkdtemp(prefix="ftj-bench-fairness-")))
     try:
         rows = noisy_neighbour_rows(bench)
+        rows += transport_rows(bench)
         rows += limit_overhead_rows(bench)
         rows.append(limit_holds_row(bench))
     finally:
