@@ -307,8 +307,9 @@ def queues_command(queue: str | None) -> None:
     lines = [header, *((r.tenant, *map(str, r[1:])) for r in rows)]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for line in lines:
-        click.echo("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                             for i, (cell, w) in enumerate(zip(line, widths))).rstrip())  # fmt: skip
+        cells = [cell.ljust(w) if i == 0 else cell.rjust(w)
+                 for i, (cell, w) in enumerate(zip(line, widths, strict=True))]  # fmt: skip
+        click.echo("  ".join(cells).rstrip())
     if not rows:
         click.echo("no tenant task is waiting")
 

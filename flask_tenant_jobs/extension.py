@@ -12,9 +12,9 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import context, responses, rls, signals
-from .fair import setup as fair
 from .cli import tenant_jobs_cli
 from .errors import ConfigurationError, TenantError
+from .fair import setup as fair
 from .integrations import install_integrations
 from .iteration import TenantIterator
 from .registry import TenantRegistry, validate_name

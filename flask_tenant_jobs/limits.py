@@ -14,6 +14,7 @@ double release frees nothing else.
 
 from __future__ import annotations
 
+import logging
 import threading
 import typing as t
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from celery.utils.time import rate
 
 from .errors import ConfigurationError
 
+_log = logging.getLogger(__name__)
 #: The message header naming a task's limit (see :attr:`Limit.header`).
 LIMIT_HEADER = "tenant_jobs_limit"
 #: The options ``tenant_task`` accepts for limits.
@@ -166,7 +168,8 @@ class Leases:
                 try:
                     renew_leases(redis_client, root, leases, self.ttl)
                 except Exception:  # Redis away for a moment: the next round tries again
-                    pass
+                    _log.warning("could not renew %d lease(s); trying again", len(leases),
+                                 exc_info=True)  # fmt: skip
 
 
 #: The leases of this process.

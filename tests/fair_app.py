@@ -2,11 +2,12 @@
 
 Configured from environment variables so that ``flask --app
 tests.fair_app:create_app() tenant-jobs worker`` subprocesses match the test side:
-``FAIR_BROKER_URL`` (Redis; also where the tasks log what they do),
-``FAIR_QUEUE`` (Celery's default queue), ``FAIR_SLOT_TTL`` (``TENANT_JOBS_SLOT_TTL``),
-``FAIR_DURABLE=1`` (``task_acks_late``, ``task_reject_on_worker_lost``, prefetch 1 and
-a short visibility timeout). Every task appends a JSON line to the Redis list
-:data:`LOG`: its tenant, its label, and when it started and ended.
+``FAIR_BROKER_URL`` (Redis; also where the tasks log what they do), ``FAIR_QUEUE``
+(Celery's default queue), ``FAIR_SLOT_TTL`` (``TENANT_JOBS_SLOT_TTL``),
+``FAIR_VISIBILITY_TIMEOUT`` (default :data:`VISIBILITY_TIMEOUT`), ``FAIR_DURABLE=1``
+(``task_acks_late`` and ``task_reject_on_worker_lost``). Every task appends a JSON
+line to the Redis list :data:`LOG`: its tenant, its label, and when it started and
+ended.
 """
 
 from __future__ import annotations
@@ -95,10 +96,20 @@ def flaky(self: t.Any, label: str) -> None:
     _log(label, started, retries=self.request.retries)
 
 
-@tenant_task(acks_late=True)
+@tenant_task
 def sleepy(label: str, seconds: float) -> None:
-    """A long task for the crash tests."""
+    """A long task for the crash tests: logs ``started`` first, then its label."""
     started = time.time()
+    _log("started:" + label, started)
+    time.sleep(seconds)
+    _log(label, started)
+
+
+@tenant_task(tenant_concurrency=2)
+def limited_sleepy(label: str, seconds: float) -> None:
+    """:func:`sleepy` with at most two at once per tenant."""
+    started = time.time()
+    _log("started:" + label, started)
     time.sleep(seconds)
     _log(label, started)
 
@@ -123,7 +134,8 @@ def create_app(**overrides: t.Any) -> Flask:
         "result_backend": broker,
         "task_default_queue": os.environ.get("FAIR_QUEUE", "fair-test"),
         "worker_prefetch_multiplier": 1,
-        "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT,
+        "broker_transport_options": {"visibility_timeout": float(os.environ.get(
+                                         "FAIR_VISIBILITY_TIMEOUT", VISIBILITY_TIMEOUT)),
                                      "unacked_restore_interval": 1,
                                      "unacked_restore_throttle": 1},
         "beat_schedule": {

@@ -228,6 +228,27 @@ end
 return out
 """
 
+#: ARGV: root, D... Deletes the queue's messages, plain and tenant, ready, held back and
+#: not due yet; returns how many there were.
+PURGE = _PRELUDE + """
+local total = 0
+for i = 2, #ARGV do
+  local d = ARGV[i]
+  local b = base(d)
+  redis.call('LREM', doorbell(d), 0, TOKEN)
+  total = total + redis.call('LLEN', doorbell(d))
+  local lanes = redis.call('LRANGE', b .. ':ring', 0, -1)
+  for _, lane in ipairs(redis.call('ZRANGE', b .. ':held', 0, -1)) do lanes[#lanes + 1] = lane end
+  for _, lane in ipairs(lanes) do
+    total = total + redis.call('LLEN', b .. ':lane:' .. lane)
+    redis.call('DEL', b .. ':lane:' .. lane)
+  end
+  total = total + redis.call('ZCARD', b .. ':due')
+  redis.call('DEL', doorbell(d), b .. ':ring', b .. ':held', b .. ':parked', b .. ':due')
+end
+return total
+"""
+
 #: ARGV: root. Returns {"group\\ntenant", live leases...}.
 RUNNING = _PRELUDE + """
 local now = now_s()

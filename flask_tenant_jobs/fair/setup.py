@@ -53,17 +53,24 @@ def install(app: Flask, celery_app: Celery | None, settings: Settings) -> None:
 
 def _require_redis(celery_app: Celery) -> None:
     """Fair dispatch keeps its lanes in Redis: refuse any other broker by name."""
-    url = celery_app.conf.broker_url
-    scheme = urlsplit(url).scheme if isinstance(url, str) else ""
-    transport = celery_app.conf.broker_transport
-    if scheme not in REDIS_SCHEMES or transport not in (None, TRANSPORT, *REDIS_SCHEMES):
-        shown = f"{scheme}://" if scheme else repr(type(url).__name__ if url else None)
+    conf = celery_app.conf
+    for setting in ("broker_url", "broker_read_url", "broker_write_url"):
+        url = conf.get(setting)
+        if url is None and setting != "broker_url":
+            continue
+        scheme = urlsplit(url).scheme if isinstance(url, str) else ""
+        if scheme not in REDIS_SCHEMES:
+            shown = f"{scheme}://" if scheme else repr(None if url is None else type(url).__name__)
+            raise ConfigurationError(
+                "'TENANT_JOBS_FAIR_DISPATCH' works with a Redis broker only ("
+                f"'redis://...' or 'rediss://...'), but {setting} is {shown}: use Redis as "
+                "the broker, or turn TENANT_JOBS_FAIR_DISPATCH off."
+            )
+    if conf.broker_transport not in (None, TRANSPORT, *REDIS_SCHEMES):
         raise ConfigurationError(
-            f"'TENANT_JOBS_FAIR_DISPATCH' works with a Redis broker only (broker_url "
-            f"'redis://...' or 'rediss://...', no broker_transport of another kind), but "
-            f"the broker is {shown}"
-            + (f" with broker_transport {transport!r}" if transport else "")
-            + ": use Redis as the broker, or turn TENANT_JOBS_FAIR_DISPATCH off."
+            "'TENANT_JOBS_FAIR_DISPATCH' works with a Redis broker only, but "
+            f"broker_transport is {conf.broker_transport!r}: remove broker_transport (the "
+            "Redis URL selects Redis), or turn TENANT_JOBS_FAIR_DISPATCH off."
         )
 
 
@@ -140,14 +147,14 @@ class QueueRow(t.NamedTuple):
 def queue_rows(celery_app: Celery, queue: str | None = None) -> list[QueueRow]:
     """Per tenant: tasks ready, held back by a limit, not due yet, and running under a
     limit (live leases), for ``queue`` (default: Celery's default queue)."""
+    if not is_fair(celery_app):
+        raise ConfigurationError(
+            "Tenant queues exist only with fair dispatch: set 'TENANT_JOBS_FAIR_DISPATCH' "
+            "to True (Redis broker)."
+        )
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     with celery_app.connection_for_read() as connection:
-        channel = connection.default_channel
-        if not isinstance(channel, FairChannel):
-            raise ConfigurationError(
-                "The queues of fair dispatch exist only with 'TENANT_JOBS_FAIR_DISPATCH' "
-                "on (and a Redis broker): turn it on."
-            )
+        channel = t.cast(FairChannel, connection.default_channel)
         name = queue or celery_app.conf.task_default_queue
         doorbells = [channel._q_for_pri(name, pri) for pri in channel.priority_steps]
         with channel.conn_or_acquire() as client:
@@ -157,9 +164,9 @@ def queue_rows(celery_app: Celery, queue: str | None = None) -> list[QueueRow]:
             running = script(scripts.RUNNING)(
                 keys=[scripts.ROOT], args=[scripts.ROOT], client=client
             )
-    for lane, size, kind in zip(backlog[::3], backlog[1::3], backlog[2::3]):
+    for lane, size, kind in zip(backlog[::3], backlog[1::3], backlog[2::3], strict=False):
         counts[_tenant_of(lane)][int(kind)] += int(size)
-    for limit, live in zip(running[::2], running[1::2]):
+    for limit, live in zip(running[::2], running[1::2], strict=False):
         tenant = limit.decode().split("\n")[1]
         counts[tenant][3] += int(live)
     return [QueueRow(tenant, *counts[tenant]) for tenant in sorted(counts)]

@@ -12,13 +12,17 @@ their lane.
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 import typing as t
 import uuid
 from datetime import datetime
+from queue import Empty
 from time import monotonic
 
 from kombu.transport import redis as kombu_redis
-from kombu.utils.json import dumps, loads
+from kombu.utils import json as kombu_json
 from kombu.utils.objects import cached_property
 from redis.commands.core import Script
 
@@ -30,6 +34,15 @@ from . import scripts
 #: ``group\ntenant\rtoken\rdoorbell``.
 LEASE_HEADER = "tenant_jobs_lease"
 _TOKEN = scripts.TOKEN.encode()
+#: kombu is untyped: its Redis channel and transport, and its JSON, as ``Any``.
+_RedisChannel: t.Any = kombu_redis.Channel
+_RedisTransport: t.Any = kombu_redis.Transport
+_RedisQoS: t.Any = kombu_redis.QoS
+#: The shortest wait on the doorbells, in seconds.
+MIN_WAIT = 0.01
+_log = logging.getLogger(__name__)
+dumps: t.Callable[[t.Any], str] = kombu_json.dumps
+loads: t.Callable[[t.Any], t.Any] = kombu_json.loads
 
 
 class HeldBack(t.NamedTuple):
@@ -39,8 +52,25 @@ class HeldBack(t.NamedTuple):
     task: str
 
 
-class FairChannel(kombu_redis.Channel):  # type: ignore[misc]
+class FairQoS(_RedisQoS):  # type: ignore[misc]
+    """kombu's Redis acks; what a closing channel gives back frees its slots too."""
+
+    def restore_unacked(self, client: t.Any = None) -> None:
+        """Give back the messages delivered and not acked when the channel closes (a warm
+        shutdown): none of them runs here, so the slots they took are freed at once."""
+        self.channel.releasing = True
+        try:
+            super().restore_unacked(client)
+        finally:
+            self.channel.releasing = False
+
+
+class FairChannel(_RedisChannel):  # type: ignore[misc]
     """A Redis channel with per-tenant lanes behind every queue."""
+
+    QoS = FairQoS
+    #: Set while :class:`FairQoS` gives back what a closing channel holds.
+    releasing = False
 
     #: The message header naming the tenant (``TENANT_JOBS_HEADER``).
     tenant_header = "tenant_for_job"
@@ -49,16 +79,14 @@ class FairChannel(kombu_redis.Channel):  # type: ignore[misc]
     #: Called with the lanes a pick held back (fires ``task_held_back``).
     on_held_back: t.Callable[[list[HeldBack]], None] | None = None
 
-    from_transport_options = kombu_redis.Channel.from_transport_options + (
-        "tenant_header",
-        "slot_ttl",
-        "on_held_back",
+    from_transport_options = (
+        *kombu_redis.Channel.from_transport_options, "tenant_header", "slot_ttl", "on_held_back"
     )
 
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
         super().__init__(*args, **kwargs)
         self._next_tick = 0.0
-        self._next_renewal = 0.0
+        self._renewer: threading.Thread | None = None
 
     # -- publishing -------------------------------------------------------------------
 
@@ -90,7 +118,12 @@ class FairChannel(kombu_redis.Channel):  # type: ignore[misc]
                 payload, exchange, routing_key, pipe, leftmost
             )
         headers = payload.get("headers") or {}
-        headers.pop(LEASE_HEADER, None)
+        lease = headers.pop(LEASE_HEADER, None)
+        if self.releasing and isinstance(lease, str) and lease.count("\r") == 2:
+            limit, token, doorbell = lease.split("\r")
+            self._script(scripts.RELEASE)(
+                keys=[self._root], args=[scripts.ROOT, limit, token, doorbell], client=pipe
+            )
         headers["redelivered"] = True
         payload.setdefault("properties", {}).setdefault("delivery_info", {})["redelivered"] = True
         pri = self._get_message_priority(payload, reverse=False)
@@ -103,6 +136,14 @@ class FairChannel(kombu_redis.Channel):  # type: ignore[misc]
             )  # fmt: skip
         return None
 
+    def _purge(self, queue: str) -> int:
+        """``celery purge``, ``queue.purge()``: drop the tenant lanes too; return the count."""
+        doorbells = [self._q_for_pri(queue, pri) for pri in self.priority_steps]
+        with self.conn_or_acquire() as client:
+            return int(self._script(scripts.PURGE)(
+                keys=[self._root], args=[scripts.ROOT, *doorbells], client=client
+            ))  # fmt: skip
+
     def _lane_of(self, message: dict[str, t.Any]) -> str | None:
         """The lane of a message: its tenant, with its limit if it has one; ``None`` for
         a plain message (or one whose tenant header is not a tenant name)."""
@@ -113,7 +154,7 @@ class FairChannel(kombu_redis.Channel):  # type: ignore[misc]
         if not is_valid_name(tenant):
             return None
         limit = headers.get(LIMIT_HEADER)
-        if not isinstance(limit, str) or limit.count("\n") != 2 or "\r" in limit:
+        if not _is_limit(limit):
             return t.cast(str, tenant)
         return f"{tenant}\n{limit}"
 
@@ -122,8 +163,8 @@ class FairChannel(kombu_redis.Channel):  # type: ignore[misc]
     def _brpop_start(self, timeout: float | None = None) -> None:
         """Run the periodic tick, then wait on the doorbells no longer than it asks."""
         wait = self._maybe_tick()
-        if wait is not None:
-            timeout = min(timeout or self.brpop_timeout, wait)
+        if wait is not None:  # at least 10 ms: Redis reads a shorter timeout as "forever"
+            timeout = max(min(timeout or self.brpop_timeout, wait), MIN_WAIT)
         super()._brpop_start(timeout)
 
     def _brpop_read(self, **options: t.Any) -> bool:
@@ -135,14 +176,14 @@ class FairChannel(kombu_redis.Channel):  # type: ignore[misc]
                 self.client.connection.disconnect()
                 raise
             if not reply:
-                raise kombu_redis.Empty()
+                raise Empty()
             doorbell, item = reply
-            doorbell = kombu_redis.bytes_to_str(doorbell)
+            doorbell = _text(doorbell)
             queue = doorbell.rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(queue)
             message = self._pick(doorbell) if item == _TOKEN else loads(item)
             if message is None:
-                raise kombu_redis.Empty()
+                raise Empty()
             self.connection._deliver(message, queue)
             return True
         finally:
@@ -159,7 +200,7 @@ class FairChannel(kombu_redis.Channel):  # type: ignore[misc]
                     message = self._pick(doorbell) if item == _TOKEN else loads(item)
                     if message is not None:
                         return message
-        raise kombu_redis.Empty()
+        raise Empty()
 
     def _pick(self, doorbell: str) -> dict[str, t.Any] | None:
         """Run the pick for one token of ``doorbell``; the message, with its lease."""
@@ -176,14 +217,15 @@ class FairChannel(kombu_redis.Channel):  # type: ignore[misc]
             return None
         message = t.cast(dict[str, t.Any], loads(raw))
         if limit:
-            lease = f"{kombu_redis.bytes_to_str(limit)}\r{token}\r{doorbell}"
+            lease = f"{_text(limit)}\r{token}\r{doorbell}"
             message.setdefault("headers", {})[LEASE_HEADER] = lease
+            self._start_renewing()
         return message
 
     def _maybe_tick(self) -> float | None:
         """At most once a second (sooner when a held lane or a due message asks for
-        it): move due messages, wake held lanes, renew the leases of messages this
-        channel holds unacked. Returns the seconds until the next tick is wanted."""
+        it): move due messages, wake held lanes, give lost tokens back. Returns the
+        seconds until the next tick is wanted."""
         now = monotonic()
         if now < self._next_tick or not self.active_queues:
             return max(self._next_tick - now, 0.0) or None
@@ -194,15 +236,34 @@ class FairChannel(kombu_redis.Channel):  # type: ignore[misc]
                 keys=[self._root], args=[scripts.ROOT, scripts.TICK_BATCH, *doorbells],
                 client=client,
             ))  # fmt: skip
-            if now >= self._next_renewal:
-                self._next_renewal = now + max(self.slot_ttl / 3, 1.0)
-                renew_leases(client, self._root, self._unacked_leases(), self.slot_ttl)
             server_now = _server_time(client) if next_at else 0.0
-        wait = self.brpop_timeout
+        wait = float(self.brpop_timeout)
         if next_at:
-            wait = min(wait, max(next_at - server_now, 0.005))
+            wait = min(wait, max(next_at - server_now, MIN_WAIT))
         self._next_tick = now + wait
         return wait
+
+    def _start_renewing(self) -> None:
+        """Start the thread (a greenlet under gevent) that renews the leases of the messages
+        this channel holds unacked: prefetched ones waiting for a free pool slot, and
+        ``acks_late`` ones. It runs whatever the consumer loop does meanwhile."""
+        if self._renewer is None or not self._renewer.is_alive():
+            self._renewer = threading.Thread(
+                target=self._renew_unacked, name="tenant-jobs-prefetched-leases", daemon=True
+            )
+            self._renewer.start()
+
+    def _renew_unacked(self) -> None:
+        while not self._closing:
+            time.sleep(max(self.slot_ttl / 3, MIN_WAIT))
+            leases = self._unacked_leases()
+            if not leases:
+                continue
+            try:
+                with self.conn_or_acquire() as client:
+                    renew_leases(client, self._root, leases, self.slot_ttl)
+            except Exception:  # Redis away for a moment: the next round tries again
+                _log.warning("could not renew %d lease(s)", len(leases), exc_info=True)
 
     def _unacked_leases(self) -> list[str]:
         """The leases of the messages delivered to this channel and not acked yet
@@ -227,7 +288,7 @@ class FairChannel(kombu_redis.Channel):  # type: ignore[misc]
         return script(source)
 
 
-class FairTransport(kombu_redis.Transport):  # type: ignore[misc]
+class FairTransport(_RedisTransport):  # type: ignore[misc]
     """kombu's Redis transport with :class:`FairChannel`."""
 
     Channel = FairChannel
@@ -258,9 +319,25 @@ def renew_leases(client: t.Any, root: str, leases: t.Iterable[str], ttl: float) 
         pipe.execute()
 
 
+def _is_limit(value: object) -> t.TypeGuard[str]:
+    """Whether a ``tenant_jobs_limit`` header is well-formed: ``key\nconcurrency\nrate``
+    (a malformed one, which no sender of this library writes, leaves the task unlimited)."""
+    if not isinstance(value, str) or "\r" in value or value.count("\n") != 2:
+        return False
+    key, concurrency, per_second = value.split("\n")
+    try:
+        return bool(key) and int(concurrency) >= 0 and 0 <= float(per_second) < float("inf")
+    except ValueError:
+        return False
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _server_time(client: t.Any) -> float:
     seconds, micros = client.time()
-    return float(seconds) + micros / 1_000_000
+    return float(seconds) + float(micros) / 1_000_000
 
 
 def _due(message: dict[str, t.Any]) -> float:
@@ -277,8 +354,8 @@ def _due(message: dict[str, t.Any]) -> float:
 def _held_back(reply: list[t.Any]) -> list[HeldBack]:
     """``[lane, head message, ...]`` from a pick, as tenants and task names."""
     found = []
-    for lane, head in zip(reply[::2], reply[1::2]):
-        tenant = kombu_redis.bytes_to_str(lane).split("\n", 1)[0]
+    for lane, head in zip(reply[::2], reply[1::2], strict=False):
+        tenant = _text(lane).split("\n", 1)[0]
         try:
             task = str(loads(head)["headers"]["task"])
         except (ValueError, KeyError, TypeError):
