@@ -47,6 +47,10 @@ from urllib.parse import urlsplit
 
 import redis
 
+from flask_tenant_jobs.fair.scripts import ROOT as FAIR_ROOT
+from flask_tenant_jobs.fair.transport import LEASE_HEADER
+from flask_tenant_jobs.limits import LEASES
+
 from . import Row, compare, fairness_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -408,38 +412,46 @@ def transport_rows(bench: Bench) -> list[Row]:
     queue = f"{fairness_app.QUEUE}-transport"
     messages = 1000
 
-    def publish(kind: Kind) -> Callable[[], object]:
+    def publish(kind: Kind, task_name: str = "work") -> Callable[[], object]:
         app = bench.apps[kind]
         celery_app = app.extensions["celery"]
-        task = celery_app.tasks["bench.fairness_app.work"]
+        task = celery_app.tasks[f"bench.fairness_app.{task_name}"]
+        switch = app.extensions["tenant_jobs"].switch
 
         def run() -> object:
-            with app.app_context(), app.extensions["tenant_jobs"].switch("t001"), \
-                    celery_app.producer_or_acquire() as producer:
+            with app.app_context(), celery_app.producer_or_acquire() as producer:
                 for i in range(messages):
-                    task.apply_async((f"p{i}",), queue=queue, producer=producer)
+                    with switch(fairness_app.tenant_name(1 + i % 20)):
+                        task.apply_async((f"p{i}",), queue=queue, producer=producer)
             return None
 
         return run
 
-    def fetch(kind: Kind) -> Callable[[], object]:
+    def fetch(kind: Kind, slots: bool = False) -> Callable[[], object]:
+        """Take the messages; with ``slots``, also hold and release each one's lease, as
+        the pool process running the task does."""
         app = bench.apps[kind]
         celery_app = app.extensions["celery"]
+        client = redis.Redis.from_url(fairness_app.broker_url())
 
         def run() -> object:
             with celery_app.connection_for_read() as connection:
                 waiting = connection.SimpleQueue(queue, no_ack=True)
                 for _ in range(messages):
-                    waiting.get(block=False)
+                    message = waiting.get(block=False)
+                    if slots:
+                        lease = message.headers[LEASE_HEADER]
+                        LEASES.hold(lease, client, FAIR_ROOT, 60.0)
+                        LEASES.release(lease)
                 waiting.close()
             return None
 
         return run
 
-    def refill(kind: Kind) -> t.Callable[[], t.ContextManager[object]]:
+    def refill(kind: Kind, task: str = "work") -> t.Callable[[], t.ContextManager[object]]:
         @contextmanager
         def filled() -> Iterator[None]:
-            publish(kind)()
+            publish(kind, task)()
             yield
 
         return filled
@@ -455,6 +467,13 @@ def transport_rows(bench: Bench) -> list[Row]:
         "transport: take a tenant task off the queue, fair dispatch vs kombu's Redis "
         "transport (µs per message)", fetch("tenant"), fetch("fair"), number=1, repeat=LIMIT_REPEAT,
         baseline_context=refill("tenant"), measured_context=refill("fair"),
+    ))
+    bench.flush()
+    rows.append(compare(
+        "transport: take a task with tenant_concurrency off the queue, hold and release its "
+        "slot, vs a task without a limit, fair dispatch, tasks of 20 tenants (µs per message)",
+        fetch("fair"), fetch("fair", slots=True), number=1, repeat=LIMIT_REPEAT,
+        baseline_context=refill("fair"), measured_context=refill("fair", "wide"),
     ))
     bench.flush()
     return [Row(r.name, r.baseline_us / messages, r.measured_us / messages, r.ratio)

@@ -111,6 +111,12 @@ def rated(label: str, seconds: float = 0.0) -> None:
     finish(label, seconds)
 
 
+@tenant_task(name="bench.fairness_app.wide", ignore_result=True, tenant_concurrency=100_000)
+def wide(label: str, seconds: float = 0.0) -> None:
+    """:func:`work` with a per-tenant cap no run reaches: what taking a slot costs."""
+    finish(label, seconds)
+
+
 def celery_config(broker_url: str) -> dict[str, t.Any]:
     """The Celery settings both apps share."""
     return {
