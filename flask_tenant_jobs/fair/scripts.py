@@ -16,7 +16,8 @@ priority step, e.g. ``celery`` or ``celery\\x06\\x163``):
   score: due time; member ``LANE\\rmessage``), moved into their lane when due.
 * ``R:lease:group\\ntenant``: live leases of a limit (sorted set, score: expiry).
 * ``R:rate:group\\ntenant``: the token bucket of a rate limit (hash).
-* ``R:waiters:group\\ntenant``: ``D\\rLANE`` of the lanes that limit holds back.
+* ``R:waiters:group\\ntenant``: ``D\\rLANE`` of the lanes that limit holds back, so
+  that a release wakes them at once (it expires: the tick wakes them anyway).
 * ``R:limits``: every ``group\\ntenant`` that ever took a lease (for the queues table).
 """
 
@@ -143,6 +144,7 @@ for _ = 1, lanes do
     redis.call('RPOP', ring)
     redis.call('ZADD', held, wake_at, lane)
     redis.call('SADD', root .. ':waiters:' .. limit, d .. '\\r' .. lane)
+    redis.call('EXPIRE', root .. ':waiters:' .. limit, math.ceil(2 * ttl) + 60)
     held_back[#held_back + 1] = lane
     held_back[#held_back + 1] = redis.call('LINDEX', key, 0) or ''
   end

@@ -49,6 +49,8 @@ def install(app: Flask, celery_app: Celery | None, settings: Settings) -> None:
     )
     celery_app.conf.broker_transport = TRANSPORT
     celery_app.conf.broker_transport_options = options
+    task_prerun.connect(_hold_lease)  # once per process: Celery's signals dedupe receivers
+    task_postrun.connect(_release_lease)
 
 
 def _require_redis(celery_app: Celery) -> None:
@@ -125,10 +127,6 @@ def _lease_client(celery_app: Celery) -> tuple[redis.Redis, str]:
         client = _CLIENTS[key] = redis.Redis.from_url(url)
     prefix = str(celery_app.conf.broker_transport_options.get("global_keyprefix") or "")
     return client, prefix + scripts.ROOT
-
-
-task_prerun.connect(_hold_lease)
-task_postrun.connect(_release_lease)
 
 
 # -- what is waiting ------------------------------------------------------------------------
