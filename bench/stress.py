@@ -4,13 +4,16 @@ The engine is ``tests/stress.py`` (``tests/test_stress.py`` runs it at CI size):
 for the column and the schema strategy, the column strategy with row-level security
 (``column+rls``, the worker connecting as a role that RLS applies to) and the same
 with tasks that also run ``text()`` SQL naming no tenant and try to insert a row for
-another tenant (``column+rls+sql``), and for the prefork (-c 2), threads (-c 8)
+another tenant (``column+rls+sql``), the column strategy with fair dispatch on and
+the tasks capped at 2 at once per tenant (``column+fair``: the most seen at once per
+tenant is recorded, and must not exceed the cap), and for the prefork (-c 2), threads (-c 8)
 and gevent (-c 50) pools, a ``flask tenant-jobs worker`` subprocess runs
 ``BENCH_STRESS_TASKS`` (default 10,000) interleaved tasks of
 ``BENCH_STRESS_TENANTS`` (default 50) tenants, each writing, reading, getting
 and updating rows of its tenant; then every row is read back without scoping.
 It prints the table (tasks sent, completed, lost, cross-tenant reads and
-writes, seconds) and fails if any task was lost or any row crossed tenants.
+writes, the most tasks of one tenant at once under a cap, seconds) and fails if any
+task was lost, any row crossed tenants or a cap was exceeded.
 
 Not in ``MODULES``: it takes minutes, not seconds. ``BENCH_POSTGRES_URL`` names the
 database (default ``root``; tables ``ftj_stress_*`` and schemas ``ftjstress_*`` are

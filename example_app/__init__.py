@@ -11,7 +11,9 @@ tenant-jobs worker`` to run its jobs. Environment variables:
   created at start-up when missing;
 * ``CELERY_BROKER_URL`` and ``CELERY_RESULT_BACKEND``: another broker than the
   embedded one (SQLite files in the instance folder, see ``broker.py``), e.g.
-  ``redis://127.0.0.1:6379/0``;
+  ``redis://127.0.0.1:6379/0``; on Redis, fair dispatch is turned on
+  (``TENANT_JOBS_FAIR_DISPATCH``: a tenant with many jobs waiting does not hold
+  the other shops' jobs back) and ``/queue`` shows the jobs waiting per shop;
 * ``FLASK_*``: any other setting, e.g. ``FLASK_SERVER_NAME=localhost:5000`` or
   ``FLASK_TENANT_JOBS_SCHEMA_FORMAT=shop_{tenant}``.
 """
@@ -53,6 +55,8 @@ def create_app(
     app.config.from_prefixed_env()  # e.g. FLASK_SERVER_NAME=localhost:5000
     if config:
         app.config.update(config)
+    # Fair dispatch needs Redis: on unless the settings above say otherwise.
+    app.config.setdefault("TENANT_JOBS_FAIR_DISPATCH", on_redis(app.config["CELERY"]))
 
     # The models are defined before init_app, which checks where their tables are.
     from . import jobs, models, views  # noqa: F401 - jobs registers the tasks
@@ -85,6 +89,11 @@ def celery_config(instance_path: str) -> dict[str, t.Any]:
         backend = os.environ.get("CELERY_RESULT_BACKEND", broker)
         return {"broker_url": broker, "result_backend": backend, **BEAT}
     return {**embedded_config(instance_path), **BEAT}
+
+
+def on_redis(celery: t.Mapping[str, t.Any]) -> bool:
+    """Whether the broker is Redis: fair dispatch needs it (the embedded broker is not)."""
+    return str(celery.get("broker_url", "")).startswith(("redis://", "rediss://"))
 
 
 #: Beat runs ``send_digest`` once per tenant every day (``flask tenant-jobs beat``).

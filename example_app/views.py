@@ -11,7 +11,17 @@ import typing as t
 from uuid import uuid4
 
 from celery import states
-from flask import Blueprint, abort, g, jsonify, redirect, render_template, request, url_for
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    g,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
@@ -121,6 +131,23 @@ def job_status(job_id: str) -> ResponseReturnValue:
         "job.html", title=shop_title(), job_id=job_id, state=state, order=order,
         result=result.result if done else None, finished=state in states.READY_STATES,
     )
+
+
+@bp.get("/queue")
+def queue() -> ResponseReturnValue:
+    """Jobs waiting per shop: this shop's on its own host, every shop's on the apex domain.
+
+    ``backlog()`` needs fair dispatch, which needs Redis: on the embedded broker the
+    page says so instead.
+    """
+    fair = bool(current_app.config["TENANT_JOBS_FAIR_DISPATCH"])
+    waiting = tenant_jobs.backlog() if fair else {}
+    shops = [g.tenant] if g.tenant is not None else tenant_jobs.tenant_names()
+    rows = [(name, waiting.get(name, 0)) for name in shops]
+    if wants_json():
+        return jsonify(fair_dispatch=fair, waiting=dict(rows) if fair else None)
+    title = shop_title() if g.tenant is not None else "The example shop"
+    return render_template("queue.html", title=title, fair=fair, rows=rows)
 
 
 @bp.app_errorhandler(404)

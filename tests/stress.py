@@ -23,6 +23,10 @@ With ``column+rls`` the tables get their row-level security policies and the
 worker connects as a role made for the run (neither superuser nor ``BYPASSRLS``);
 ``column+rls+sql`` adds, in every task, ``text()`` reads and an update that name
 no tenant, and an insert of a row for another tenant that the database must refuse.
+With ``column+fair`` the worker delivers through fair dispatch
+(``TENANT_JOBS_FAIR_DISPATCH``) and the tasks carry ``tenant_concurrency``
+(``tests.stress_app.capped_read_write``): each counts in Redis how many tasks of its
+tenant run with it, and the highest count must not exceed the cap.
 
 The schema strategy's schemas are made with ``tenant_jobs.create`` (format
 :data:`SCHEMA_FORMAT`) and dropped afterwards; the column strategy's tables are
@@ -53,8 +57,10 @@ from tests.worker_processes import Worker, subprocess_env
 POOLS: dict[str, int] = {"prefork": 2, "threads": 8, "gevent": 50}
 #: The strategy combinations: ``+rls`` turns ``TENANT_JOBS_RLS`` on (the worker connects
 #: as a role that row-level security applies to), ``+sql`` makes the tasks also run
-#: ``text()`` SQL that names no tenant and try to insert rows for another tenant.
-STRATEGIES = ("column", "schema", "column+rls", "column+rls+sql")
+#: ``text()`` SQL that names no tenant and try to insert rows for another tenant,
+#: ``+fair`` turns ``TENANT_JOBS_FAIR_DISPATCH`` on and sends tasks with
+#: ``tenant_concurrency`` (:data:`tests.stress_app.CAP` at once per tenant).
+STRATEGIES = ("column", "schema", "column+rls", "column+rls+sql", "column+fair")
 SCHEMA_FORMAT = "ftjstress_{tenant}"
 APP = "tests.stress_app:create_app()"
 #: Give up waiting for results when none arrived for this long (the worker is stuck).
@@ -69,6 +75,11 @@ def base_strategy(strategy: str) -> str:
 def is_rls(strategy: str) -> bool:
     """Whether a combination has row-level security on."""
     return "+rls" in strategy
+
+
+def is_fair(strategy: str) -> bool:
+    """Whether a combination has fair dispatch and a per-tenant cap on."""
+    return "+fair" in strategy
 
 
 @dataclass
@@ -88,6 +99,9 @@ class Outcome:
     cross_reads: int = 0
     cross_writes: int = 0
     seconds: float = 0.0
+    #: With ``+fair``: the cap, and the most tasks of one tenant seen running at once.
+    cap: int | None = None
+    peak: int | None = None
     #: Descriptions of what went wrong (the first ones of each kind).
     problems: list[str] = field(default_factory=list)
 
@@ -97,6 +111,7 @@ class Outcome:
             self.completed == self.sent
             and not (self.failed or self.lost or self.wrong_tenant)
             and not (self.cross_reads or self.cross_writes)
+            and not (self.cap is not None and (self.peak or 0) > self.cap)
             and not self.problems
         )
 
@@ -110,15 +125,17 @@ def format_table(outcomes: Sequence[Outcome]) -> str:
     lines = [
         "| pool | strategy | tenants | tasks sent | completed | lost | failed "
         "| ran in another tenant | rows read | cross-tenant reads | cross-tenant writes "
-        "| seconds | tasks/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| most at once per tenant (cap) | seconds | tasks/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for o in outcomes:
         rate = o.completed / o.seconds if o.seconds else 0.0
+        at_once = "-" if o.cap is None else f"{o.peak} ({o.cap})"
         lines.append(
             f"| {o.pool} (-c {o.concurrency}) | {o.strategy} | {o.tenants} | {o.sent:,} "
             f"| {o.completed:,} | {o.lost:,} | {o.failed:,} | {o.wrong_tenant:,} | {o.rows_read:,} "
-            f"| {o.cross_reads:,} | {o.cross_writes:,} | {o.seconds:.1f} | {rate:.0f} |"
+            f"| {o.cross_reads:,} | {o.cross_writes:,} | {at_once} | {o.seconds:.1f} "
+            f"| {rate:.0f} |"
         )
     return "\n".join(lines)
 
@@ -284,6 +301,7 @@ class StressRun:
                 schema_format=SCHEMA_FORMAT,
                 queue=queue,
                 rls=is_rls(strategy),
+                fair=is_fair(strategy),
             ),
         )
         log_path = self.log_dir / f"worker-{pool}-{strategy}.log"
@@ -298,6 +316,12 @@ class StressRun:
             outcome.seconds = time.monotonic() - started
         finally:
             worker.stop()
+        if is_fair(strategy):
+            outcome.cap = stress_app.CAP
+            outcome.peak = max(stress_app.peaks(self.redis).values(), default=0)
+            if outcome.peak > outcome.cap:
+                outcome.problem(f"{outcome.peak} tasks of one tenant ran at once "
+                                f"(tenant_concurrency={outcome.cap})")
         completed = check_results(sent, results, outcome)
         check_rows(sent, completed, self._all_rows(strategy), outcome)
         if not outcome.ok:
@@ -308,7 +332,8 @@ class StressRun:
         """Send the tasks in a random tenant order, each inside ``switch(tenant)``."""
         rng = random.Random(f"{self.seed}-{strategy}")
         celery_app = app.extensions["celery"]
-        task = celery_app.tasks["tests.stress_app.read_write"]
+        name = "capped_read_write" if is_fair(strategy) else "read_write"
+        task = celery_app.tasks[f"tests.stress_app.{name}"]
         per_tenant: Counter[str] = Counter()
         sql = strategy.endswith("+sql")
         sent = []
@@ -389,6 +414,7 @@ class StressRun:
             tenants=self.tenants,
             schema_format=SCHEMA_FORMAT,
             rls=is_rls(strategy),
+            fair=is_fair(strategy),
         )
         db, tenant_jobs = stress_app.db, stress_app.tenant_jobs
         with app.app_context():

@@ -8,6 +8,8 @@ test side passes the same values to :func:`create_app` as keyword arguments):
 * ``TEST_STRESS_STRATEGY``: ``column`` (default) or ``schema``;
 * ``TEST_STRESS_RLS=1``: ``TENANT_JOBS_RLS`` on (column strategy; connect as a role that
   row-level security applies to);
+* ``TEST_STRESS_FAIR=1``: ``TENANT_JOBS_FAIR_DISPATCH`` on (the tasks sent are then
+  :func:`capped_read_write`, at most :data:`CAP` at once per tenant);
 * ``TEST_STRESS_TENANTS``: how many tenants (``t000``, ``t001``, ...; default 20);
 * ``TEST_STRESS_SCHEMA_FORMAT``: ``TENANT_JOBS_SCHEMA_FORMAT`` (default ``ftjstress_{tenant}``);
 * ``TEST_STRESS_QUEUE``: Celery's ``task_default_queue``;
@@ -28,6 +30,7 @@ import os
 import time
 import typing as t
 
+import redis
 import sqlalchemy as sa
 from celery import Task
 from flask import Flask
@@ -43,6 +46,20 @@ DEFAULT_TENANTS = 20
 DEFAULT_SCHEMA_FORMAT = "ftjstress_{tenant}"
 #: How many of its tenant's newest rows each stress task reads.
 READ_LIMIT = 20
+#: ``tenant_concurrency`` of :func:`capped_read_write`.
+CAP = 2
+#: Redis hashes: tenant -> capped tasks running now / the most seen running at once.
+RUNNING_KEY = "ftj-stress:running"
+PEAK_KEY = "ftj-stress:peak"
+# One more running task of a tenant, and the highest count kept: atomic in Redis.
+_ENTER = """
+local now = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+if now > tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0') then
+  redis.call('HSET', KEYS[2], ARGV[1], now)
+end
+return now
+"""
+_REDIS: dict[tuple[int, str], redis.Redis] = {}
 
 
 def tenant_name(number: int) -> str:
@@ -113,7 +130,44 @@ def row_model() -> t.Any:
 def read_write(
     self: Task, label: str, owner: str, probe: int, forge_for: str | None = None
 ) -> dict[str, t.Any]:
-    """Write a row, read the tenant's newest rows, get and update the row with id ``probe``.
+    """Write a row, read the tenant's newest rows, get and update the row with id ``probe``."""
+    return _read_write(self, label, owner, probe, forge_for)
+
+
+@tenant_task(bind=True, tenant_concurrency=CAP)
+def capped_read_write(
+    self: Task, label: str, owner: str, probe: int, forge_for: str | None = None
+) -> dict[str, t.Any]:
+    """:func:`read_write` with at most :data:`CAP` running at once per tenant, counting
+    (in Redis, :data:`PEAK_KEY`) how many of its tenant's run with it."""
+    client = _redis(self.app.conf.broker_url)
+    tenant = t.cast(str, current_tenant())
+    client.eval(_ENTER, 2, RUNNING_KEY, PEAK_KEY, tenant)
+    try:
+        return _read_write(self, label, owner, probe, forge_for)
+    finally:
+        client.hincrby(RUNNING_KEY, tenant, -1)
+
+
+def peaks(client: redis.Redis) -> dict[str, int]:
+    """Per tenant, the most :func:`capped_read_write` tasks seen running at once."""
+    raw = t.cast(dict[bytes, bytes], client.hgetall(PEAK_KEY))
+    return {key.decode(): int(value) for key, value in raw.items()}
+
+
+def _redis(url: str) -> redis.Redis:
+    """This process's Redis client (made again in a forked pool process)."""
+    key = (os.getpid(), url)
+    client = _REDIS.get(key)
+    if client is None:
+        client = _REDIS[key] = redis.Redis.from_url(url)
+    return client
+
+
+def _read_write(
+    self: Task, label: str, owner: str, probe: int, forge_for: str | None
+) -> dict[str, t.Any]:
+    """The body of :func:`read_write`.
 
     Returns what the task saw: its tenant and header, and for every row it read
     (the newest rows, and ``session.get(probe)`` if that found one) the owner and,
@@ -254,6 +308,7 @@ def create_app(
     durable: bool | None = None,
     visibility_timeout: float | None = None,
     rls: bool | None = None,
+    fair: bool | None = None,
 ) -> Flask:
     """The stress app; each argument defaults to its ``TEST_STRESS_*`` environment variable."""
     env = os.environ.get
@@ -267,6 +322,8 @@ def create_app(
         visibility_timeout = float(env("TEST_STRESS_VISIBILITY_TIMEOUT", "5"))
     if rls is None:
         rls = env("TEST_STRESS_RLS") == "1"
+    if fair is None:
+        fair = env("TEST_STRESS_FAIR") == "1"
     app = Flask(__name__)
     app.config.update(
         SERVER_NAME="example.test",
@@ -282,6 +339,8 @@ def create_app(
         ),
         TENANT_JOBS_RLS=rls,
     )
+    if fair:
+        app.config["TENANT_JOBS_FAIR_DISPATCH"] = True
     db.init_app(app)
     tenant_jobs.init_app(app, db=db)
     return app
@@ -298,6 +357,7 @@ def env_for(
     durable: bool = False,
     visibility_timeout: float = 5.0,
     rls: bool = False,
+    fair: bool = False,
 ) -> dict[str, str]:
     """The ``TEST_STRESS_*`` variables that make a subprocess's :func:`create_app` match."""
     return {
@@ -310,4 +370,5 @@ def env_for(
         "TEST_STRESS_DURABLE": "1" if durable else "0",
         "TEST_STRESS_VISIBILITY_TIMEOUT": str(visibility_timeout),
         "TEST_STRESS_RLS": "1" if rls else "0",
+        "TEST_STRESS_FAIR": "1" if fair else "0",
     }

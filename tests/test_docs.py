@@ -7,7 +7,9 @@ Blocks marked ```python file=NAME form a small project instead: they are written
 to files of those names and ``pytest`` runs there (docs/testing.md).
 Fragments are marked ```python-snippet (or ```text) and are not run.
 Pages whose blocks read ``DATABASE_URL`` are PostgreSQL examples: they run with it
-set to the tests' PostgreSQL (``TEST_POSTGRES_URL``).
+set to the tests' PostgreSQL (``TEST_POSTGRES_URL``). Pages whose blocks read
+``REDIS_URL`` are Redis examples: they run with it set to database
+``TEST_DOCS_REDIS_DB`` (default 12) of the tests' Redis, flushed before and after.
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+REDIS_DB = int(os.environ.get("TEST_DOCS_REDIS_DB", "12"))
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
 
 # Runs the blocks of one file in order; reports the failing block's number and line.
@@ -63,7 +68,8 @@ def project_files(path: Path) -> dict[str, str]:
 def test_docs_exist() -> None:
     names = {path.name for path in DOC_FILES}
     for name in ("README.md", "index.md", "getting-started.md", "configuration.md",
-                 "requests.md", "column-strategy.md", "errors.md", "signals.md"):
+                 "requests.md", "column-strategy.md", "errors.md", "signals.md",
+                 "fairness.md"):
         assert name in names
 
 
@@ -85,12 +91,36 @@ def test_python_blocks_run(path: Path, tmp_path: Path, request: pytest.FixtureRe
     env = dict(os.environ)
     if any("DATABASE_URL" in source for _, source in blocks):
         env["DATABASE_URL"] = request.getfixturevalue("postgres_url")
-    done = subprocess.run(
-        [sys.executable, "-c", RUNNER, name],
-        input=json.dumps(blocks), cwd=tmp_path, capture_output=True, text=True,
-        timeout=300, check=False, env=env,
-    )
+    with _redis_for(blocks, request) as redis_url:
+        if redis_url:
+            env["REDIS_URL"] = redis_url
+        done = subprocess.run(
+            [sys.executable, "-c", RUNNER, name],
+            input=json.dumps(blocks), cwd=tmp_path, capture_output=True, text=True,
+            timeout=300, check=False, env=env,
+        )
     assert done.returncode == 0, f"{name}: {len(blocks)} blocks\n{done.stderr}{done.stdout[-2000:]}"
+
+
+@contextmanager
+def _redis_for(blocks: list[tuple[int, str]], request: pytest.FixtureRequest) -> Iterator[str]:
+    """The Redis URL for a page whose blocks read ``REDIS_URL`` ("" for others), its
+    database flushed before and after."""
+    if not any("REDIS_URL" in source for _, source in blocks):
+        yield ""
+        return
+    from redis import Redis
+
+    from tests.worker_processes import redis_db_url
+
+    url = redis_db_url(request.getfixturevalue("redis_url"), REDIS_DB)
+    client = Redis.from_url(url)
+    client.flushdb()
+    try:
+        yield url
+    finally:
+        client.flushdb()
+        client.close()
 
 
 @pytest.mark.parametrize("path", PROJECTS, ids=lambda path: str(path.relative_to(ROOT)))

@@ -418,3 +418,74 @@ def test_flask_run_and_a_worker_process_share_the_embedded_broker(tmp_path: Path
         for worker in workers:
             worker.stop()
         web.stop()
+
+
+def test_the_queue_page_says_fairness_needs_redis_on_the_embedded_broker(tmp_path: Path) -> None:
+    app = create_app(instance_path=str(tmp_path))
+    assert app.config["TENANT_JOBS_FAIR_DISPATCH"] is False
+    client = app.test_client()
+    html = client.get("http://acme.example.test/queue").get_data(as_text=True)
+    assert "Fair dispatch needs Redis" in html and "CELERY_BROKER_URL=redis://" in html
+    assert "Fair dispatch needs Redis" in client.get("http://example.test/queue").get_data(
+        as_text=True
+    )
+    answer = client.get("http://acme.example.test/queue", headers={"Accept": "application/json"})
+    assert answer.get_json() == {"fair_dispatch": False, "waiting": None}
+    assert 'href="/queue"' in client.get("http://acme.example.test/orders").get_data(as_text=True)
+    dispose(app)
+
+
+def test_on_redis_fair_dispatch_is_on_and_the_queue_page_shows_the_backlog(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs sent with no worker wait per shop; each shop's page shows its own count only,
+    the apex domain every shop's; a worker then runs them all."""
+    from celery.contrib.testing.worker import start_worker
+
+    from tests.worker_processes import redis_db_url
+
+    url = redis_db_url(redis_url, int(os.environ.get("TEST_EXAMPLE_REDIS_DB", "11")))
+    monkeypatch.setenv("CELERY_BROKER_URL", url)
+    app = create_app(instance_path=str(tmp_path))
+    celery_app = app.extensions["celery"]
+    assert app.config["TENANT_JOBS_FAIR_DISPATCH"] is True
+    assert celery_app.conf.broker_transport == "flask_tenant_jobs.fair.transport:FairTransport"
+    with celery_app.connection_for_write() as connection:
+        connection.default_channel.client.flushdb()
+    client = app.test_client()
+    as_json = {"Accept": "application/json"}
+    try:
+        for shop, item in [("acme", "anvil"), ("acme", "rocket"), ("globex", "hammock")]:
+            response = client.post(f"http://{shop}.example.test/orders", json={"item": item})
+            assert response.status_code == 201
+        assert client.get("http://acme.example.test/queue", headers=as_json).get_json() == {
+            "fair_dispatch": True, "waiting": {"acme": 2}
+        }
+        globex = client.get("http://globex.example.test/queue").get_data(as_text=True)
+        assert "<td>globex</td><td>1</td>" in globex and "acme" not in globex
+        apex = client.get("http://example.test/queue").get_data(as_text=True)
+        assert "<td>acme</td><td>2</td>" in apex and "<td>globex</td><td>1</td>" in apex
+        assert "Fair dispatch is on" in apex
+        def backlog() -> dict[str, int]:
+            with app.app_context():
+                return t.cast(dict[str, int], app.extensions["tenant_jobs"].backlog())
+
+        def processed() -> list[str]:
+            return [
+                order["status"]
+                for shop in ("acme", "globex")
+                for order in client.get(f"http://{shop}.example.test/orders",
+                                        headers=as_json).get_json()["orders"]
+            ]
+
+        assert processed() == ["pending"] * 3
+        with start_worker(celery_app, pool="solo", perform_ping_check=False, loglevel="WARNING"):
+            wait_until(lambda: processed() == ["processed"] * 3, 30, "the jobs waiting ran")
+        assert backlog() == {}
+        assert client.get("http://example.test/queue", headers=as_json).get_json() == {
+            "fair_dispatch": True, "waiting": {"acme": 0, "globex": 0}
+        }
+    finally:
+        with celery_app.connection_for_write() as connection:
+            connection.default_channel.client.flushdb()
+        dispose(app)

@@ -2,10 +2,11 @@
 
 20 tenants and 170 interleaved tasks per pool (prefork -c 2, threads -c 8,
 gevent -c 50) and strategy combination (column, schema, column with row-level
-security, and the same with tasks that also run ``text()`` SQL naming no tenant
-and try to insert rows for another): about 2,000 tasks in all, on worker
-subprocesses started with ``flask tenant-jobs worker``. Zero tasks lost, zero
-rows read from or written to another tenant. The table of the run is
+security, the same with tasks that also run ``text()`` SQL naming no tenant
+and try to insert rows for another, and column with fair dispatch and a
+per-tenant cap): about 2,500 tasks in all, on worker subprocesses started with
+``flask tenant-jobs worker``. Zero tasks lost, zero rows read from or written to
+another tenant, the cap never exceeded. The table of the run is
 printed at the end of the module (``python -m bench stress`` runs the full size).
 
 Redis database ``TEST_STRESS_REDIS_DB`` (default 7) is flushed and used; the
@@ -128,4 +129,11 @@ def test_the_checks_count_what_goes_wrong() -> None:
     assert outcome.cross_writes == 3
     assert (outcome.completed, outcome.lost) == (2, 2)
     assert any("2 rows for '4-t000'" in problem for problem in outcome.problems)
+    assert not outcome.ok
+
+
+def test_a_cap_exceeded_fails_the_run() -> None:
+    outcome = Outcome("threads", 8, "column+fair", 2, sent=0, cap=2, peak=2)
+    assert outcome.ok
+    outcome.peak = 3
     assert not outcome.ok
