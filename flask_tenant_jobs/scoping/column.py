@@ -51,6 +51,7 @@ from .criteria import (
     TenantScoped,
     base_criteria,
     is_scoped,
+    key_load_criteria,
 )
 from .offboarding import delete_tenant_rows
 from .statements import (
@@ -79,17 +80,31 @@ class TenantSession(_sqla.TokenChoosingSession):
     tenant. The legacy bulk methods fire no ORM event, so they are scoped here.
     """
 
-    def get(self, entity: t.Any, ident: t.Any, **kwargs: t.Any) -> t.Any:
-        """``Session.get()``; a ``TenantScoped`` entity's query is built already filtered,
-        under the tenant's identity token, so the execute hook has nothing to add.
+    unwrapped_errors = (TenantError,)
 
-        An ``identity_token`` naming another tenant is refused."""
-        if isinstance(entity, type) and issubclass(entity, TenantScoped):
-            kwargs["options"] = (*(kwargs.get("options") or ()), TENANT_CRITERIA)
-            kwargs["identity_token"] = _checked_token(
-                entity.__name__, kwargs.get("identity_token"), _filter_tenant() or UNSCOPED_TOKEN
-            )
+    def get(self, entity: t.Any, ident: t.Any, **kwargs: t.Any) -> t.Any:
+        """``Session.get()``; a ``TenantScoped`` entity is loaded already filtered, under
+        the tenant's identity token, so the execute hook has nothing to add.
+
+        An ``identity_token`` naming another tenant is refused. A model whose load
+        reads its one table gets ``tenant_id = <current>`` and no execute hook
+        (nothing else listens); any other gets the loader criteria."""
+        if not (isinstance(entity, type) and issubclass(entity, TenantScoped)):
+            return super().get(entity, ident, **kwargs)
+        tenant = _filter_tenant()
+        kwargs["identity_token"] = _checked_token(
+            entity.__name__, kwargs.get("identity_token"), tenant or UNSCOPED_TOKEN
+        )
+        if tenant is not None and not kwargs.get("options") and self._only_scoping_listens():
+            criteria = key_load_criteria(entity)
+            if criteria is not None:
+                return self.get_with_criteria(entity, ident, criteria, **kwargs)
+        kwargs["options"] = (*(kwargs.get("options") or ()), TENANT_CRITERIA)
         return super().get(entity, ident, **kwargs)
+
+    def _only_scoping_listens(self) -> bool:
+        """Whether the tenant hook is the session's only ``do_orm_execute`` listener."""
+        return tuple(self.dispatch.do_orm_execute) == (scope_orm_execute,)
 
     def lookup_token(
         self, mapper: t.Any, given: t.Any, lazy_loaded_from: InstanceState[t.Any] | None
@@ -178,9 +193,7 @@ class ColumnStrategy:
             event.listen(db.session, "transient_to_pending", note_tenant_added_in)
         with app.app_context():
             for engine in db.engines.values():
-                if not event.contains(engine, "handle_error", unwrap_tenant_errors):
-                    event.listen(engine, "handle_error", unwrap_tenant_errors)
-                    event.listen(engine, "before_cursor_execute", refuse_inserts_in_ctes)
+                listen_to_executions(engine)
 
     def check_tenant(self, name: str) -> None:
         """Any known tenant can be entered: its rows simply share the tables."""
@@ -283,28 +296,27 @@ def _check_core_only(state: ORMExecuteState) -> None:
         refuse_nested_scoped_dml(state.statement, what)
 
 
-def unwrap_tenant_errors(error_context: sa.engine.ExceptionContext) -> BaseException | None:
-    """Raise a tenant error met while executing as itself, not wrapped by SQLAlchemy."""
-    if isinstance(error_context.original_exception, TenantError):
-        return error_context.original_exception
-    return None
+def listen_to_executions(engine: sa.Engine) -> None:
+    """Check each statement ``engine`` runs for INSERTs nested in CTEs (once per engine).
+
+    Through the dialect's ``do_execute`` events, first in line: connection events
+    (``before_cursor_execute``) would make every execution dispatch all of them.
+    """
+    if not event.contains(engine, "do_execute", refuse_inserts_in_ctes):
+        for name in ("do_execute", "do_executemany", "do_execute_no_params"):
+            event.listen(engine, name, refuse_inserts_in_ctes, insert=True)
 
 
-def refuse_inserts_in_ctes(
-    connection: sa.engine.Connection,
-    cursor: t.Any,
-    statement: str,
-    parameters: t.Any,
-    execution_context: t.Any,
-    executemany: bool,
-) -> None:
+def refuse_inserts_in_ctes(cursor: t.Any, statement: str, *args: t.Any) -> None:
     """Refuse an INSERT into a tenant table nested in a CTE (PostgreSQL runs those).
 
     Only the outermost statement reaches the execute hook, so such an INSERT would
-    keep any ``tenant_id`` it names. Read from the compiled statement, where SQLAlchemy
-    lists the CTEs it rendered: nothing is walked for a statement without CTEs.
+    keep any ``tenant_id`` it names. Read from the compiled statement (the execution
+    context is the last argument), where SQLAlchemy lists the CTEs it rendered:
+    nothing is walked for a statement without CTEs. Returns ``None``, so the
+    statement then runs as usual.
     """
-    ctes = getattr(getattr(execution_context, "compiled", None), "ctes", None)
+    ctes = getattr(getattr(args[-1], "compiled", None), "ctes", None)
     if not ctes or context.is_unscoped():
         return
     for cte in ctes:

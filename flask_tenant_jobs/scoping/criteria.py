@@ -49,7 +49,7 @@ def _criteria_tenant() -> str:
 
     Raising here refuses, with no tenant, every statement that reaches tenant rows,
     however indirectly (a join, a subquery, an eager or lazy load);
-    ``unwrap_tenant_errors`` hands the error to the caller unwrapped.
+    the session (``TenantSession.unwrapped_errors``) raises it unwrapped.
     """
     tenant = context.get_tenant()
     if tenant is None:
@@ -123,8 +123,46 @@ def _single_table_column_may_be_null(mapper: Mapper[t.Any], class_: type) -> Non
 
 @event.listens_for(Mapper, "mapper_configured")
 def _note_mapper(mapper: Mapper[t.Any], class_: type) -> None:
+    _key_load_criteria.clear()  # a new mapper may be a subclass of one looked at
     if is_scoped(mapper):
         REGISTRY.add(mapper)
+
+
+#: Relationship loading strategies that load in the same SELECT or right after it.
+_EAGER = frozenset({"joined", "subquery", "selectin", "immediate", False})
+_key_load_criteria: dict[type, t.Any] = {}
+
+
+def key_load_criteria(cls: type[TenantScoped]) -> t.Any | None:
+    """``tenant_id = <current>`` for a load of scoped model ``cls`` by primary key, or ``None``.
+
+    Enough, without the loader-criteria option, where such a load reads one table
+    and nothing else: no inheritance, no eager relationship, only plain columns
+    of that table (a ``column_property`` subquery would need the option).
+    """
+    try:
+        return _key_load_criteria[cls]
+    except KeyError:
+        pass
+    mapper = sa.inspect(cls)
+    criteria = tenant_matches(mapper.columns["tenant_id"]) if _reads_one_table(mapper) else None
+    _key_load_criteria[cls] = criteria
+    return criteria
+
+
+def _reads_one_table(mapper: Mapper[t.Any]) -> bool:
+    """Whether a load of ``mapper`` reads its one table alone (see ``key_load_criteria``)."""
+    if mapper.inherits is not None or len(mapper.self_and_descendants) != 1:
+        return False
+    if mapper.polymorphic_on is not None or len(mapper.tables) != 1:
+        return False
+    table = mapper.tables[0]
+    plain = all(
+        isinstance(column, sa.Column) and column.table is table
+        for prop in mapper.column_attrs
+        for column in prop.columns
+    )
+    return plain and not any(rel.lazy in _EAGER for rel in mapper.relationships)
 
 
 def _base_criteria(base: Mapper[t.Any], columns: list[sa.Column[t.Any]]) -> t.Any:
