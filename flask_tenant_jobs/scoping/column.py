@@ -42,7 +42,6 @@ from ..errors import (
     TenantImmutableError,
     TenantMismatchError,
 )
-from ..settings import current_settings
 from . import _sqla
 from .criteria import (
     REGISTRY,
@@ -50,7 +49,7 @@ from .criteria import (
     UNSCOPED_TOKEN,
     TenantScoped,
     base_criteria,
-    is_scoped,
+    is_scoped_model,
     key_load_criteria,
 )
 from .offboarding import delete_tenant_rows
@@ -62,6 +61,7 @@ from .statements import (
     scope_query_expressions,
 )
 from .statements import given_tenant as _given_tenant
+from .tenancy import filter_tenant, scoping_tenant, tenant_is_missing
 
 __all__ = ["UNSCOPED_TOKEN", "ColumnStrategy", "TenantScoped", "TenantSession"]
 
@@ -89,9 +89,9 @@ class TenantSession(_sqla.TokenChoosingSession):
         An ``identity_token`` naming another tenant is refused. A model whose load
         reads its one table gets ``tenant_id = <current>`` and no execute hook
         (nothing else listens); any other gets the loader criteria."""
-        if not (isinstance(entity, type) and issubclass(entity, TenantScoped)):
+        if not (isinstance(entity, type) and is_scoped_model(entity)):
             return super().get(entity, ident, **kwargs)
-        tenant = _filter_tenant()
+        tenant = filter_tenant()
         kwargs["identity_token"] = _checked_token(
             entity.__name__, kwargs.get("identity_token"), tenant or UNSCOPED_TOKEN
         )
@@ -113,7 +113,8 @@ class TenantSession(_sqla.TokenChoosingSession):
         is refused."""
         if lazy_loaded_from is not None:
             check_loaded_in_this_tenant(lazy_loaded_from)
-        expected = (_filter_tenant() or UNSCOPED_TOKEN) if is_scoped(mapper) else _shared_token()
+        scoped = is_scoped_model(mapper.class_)
+        expected = (filter_tenant() or UNSCOPED_TOKEN) if scoped else _shared_token()
         return _checked_token(mapper.class_.__name__, given, expected)
 
     def bulk_insert_mappings(
@@ -126,9 +127,9 @@ class TenantSession(_sqla.TokenChoosingSession):
         """
         rows = list(mappings)
         target = sa.inspect(mapper)
-        if is_scoped(target):
+        if is_scoped_model(target.class_):
             what = f"A new {target.class_.__name__} row"
-            tenant = _filter_tenant(f"Bulk-inserting {target.class_.__name__} rows")
+            tenant = filter_tenant(f"Bulk-inserting {target.class_.__name__} rows")
             if tenant is not None:
                 check_rows(rows, tenant, what)
             for row in rows:
@@ -141,8 +142,8 @@ class TenantSession(_sqla.TokenChoosingSession):
         """``Session.bulk_update_mappings()``; refused for rows of another tenant."""
         rows = list(mappings)
         target = sa.inspect(mapper)
-        if is_scoped(target) or base_criteria(target) is not None:
-            tenant = _filter_tenant(f"Bulk-updating {target.class_.__name__} rows")
+        if is_scoped_model(target.class_) or base_criteria(target) is not None:
+            tenant = filter_tenant(f"Bulk-updating {target.class_.__name__} rows")
             if tenant is not None:
                 check_rows_by_key(self, target, rows, tenant)
         super().bulk_update_mappings(mapper, rows)
@@ -150,9 +151,9 @@ class TenantSession(_sqla.TokenChoosingSession):
     def bulk_save_objects(self, objects: t.Iterable[object], *args: t.Any, **kw: t.Any) -> None:
         """``Session.bulk_save_objects()``, checked like a flush of the same objects."""
         objs = list(objects)
-        scoped = [obj for obj in objs if isinstance(obj, TenantScoped)]
+        scoped = _scoped_objects(objs)
         if scoped:
-            tenant = _filter_tenant("Bulk-saving tenant-scoped objects")
+            tenant = filter_tenant("Bulk-saving tenant-scoped objects")
             new = [obj for obj in scoped if sa.inspect(obj).key is None]
             for obj in new:
                 _assign_tenant(obj, tenant)
@@ -222,24 +223,22 @@ def scope_orm_execute(state: ORMExecuteState) -> None:
     """Filter an ORM statement to the current tenant, or refuse it with no tenant."""
     if not (state.is_select or state.is_update or state.is_delete or state.is_insert):
         return
-    tenant = context.get_tenant()
-    if context.is_unscoped() or (tenant is None and not current_settings().require_tenant):
-        if state.is_select:
-            _scope_unfiltered_select(state)
-        else:
-            state.statement = _unfiltered(state.statement)
-        return
-    if tenant is None:
-        if _names_scoped_entity(state):
-            raise NoTenantError("Querying a tenant-scoped model")
-        _check_core_only(state)
-        state.statement = _filtered(state.statement)  # reaching tenant rows raises then
-        return
+    tenant = scoping_tenant()
+    if tenant is not None:
+        _scope_to_tenant(state, tenant)
+    elif tenant_is_missing():
+        _scope_without_tenant(state)
+    else:
+        _leave_unfiltered(state)
+
+
+def _scope_to_tenant(state: ORMExecuteState, tenant: str) -> None:
+    """Filter a statement to ``tenant``: SELECTs, and ORM INSERTs, UPDATEs and DELETEs."""
     if state.is_select:
         _scope_select(state, tenant)
         return
     mapper = state.bind_mapper
-    if mapper is not None and is_scoped(mapper):
+    if mapper is not None and is_scoped_model(mapper.class_):
         if state.is_insert:
             scope_insert(state, mapper, tenant)
             return
@@ -249,6 +248,23 @@ def scope_orm_execute(state: ORMExecuteState) -> None:
         _check_bulk_update(state, mapper, tenant)
     _check_core_only(state)
     state.statement = _filtered(state.statement)
+
+
+def _scope_without_tenant(state: ORMExecuteState) -> None:
+    """No tenant where one is required: refuse a statement on a scoped model; filter the rest,
+    whose criteria raise ``NoTenantError`` as soon as they reach tenant rows."""
+    if _names_scoped_entity(state):
+        raise NoTenantError("Querying a tenant-scoped model")
+    _check_core_only(state)
+    state.statement = _filtered(state.statement)
+
+
+def _leave_unfiltered(state: ORMExecuteState) -> None:
+    """``without_tenant()``, or no tenant where none is required: no filter at all."""
+    if state.is_select:
+        _scope_unfiltered_select(state)
+    else:
+        state.statement = _unfiltered(state.statement)
 
 
 def _scope_select(state: ORMExecuteState, tenant: str) -> None:
@@ -354,20 +370,12 @@ def check_added_in(obj: object, tenant: str | None) -> None:
 
 def check_flush(session: Session, flush_context: UOWTransaction, instances: object) -> None:
     """Give new objects the current tenant; refuse writes that would cross tenants."""
-    new = [obj for obj in session.new if isinstance(obj, TenantScoped)]
-    changed = [obj for obj in session.dirty if isinstance(obj, TenantScoped)]
-    deleted = [obj for obj in session.deleted if isinstance(obj, TenantScoped)]
-    shared_token = _shared_token()
-    if shared_token is not None:  # new shared objects: keyed like this tenant's loads
-        for obj in session.new:
-            if not isinstance(obj, TenantScoped):
-                sa.inspect(obj).identity_token = shared_token
+    _key_new_shared_objects(session)
+    new, changed, deleted = map(_scoped_objects, (session.new, session.dirty, session.deleted))
     if not (new or changed or deleted):
         return
-    tenant = _filter_tenant("Saving a tenant-scoped object")
-    for obj in new:
-        check_added_in(obj, tenant)
-        _assign_tenant(obj, tenant)
+    tenant = filter_tenant("Saving a tenant-scoped object")
+    _assign_new_objects(new, tenant)
     for obj in changed:
         _check_unchanged(obj)
     if tenant is not None:
@@ -375,14 +383,25 @@ def check_flush(session: Session, flush_context: UOWTransaction, instances: obje
         check_owners(session, deleted, tenant, "Deleting")
 
 
-def _filter_tenant(action: str = "Querying a tenant-scoped model") -> str | None:
-    """The tenant to filter by; ``None`` means no filter (or raises with none required)."""
-    if context.is_unscoped():
-        return None
-    tenant = context.get_tenant()
-    if tenant is None and current_settings().require_tenant:
-        raise NoTenantError(action)
-    return tenant
+def _scoped_objects(objs: t.Iterable[object]) -> list[TenantScoped]:
+    """The objects of ``TenantScoped`` models among ``objs``."""
+    return [t.cast(TenantScoped, obj) for obj in objs if is_scoped_model(type(obj))]
+
+
+def _key_new_shared_objects(session: Session) -> None:
+    """Key new shared objects like this tenant's loads (see ``_shared_token``)."""
+    shared_token = _shared_token()
+    if shared_token is not None:
+        for obj in session.new:
+            if not is_scoped_model(type(obj)):
+                sa.inspect(obj).identity_token = shared_token
+
+
+def _assign_new_objects(new: list[TenantScoped], tenant: str | None) -> None:
+    """Give new objects their tenant, refusing those added while another tenant was current."""
+    for obj in new:
+        check_added_in(obj, tenant)
+        _assign_tenant(obj, tenant)
 
 
 def _shared_token() -> str | None:
@@ -403,7 +422,7 @@ def check_loaded_in_this_tenant(parent: InstanceState[t.Any]) -> None:
     """
     owner = t.cast("str | None", parent.identity_token)
     now = _shared_token()
-    if owner is None and is_scoped(parent.mapper):
+    if owner is None and is_scoped_model(parent.mapper.class_):
         return  # never loaded through the hooks (a detached stub): its flush is checked
     if owner == now or (owner in (None, UNSCOPED_TOKEN) and now in (None, UNSCOPED_TOKEN)):
         return
@@ -496,7 +515,7 @@ def _unfiltered(statement: t.Any) -> t.Any:
 
 def _names_scoped_entity(state: ORMExecuteState) -> bool:
     """Whether the statement's subject (what it returns or changes) is ``TenantScoped``."""
-    return any(is_scoped(mapper) for mapper in state.all_mappers)
+    return any(is_scoped_model(mapper.class_) for mapper in state.all_mappers)
 
 
 def _check_refresh(state: ORMExecuteState, tenant: str) -> None:
@@ -507,7 +526,7 @@ def _check_refresh(state: ORMExecuteState, tenant: str) -> None:
     tenant's row.
     """
     refreshing = _sqla.refreshed_state(state)
-    if refreshing is None or not is_scoped(refreshing.mapper):
+    if refreshing is None or not is_scoped_model(refreshing.mapper.class_):
         return
     owner = t.cast("str | None", refreshing.identity_token)
     if owner not in (tenant, None, UNSCOPED_TOKEN):
@@ -567,7 +586,7 @@ def check_rows_by_key(
 
 def _tenant_columns(mapper: Mapper[t.Any]) -> list[sa.Column[t.Any]]:
     """The ``tenant_id`` columns that say who owns a row of ``mapper`` (several for a base)."""
-    if is_scoped(mapper):
+    if is_scoped_model(mapper.class_):
         return [mapper.columns["tenant_id"]]
     return list(REGISTRY.mixed_bases.get(mapper, ()))
 

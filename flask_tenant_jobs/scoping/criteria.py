@@ -39,9 +39,9 @@ class TenantScoped:
     )
 
 
-def is_scoped(mapper: Mapper[t.Any]) -> bool:
-    """Whether ``mapper`` maps a ``TenantScoped`` class."""
-    return issubclass(mapper.class_, TenantScoped)
+def is_scoped_model(cls: type) -> bool:
+    """Whether ``cls`` is a ``TenantScoped`` model (else its rows are shared by all tenants)."""
+    return issubclass(cls, TenantScoped)
 
 
 def _criteria_tenant() -> str:
@@ -94,7 +94,7 @@ class _Registry:
         if isinstance(column.table, sa.Table):
             self.tenant_columns[column.table] = column
         parent = mapper.inherits
-        if parent is None or is_scoped(parent):
+        if parent is None or is_scoped_model(parent.class_):
             return
         for base in parent.iterate_to_root():
             columns = self.mixed_bases.setdefault(base, [])
@@ -117,14 +117,15 @@ REGISTRY = _Registry()
 def _single_table_column_may_be_null(mapper: Mapper[t.Any], class_: type) -> None:
     """A scoped subclass sharing the table of an unscoped base: the base's rows have no tenant."""
     parent = mapper.inherits
-    if is_scoped(mapper) and mapper.single and parent is not None and not is_scoped(parent):
+    scoped = is_scoped_model(mapper.class_)
+    if scoped and mapper.single and parent is not None and not is_scoped_model(parent.class_):
         mapper.columns["tenant_id"].nullable = True
 
 
 @event.listens_for(Mapper, "mapper_configured")
 def _note_mapper(mapper: Mapper[t.Any], class_: type) -> None:
     _key_load_criteria.clear()  # a new mapper may be a subclass of one looked at
-    if is_scoped(mapper):
+    if is_scoped_model(mapper.class_):
         REGISTRY.add(mapper)
 
 

@@ -47,9 +47,10 @@ from ..errors import (
     SchemaNotFoundError,
     TenantMismatchError,
 )
-from ..settings import Settings, current_settings
+from ..settings import Settings
 from . import _sqla
 from .column import ColumnStrategy, check_added_in
+from .tenancy import required_tenant
 
 _PATH = "tenant_jobs_search_path"
 _SESSION_PATH = "tenant_jobs_session_search_path"
@@ -105,7 +106,8 @@ class SchemaStrategy:
             for engine in db.engines.values():
                 if engine.dialect.name != "postgresql":
                     raise _not_postgres(engine)
-                self._listen(engine)
+                if not event.contains(engine.pool, "checkin", _reset_path_on_checkin):
+                    self._listen(engine)
         if not event.contains(db.session, "do_orm_execute", _guard_orm_execute):
             event.listen(db.session, "do_orm_execute", _guard_orm_execute)
             event.listen(db.session, "before_flush", _guard_flush)
@@ -225,10 +227,6 @@ class SchemaStrategy:
         """The ``search_path`` value for ``tenant`` (the shared schema alone for none)."""
         shared = _quote(self.shared_schema)
         return f"{_quote(self.schema_for(tenant))}, {shared}" if tenant else shared
-
-    def refresh(self) -> None:
-        """Forget which schemas exist; the next check reads ``pg_namespace`` again."""
-        self._load_schemas()
 
     def tenant_tables(self) -> list[sa.Table]:
         """The tables that live in each tenant's schema (every table of a non-shared model)."""
@@ -457,7 +455,7 @@ def _guard_orm_execute(state: ORMExecuteState) -> None:
     tenant_mappers = [m for m in state.all_mappers if not is_shared_model(m.class_)]
     if not tenant_mappers:
         return
-    tenant = _require_tenant("Querying a tenant model")
+    tenant = required_tenant("Querying a tenant model")
     if state.is_select:
         _check_loaded_from(state, tenant)
         if tenant is not None:
@@ -482,7 +480,7 @@ def _guard_flush(session: Session, flush_context: UOWTransaction, instances: obj
     touched = [o for o in (*session.dirty, *session.deleted) if not is_shared_model(type(o))]
     if not (pending or touched):
         return
-    tenant = _require_tenant("Saving a tenant model")
+    tenant = required_tenant("Saving a tenant model")
     for obj in pending:
         check_added_in(obj, tenant)
         sa.inspect(obj).identity_token = tenant
@@ -490,13 +488,6 @@ def _guard_flush(session: Session, flush_context: UOWTransaction, instances: obj
         owner = sa.inspect(obj).identity_token
         if owner != tenant:
             raise TenantMismatchError(owner, tenant, f"The {type(obj).__name__} being saved")
-
-
-def _require_tenant(action: str) -> str | None:
-    tenant = context.get_tenant()
-    if tenant is None and not context.is_unscoped() and current_settings().require_tenant:
-        raise NoTenantError(action)
-    return tenant
 
 
 def _not_postgres(engine: Engine) -> ConfigurationError:
