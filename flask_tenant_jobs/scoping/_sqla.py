@@ -110,6 +110,16 @@ class TokenChoosingSession(Session):
             **kwargs,
         )
 
+    def only_execute_listener_is(self, listener: t.Callable[..., t.Any]) -> bool:
+        """Whether ``listener`` is this session's only ``do_orm_execute`` listener.
+
+        Read from the dispatch's ``listeners`` (this session's own) and
+        ``parent_listeners`` (its class's) without iterating the collection.
+        """
+        listeners: t.Any = self.dispatch.do_orm_execute
+        parents = listeners.parent_listeners
+        return not listeners.listeners and len(parents) == 1 and parents[0] is listener
+
     def get_with_criteria(
         self, entity: t.Any, ident: t.Any, criteria: t.Any, **kwargs: t.Any
     ) -> t.Any:

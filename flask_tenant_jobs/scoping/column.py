@@ -95,16 +95,12 @@ class TenantSession(_sqla.TokenChoosingSession):
         kwargs["identity_token"] = _checked_token(
             entity.__name__, kwargs.get("identity_token"), tenant or UNSCOPED_TOKEN
         )
-        if tenant is not None and not kwargs.get("options") and self._only_scoping_listens():
-            criteria = key_load_criteria(entity)
-            if criteria is not None:
-                return self.get_with_criteria(entity, ident, criteria, **kwargs)
+        alone = not kwargs.get("options") and self.only_execute_listener_is(scope_orm_execute)
+        criteria = key_load_criteria(entity) if tenant is not None and alone else None
+        if criteria is not None:
+            return self.get_with_criteria(entity, ident, criteria, **kwargs)
         kwargs["options"] = (*(kwargs.get("options") or ()), TENANT_CRITERIA)
         return super().get(entity, ident, **kwargs)
-
-    def _only_scoping_listens(self) -> bool:
-        """Whether the tenant hook is the session's only ``do_orm_execute`` listener."""
-        return tuple(self.dispatch.do_orm_execute) == (scope_orm_execute,)
 
     def lookup_token(
         self, mapper: t.Any, given: t.Any, lazy_loaded_from: InstanceState[t.Any] | None
