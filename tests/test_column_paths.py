@@ -44,6 +44,7 @@ from flask_tenant_jobs import (
     TenantMismatchError,
     TenantScoped,
 )
+from flask_tenant_jobs.scoping.criteria import key_load_criteria
 
 from .core_app import make_app, tables
 
@@ -624,6 +625,60 @@ def test_get_with_for_update_is_filtered(tenant_jobs: TenantJobs, ids: Ids) -> N
     with tenant_jobs.switch("globex"):
         assert db.session.get(Order, ids["a1"], with_for_update=True) is None
         assert db.session.get(Order, ids["g1"], with_for_update=True) is not None
+
+
+def test_get_of_a_one_table_model_filters_by_tenant_in_its_select(
+    tenant_jobs: TenantJobs, ids: Ids
+) -> None:
+    """``get()`` of a model whose load reads one table runs past the execute hook, so its
+    SELECT must name the tenant itself; models whose loads read more keep the criteria."""
+    assert key_load_criteria(Order) is not None
+    assert key_load_criteria(Secret) is None and key_load_criteria(Vault) is None
+    sent: list[str] = []
+
+    def note(connection: t.Any, cursor: t.Any, statement: str, *args: t.Any) -> None:
+        sent.append(statement)
+
+    sa.event.listen(db.engine, "before_cursor_execute", note)
+    try:
+        with tenant_jobs.switch("globex"):
+            db.session.expunge_all()
+            assert db.session.get(Order, ids["a1"]) is None
+            assert db.session.get(Order, ids["g1"]) is not None
+    finally:
+        sa.event.remove(db.engine, "before_cursor_execute", note)
+    loads = [statement for statement in sent if "path_order" in statement]
+    assert len(loads) == 2 and all("tenant_id" in statement for statement in loads)
+
+
+def test_get_of_an_expired_object_reloads_it_in_its_tenant(
+    tenant_jobs: TenantJobs, ids: Ids
+) -> None:
+    with tenant_jobs.switch("acme"):
+        order = db.session.get(Order, ids["a1"])
+        assert order is not None
+        db.session.expire(order)
+        assert db.session.get(Order, ids["a1"]) is order and order.label == "a1"
+        assert db.session.get(Order, ids["g1"]) is None
+    with tenant_jobs.switch("globex"):
+        assert db.session.get(Order, ids["a1"]) is None
+
+
+def test_an_apps_own_execute_listener_still_sees_get(tenant_jobs: TenantJobs, ids: Ids) -> None:
+    seen: list[bool] = []
+
+    def listener(state: t.Any) -> None:
+        seen.append(state.is_select)
+
+    sa.event.listen(db.session, "do_orm_execute", listener)
+    try:
+        with tenant_jobs.switch("globex"):
+            db.session.expunge_all()
+            assert db.session.get(Order, ids["a1"]) is None
+            assert db.session.get(Order, ids["g1"]) is not None
+    finally:
+        sa.event.remove(db.session, "do_orm_execute", listener)
+    assert seen == [True, True]
 
 
 # -- pending objects across a switch ---------------------------------------------------------

@@ -60,14 +60,32 @@ def load_identity_token(state: ORMExecuteState) -> t.Any:
     return state.load_options._identity_token
 
 
+class _NoMoreListeners:
+    """Stands for a parent execution with no ``do_orm_execute`` listener left to run."""
+
+    def _remaining_events(self) -> list[t.Any]:
+        return []
+
+
+_NO_MORE_LISTENERS = _NoMoreListeners()
+
+
 class TokenChoosingSession(Session):
     """A session whose identity-map lookups choose their identity token.
 
     ``Session._identity_lookup`` is the lookup behind ``get()`` and many-to-one
     lazy loads, consulted before any SQL runs; SQLAlchemy's horizontal sharding
     extension overrides it to choose the token, and so does this class, through
-    :meth:`lookup_token`.
+    :meth:`lookup_token`. ``Session._execute_internal``, behind every ORM
+    execution, is overridden to raise :attr:`unwrapped_errors` as themselves and
+    to run the load of :meth:`get_with_criteria`.
     """
+
+    #: Errors raised while a statement's parameters are read (a ``bindparam``
+    #: callable), which SQLAlchemy wraps in ``StatementError``: raised as themselves.
+    unwrapped_errors: tuple[type[BaseException], ...] = ()
+    #: The criteria the next execution (the load of ``get_with_criteria()``) adds.
+    _key_load_criteria: t.Any = None
 
     def lookup_token(
         self, mapper: t.Any, given: t.Any, lazy_loaded_from: InstanceState[t.Any] | None
@@ -91,6 +109,50 @@ class TokenChoosingSession(Session):
             lazy_loaded_from=lazy_loaded_from,
             **kwargs,
         )
+
+    def only_execute_listener_is(self, listener: t.Callable[..., t.Any]) -> bool:
+        """Whether ``listener`` is this session's only ``do_orm_execute`` listener.
+
+        Read from the dispatch's ``listeners`` (this session's own) and
+        ``parent_listeners`` (its class's) without iterating the collection.
+        """
+        listeners: t.Any = self.dispatch.do_orm_execute
+        parents = listeners.parent_listeners
+        return not listeners.listeners and len(parents) == 1 and parents[0] is listener
+
+    def get_with_criteria(
+        self, entity: t.Any, ident: t.Any, criteria: t.Any, **kwargs: t.Any
+    ) -> t.Any:
+        """``Session.get()`` whose SELECT, if one runs, also requires ``criteria``.
+
+        The SELECT skips the ``do_orm_execute`` listeners (through the
+        ``_parent_execute_state`` of ``_execute_internal``, as
+        ``ORMExecuteState.invoke_statement()`` does): for a caller whose listener
+        is the only one and would add nothing but ``criteria`` to this load.
+        The first execution inside ``get()`` is that SELECT (or the refresh of an
+        expired object found in the identity map, of the same entity).
+        """
+        self._key_load_criteria = criteria
+        try:
+            return super().get(entity, ident, **kwargs)
+        finally:
+            self._key_load_criteria = None
+
+    def _execute_internal(
+        self, statement: t.Any, params: t.Any = None, **kwargs: t.Any
+    ) -> t.Any:
+        criteria = self._key_load_criteria
+        if criteria is not None:
+            self._key_load_criteria = None
+            # the load's own copy of ``select(mapper)``, made for this execution
+            statement._where_criteria += (criteria,)
+            kwargs["_parent_execute_state"] = _NO_MORE_LISTENERS
+        try:
+            return super()._execute_internal(statement, params, **kwargs)
+        except sa.exc.StatementError as error:
+            if isinstance(error.orig, self.unwrapped_errors):
+                raise error.orig from None
+            raise
 
 
 # -- INSERT -------------------------------------------------------------------------------

@@ -42,7 +42,6 @@ from ..errors import (
     TenantImmutableError,
     TenantMismatchError,
 )
-from ..settings import current_settings
 from . import _sqla
 from .criteria import (
     REGISTRY,
@@ -50,7 +49,8 @@ from .criteria import (
     UNSCOPED_TOKEN,
     TenantScoped,
     base_criteria,
-    is_scoped,
+    is_scoped_model,
+    key_load_criteria,
 )
 from .offboarding import delete_tenant_rows
 from .statements import (
@@ -61,6 +61,7 @@ from .statements import (
     scope_query_expressions,
 )
 from .statements import given_tenant as _given_tenant
+from .tenancy import filter_tenant, scoping_tenant, tenant_is_missing
 
 __all__ = ["UNSCOPED_TOKEN", "ColumnStrategy", "TenantScoped", "TenantSession"]
 
@@ -79,16 +80,26 @@ class TenantSession(_sqla.TokenChoosingSession):
     tenant. The legacy bulk methods fire no ORM event, so they are scoped here.
     """
 
-    def get(self, entity: t.Any, ident: t.Any, **kwargs: t.Any) -> t.Any:
-        """``Session.get()``; a ``TenantScoped`` entity's query is built already filtered,
-        under the tenant's identity token, so the execute hook has nothing to add.
+    unwrapped_errors = (TenantError,)
 
-        An ``identity_token`` naming another tenant is refused."""
-        if isinstance(entity, type) and issubclass(entity, TenantScoped):
-            kwargs["options"] = (*(kwargs.get("options") or ()), TENANT_CRITERIA)
-            kwargs["identity_token"] = _checked_token(
-                entity.__name__, kwargs.get("identity_token"), _filter_tenant() or UNSCOPED_TOKEN
-            )
+    def get(self, entity: t.Any, ident: t.Any, **kwargs: t.Any) -> t.Any:
+        """``Session.get()``; a ``TenantScoped`` entity is loaded already filtered, under
+        the tenant's identity token, so the execute hook has nothing to add.
+
+        An ``identity_token`` naming another tenant is refused. A model whose load
+        reads its one table gets ``tenant_id = <current>`` and no execute hook
+        (nothing else listens); any other gets the loader criteria."""
+        if not (isinstance(entity, type) and is_scoped_model(entity)):
+            return super().get(entity, ident, **kwargs)
+        tenant = filter_tenant()
+        kwargs["identity_token"] = _checked_token(
+            entity.__name__, kwargs.get("identity_token"), tenant or UNSCOPED_TOKEN
+        )
+        alone = not kwargs.get("options") and self.only_execute_listener_is(scope_orm_execute)
+        criteria = key_load_criteria(entity) if tenant is not None and alone else None
+        if criteria is not None:
+            return self.get_with_criteria(entity, ident, criteria, **kwargs)
+        kwargs["options"] = (*(kwargs.get("options") or ()), TENANT_CRITERIA)
         return super().get(entity, ident, **kwargs)
 
     def lookup_token(
@@ -98,7 +109,8 @@ class TenantSession(_sqla.TokenChoosingSession):
         is refused."""
         if lazy_loaded_from is not None:
             check_loaded_in_this_tenant(lazy_loaded_from)
-        expected = (_filter_tenant() or UNSCOPED_TOKEN) if is_scoped(mapper) else _shared_token()
+        scoped = is_scoped_model(mapper.class_)
+        expected = (filter_tenant() or UNSCOPED_TOKEN) if scoped else _shared_token()
         return _checked_token(mapper.class_.__name__, given, expected)
 
     def bulk_insert_mappings(
@@ -111,9 +123,9 @@ class TenantSession(_sqla.TokenChoosingSession):
         """
         rows = list(mappings)
         target = sa.inspect(mapper)
-        if is_scoped(target):
+        if is_scoped_model(target.class_):
             what = f"A new {target.class_.__name__} row"
-            tenant = _filter_tenant(f"Bulk-inserting {target.class_.__name__} rows")
+            tenant = filter_tenant(f"Bulk-inserting {target.class_.__name__} rows")
             if tenant is not None:
                 check_rows(rows, tenant, what)
             for row in rows:
@@ -126,8 +138,8 @@ class TenantSession(_sqla.TokenChoosingSession):
         """``Session.bulk_update_mappings()``; refused for rows of another tenant."""
         rows = list(mappings)
         target = sa.inspect(mapper)
-        if is_scoped(target) or base_criteria(target) is not None:
-            tenant = _filter_tenant(f"Bulk-updating {target.class_.__name__} rows")
+        if is_scoped_model(target.class_) or base_criteria(target) is not None:
+            tenant = filter_tenant(f"Bulk-updating {target.class_.__name__} rows")
             if tenant is not None:
                 check_rows_by_key(self, target, rows, tenant)
         super().bulk_update_mappings(mapper, rows)
@@ -135,9 +147,9 @@ class TenantSession(_sqla.TokenChoosingSession):
     def bulk_save_objects(self, objects: t.Iterable[object], *args: t.Any, **kw: t.Any) -> None:
         """``Session.bulk_save_objects()``, checked like a flush of the same objects."""
         objs = list(objects)
-        scoped = [obj for obj in objs if isinstance(obj, TenantScoped)]
+        scoped = _scoped_objects(objs)
         if scoped:
-            tenant = _filter_tenant("Bulk-saving tenant-scoped objects")
+            tenant = filter_tenant("Bulk-saving tenant-scoped objects")
             new = [obj for obj in scoped if sa.inspect(obj).key is None]
             for obj in new:
                 _assign_tenant(obj, tenant)
@@ -178,9 +190,7 @@ class ColumnStrategy:
             event.listen(db.session, "transient_to_pending", note_tenant_added_in)
         with app.app_context():
             for engine in db.engines.values():
-                if not event.contains(engine, "handle_error", unwrap_tenant_errors):
-                    event.listen(engine, "handle_error", unwrap_tenant_errors)
-                    event.listen(engine, "before_cursor_execute", refuse_inserts_in_ctes)
+                listen_to_executions(engine)
 
     def check_tenant(self, name: str) -> None:
         """Any known tenant can be entered: its rows simply share the tables."""
@@ -209,24 +219,22 @@ def scope_orm_execute(state: ORMExecuteState) -> None:
     """Filter an ORM statement to the current tenant, or refuse it with no tenant."""
     if not (state.is_select or state.is_update or state.is_delete or state.is_insert):
         return
-    tenant = context.get_tenant()
-    if context.is_unscoped() or (tenant is None and not current_settings().require_tenant):
-        if state.is_select:
-            _scope_unfiltered_select(state)
-        else:
-            state.statement = _unfiltered(state.statement)
-        return
-    if tenant is None:
-        if _names_scoped_entity(state):
-            raise NoTenantError("Querying a tenant-scoped model")
-        _check_core_only(state)
-        state.statement = _filtered(state.statement)  # reaching tenant rows raises then
-        return
+    tenant = scoping_tenant()
+    if tenant is not None:
+        _scope_to_tenant(state, tenant)
+    elif tenant_is_missing():
+        _scope_without_tenant(state)
+    else:
+        _leave_unfiltered(state)
+
+
+def _scope_to_tenant(state: ORMExecuteState, tenant: str) -> None:
+    """Filter a statement to ``tenant``: SELECTs, and ORM INSERTs, UPDATEs and DELETEs."""
     if state.is_select:
         _scope_select(state, tenant)
         return
     mapper = state.bind_mapper
-    if mapper is not None and is_scoped(mapper):
+    if mapper is not None and is_scoped_model(mapper.class_):
         if state.is_insert:
             scope_insert(state, mapper, tenant)
             return
@@ -236,6 +244,23 @@ def scope_orm_execute(state: ORMExecuteState) -> None:
         _check_bulk_update(state, mapper, tenant)
     _check_core_only(state)
     state.statement = _filtered(state.statement)
+
+
+def _scope_without_tenant(state: ORMExecuteState) -> None:
+    """No tenant where one is required: refuse a statement on a scoped model; filter the rest,
+    whose criteria raise ``NoTenantError`` as soon as they reach tenant rows."""
+    if _names_scoped_entity(state):
+        raise NoTenantError("Querying a tenant-scoped model")
+    _check_core_only(state)
+    state.statement = _filtered(state.statement)
+
+
+def _leave_unfiltered(state: ORMExecuteState) -> None:
+    """``without_tenant()``, or no tenant where none is required: no filter at all."""
+    if state.is_select:
+        _scope_unfiltered_select(state)
+    else:
+        state.statement = _unfiltered(state.statement)
 
 
 def _scope_select(state: ORMExecuteState, tenant: str) -> None:
@@ -283,28 +308,27 @@ def _check_core_only(state: ORMExecuteState) -> None:
         refuse_nested_scoped_dml(state.statement, what)
 
 
-def unwrap_tenant_errors(error_context: sa.engine.ExceptionContext) -> BaseException | None:
-    """Raise a tenant error met while executing as itself, not wrapped by SQLAlchemy."""
-    if isinstance(error_context.original_exception, TenantError):
-        return error_context.original_exception
-    return None
+def listen_to_executions(engine: sa.Engine) -> None:
+    """Check each statement ``engine`` runs for INSERTs nested in CTEs (once per engine).
+
+    Through the dialect's ``do_execute`` events, first in line: connection events
+    (``before_cursor_execute``) would make every execution dispatch all of them.
+    """
+    if not event.contains(engine, "do_execute", refuse_inserts_in_ctes):
+        for name in ("do_execute", "do_executemany", "do_execute_no_params"):
+            event.listen(engine, name, refuse_inserts_in_ctes, insert=True)
 
 
-def refuse_inserts_in_ctes(
-    connection: sa.engine.Connection,
-    cursor: t.Any,
-    statement: str,
-    parameters: t.Any,
-    execution_context: t.Any,
-    executemany: bool,
-) -> None:
+def refuse_inserts_in_ctes(cursor: t.Any, statement: str, *args: t.Any) -> None:
     """Refuse an INSERT into a tenant table nested in a CTE (PostgreSQL runs those).
 
     Only the outermost statement reaches the execute hook, so such an INSERT would
-    keep any ``tenant_id`` it names. Read from the compiled statement, where SQLAlchemy
-    lists the CTEs it rendered: nothing is walked for a statement without CTEs.
+    keep any ``tenant_id`` it names. Read from the compiled statement (the execution
+    context is the last argument), where SQLAlchemy lists the CTEs it rendered:
+    nothing is walked for a statement without CTEs. Returns ``None``, so the
+    statement then runs as usual.
     """
-    ctes = getattr(getattr(execution_context, "compiled", None), "ctes", None)
+    ctes = getattr(getattr(args[-1], "compiled", None), "ctes", None)
     if not ctes or context.is_unscoped():
         return
     for cte in ctes:
@@ -342,20 +366,12 @@ def check_added_in(obj: object, tenant: str | None) -> None:
 
 def check_flush(session: Session, flush_context: UOWTransaction, instances: object) -> None:
     """Give new objects the current tenant; refuse writes that would cross tenants."""
-    new = [obj for obj in session.new if isinstance(obj, TenantScoped)]
-    changed = [obj for obj in session.dirty if isinstance(obj, TenantScoped)]
-    deleted = [obj for obj in session.deleted if isinstance(obj, TenantScoped)]
-    shared_token = _shared_token()
-    if shared_token is not None:  # new shared objects: keyed like this tenant's loads
-        for obj in session.new:
-            if not isinstance(obj, TenantScoped):
-                sa.inspect(obj).identity_token = shared_token
+    _key_new_shared_objects(session)
+    new, changed, deleted = map(_scoped_objects, (session.new, session.dirty, session.deleted))
     if not (new or changed or deleted):
         return
-    tenant = _filter_tenant("Saving a tenant-scoped object")
-    for obj in new:
-        check_added_in(obj, tenant)
-        _assign_tenant(obj, tenant)
+    tenant = filter_tenant("Saving a tenant-scoped object")
+    _assign_new_objects(new, tenant)
     for obj in changed:
         _check_unchanged(obj)
     if tenant is not None:
@@ -363,14 +379,25 @@ def check_flush(session: Session, flush_context: UOWTransaction, instances: obje
         check_owners(session, deleted, tenant, "Deleting")
 
 
-def _filter_tenant(action: str = "Querying a tenant-scoped model") -> str | None:
-    """The tenant to filter by; ``None`` means no filter (or raises with none required)."""
-    if context.is_unscoped():
-        return None
-    tenant = context.get_tenant()
-    if tenant is None and current_settings().require_tenant:
-        raise NoTenantError(action)
-    return tenant
+def _scoped_objects(objs: t.Iterable[object]) -> list[TenantScoped]:
+    """The objects of ``TenantScoped`` models among ``objs``."""
+    return [t.cast(TenantScoped, obj) for obj in objs if is_scoped_model(type(obj))]
+
+
+def _key_new_shared_objects(session: Session) -> None:
+    """Key new shared objects like this tenant's loads (see ``_shared_token``)."""
+    shared_token = _shared_token()
+    if shared_token is not None:
+        for obj in session.new:
+            if not is_scoped_model(type(obj)):
+                sa.inspect(obj).identity_token = shared_token
+
+
+def _assign_new_objects(new: list[TenantScoped], tenant: str | None) -> None:
+    """Give new objects their tenant, refusing those added while another tenant was current."""
+    for obj in new:
+        check_added_in(obj, tenant)
+        _assign_tenant(obj, tenant)
 
 
 def _shared_token() -> str | None:
@@ -391,7 +418,7 @@ def check_loaded_in_this_tenant(parent: InstanceState[t.Any]) -> None:
     """
     owner = t.cast("str | None", parent.identity_token)
     now = _shared_token()
-    if owner is None and is_scoped(parent.mapper):
+    if owner is None and is_scoped_model(parent.mapper.class_):
         return  # never loaded through the hooks (a detached stub): its flush is checked
     if owner == now or (owner in (None, UNSCOPED_TOKEN) and now in (None, UNSCOPED_TOKEN)):
         return
@@ -484,7 +511,7 @@ def _unfiltered(statement: t.Any) -> t.Any:
 
 def _names_scoped_entity(state: ORMExecuteState) -> bool:
     """Whether the statement's subject (what it returns or changes) is ``TenantScoped``."""
-    return any(is_scoped(mapper) for mapper in state.all_mappers)
+    return any(is_scoped_model(mapper.class_) for mapper in state.all_mappers)
 
 
 def _check_refresh(state: ORMExecuteState, tenant: str) -> None:
@@ -495,7 +522,7 @@ def _check_refresh(state: ORMExecuteState, tenant: str) -> None:
     tenant's row.
     """
     refreshing = _sqla.refreshed_state(state)
-    if refreshing is None or not is_scoped(refreshing.mapper):
+    if refreshing is None or not is_scoped_model(refreshing.mapper.class_):
         return
     owner = t.cast("str | None", refreshing.identity_token)
     if owner not in (tenant, None, UNSCOPED_TOKEN):
@@ -555,7 +582,7 @@ def check_rows_by_key(
 
 def _tenant_columns(mapper: Mapper[t.Any]) -> list[sa.Column[t.Any]]:
     """The ``tenant_id`` columns that say who owns a row of ``mapper`` (several for a base)."""
-    if is_scoped(mapper):
+    if is_scoped_model(mapper.class_):
         return [mapper.columns["tenant_id"]]
     return list(REGISTRY.mixed_bases.get(mapper, ()))
 

@@ -39,9 +39,9 @@ class TenantScoped:
     )
 
 
-def is_scoped(mapper: Mapper[t.Any]) -> bool:
-    """Whether ``mapper`` maps a ``TenantScoped`` class."""
-    return issubclass(mapper.class_, TenantScoped)
+def is_scoped_model(cls: type) -> bool:
+    """Whether ``cls`` is a ``TenantScoped`` model (else its rows are shared by all tenants)."""
+    return issubclass(cls, TenantScoped)
 
 
 def _criteria_tenant() -> str:
@@ -49,7 +49,7 @@ def _criteria_tenant() -> str:
 
     Raising here refuses, with no tenant, every statement that reaches tenant rows,
     however indirectly (a join, a subquery, an eager or lazy load);
-    ``unwrap_tenant_errors`` hands the error to the caller unwrapped.
+    the session (``TenantSession.unwrapped_errors``) raises it unwrapped.
     """
     tenant = context.get_tenant()
     if tenant is None:
@@ -94,7 +94,7 @@ class _Registry:
         if isinstance(column.table, sa.Table):
             self.tenant_columns[column.table] = column
         parent = mapper.inherits
-        if parent is None or is_scoped(parent):
+        if parent is None or is_scoped_model(parent.class_):
             return
         for base in parent.iterate_to_root():
             columns = self.mixed_bases.setdefault(base, [])
@@ -117,14 +117,53 @@ REGISTRY = _Registry()
 def _single_table_column_may_be_null(mapper: Mapper[t.Any], class_: type) -> None:
     """A scoped subclass sharing the table of an unscoped base: the base's rows have no tenant."""
     parent = mapper.inherits
-    if is_scoped(mapper) and mapper.single and parent is not None and not is_scoped(parent):
+    scoped = is_scoped_model(mapper.class_)
+    if scoped and mapper.single and parent is not None and not is_scoped_model(parent.class_):
         mapper.columns["tenant_id"].nullable = True
 
 
 @event.listens_for(Mapper, "mapper_configured")
 def _note_mapper(mapper: Mapper[t.Any], class_: type) -> None:
-    if is_scoped(mapper):
+    _key_load_criteria.clear()  # a new mapper may be a subclass of one looked at
+    if is_scoped_model(mapper.class_):
         REGISTRY.add(mapper)
+
+
+#: Relationship loading strategies that load in the same SELECT or right after it.
+_EAGER = frozenset({"joined", "subquery", "selectin", "immediate", False})
+_key_load_criteria: dict[type, t.Any] = {}
+
+
+def key_load_criteria(cls: type[TenantScoped]) -> t.Any | None:
+    """``tenant_id = <current>`` for a load of scoped model ``cls`` by primary key, or ``None``.
+
+    Enough, without the loader-criteria option, where such a load reads one table
+    and nothing else: no inheritance, no eager relationship, only plain columns
+    of that table (a ``column_property`` subquery would need the option).
+    """
+    try:
+        return _key_load_criteria[cls]
+    except KeyError:
+        pass
+    mapper = sa.inspect(cls)
+    criteria = tenant_matches(mapper.columns["tenant_id"]) if _reads_one_table(mapper) else None
+    _key_load_criteria[cls] = criteria
+    return criteria
+
+
+def _reads_one_table(mapper: Mapper[t.Any]) -> bool:
+    """Whether a load of ``mapper`` reads its one table alone (see ``key_load_criteria``)."""
+    if mapper.inherits is not None or len(mapper.self_and_descendants) != 1:
+        return False
+    if mapper.polymorphic_on is not None or len(mapper.tables) != 1:
+        return False
+    table = mapper.tables[0]
+    plain = all(
+        isinstance(column, sa.Column) and column.table is table
+        for prop in mapper.column_attrs
+        for column in prop.columns
+    )
+    return plain and not any(rel.lazy in _EAGER for rel in mapper.relationships)
 
 
 def _base_criteria(base: Mapper[t.Any], columns: list[sa.Column[t.Any]]) -> t.Any:

@@ -18,12 +18,12 @@ from .. import context
 
 def scoped_tables(db: SQLAlchemy) -> list[tuple[sa.Table, Mapper[t.Any]]]:
     """The tables of ``db``'s ``TenantScoped`` models with a mapper of each, dependents first."""
-    from .column import TenantScoped
+    from .criteria import is_scoped_model
 
     owners: dict[sa.Table, Mapper[t.Any]] = {}
     for mapper in db.Model.registry.mappers:  # type: ignore[attr-defined]
         table = mapper.local_table
-        if issubclass(mapper.class_, TenantScoped) and isinstance(table, sa.Table):
+        if is_scoped_model(mapper.class_) and isinstance(table, sa.Table):
             owners.setdefault(table, mapper)
     ordered = sa.sql.util.sort_tables(owners)
     return [(table, owners[table]) for table in reversed(ordered)]

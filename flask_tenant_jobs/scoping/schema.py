@@ -51,9 +51,10 @@ from ..errors import (
     SchemaNotFoundError,
     TenantMismatchError,
 )
-from ..settings import Settings, current_settings
+from ..settings import Settings
 from . import _sqla
 from .column import ColumnStrategy, check_added_in
+from .tenancy import required_tenant
 
 _MAX_CACHED_PATHS = 10_000
 #: Schema names PostgreSQL keeps for itself: a tenant must never get one.
@@ -220,10 +221,6 @@ class SchemaStrategy:
         """The ``search_path`` value for ``tenant`` (the shared schema alone for none)."""
         shared = _quote(self.shared_schema)
         return f"{_quote(self.schema_for(tenant))}, {shared}" if tenant else shared
-
-    def refresh(self) -> None:
-        """Forget which schemas exist; the next check reads ``pg_namespace`` again."""
-        self._load_schemas()
 
     def tenant_tables(self) -> list[sa.Table]:
         """The tables that live in each tenant's schema (every table of a non-shared model)."""
@@ -453,7 +450,7 @@ def _guard_orm_execute(state: ORMExecuteState) -> None:
     tenant_mappers = [m for m in state.all_mappers if not is_shared_model(m.class_)]
     if not tenant_mappers:
         return
-    tenant = _require_tenant("Querying a tenant model")
+    tenant = required_tenant("Querying a tenant model")
     if state.is_select:
         _check_loaded_from(state, tenant)
         if tenant is not None:
@@ -478,7 +475,7 @@ def _guard_flush(session: Session, flush_context: UOWTransaction, instances: obj
     touched = [o for o in (*session.dirty, *session.deleted) if not is_shared_model(type(o))]
     if not (pending or touched):
         return
-    tenant = _require_tenant("Saving a tenant model")
+    tenant = required_tenant("Saving a tenant model")
     for obj in pending:
         check_added_in(obj, tenant)
         sa.inspect(obj).identity_token = tenant
@@ -486,13 +483,6 @@ def _guard_flush(session: Session, flush_context: UOWTransaction, instances: obj
         owner = sa.inspect(obj).identity_token
         if owner != tenant:
             raise TenantMismatchError(owner, tenant, f"The {type(obj).__name__} being saved")
-
-
-def _require_tenant(action: str) -> str | None:
-    tenant = context.get_tenant()
-    if tenant is None and not context.is_unscoped() and current_settings().require_tenant:
-        raise NoTenantError(action)
-    return tenant
 
 
 def _not_postgres(engine: Engine) -> ConfigurationError:
