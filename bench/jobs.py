@@ -8,7 +8,8 @@
 * Worker-side overhead: Celery's tracer (what a worker runs per message) for a
   tenant task vs a plain task of a plain Celery app, in-process, in µs (target
   <= 50 µs), with 10 and with 10,000 tenants, and with signed tenant headers
-  (``TENANT_JOBS_SIGNING_KEY``: the worker checks an HMAC per task).
+  (``TENANT_JOBS_SIGNING_KEY``: the worker checks an HMAC per task), and for a task
+  with ``tenant_concurrency`` (its lease renewed while it runs, freed on Redis after).
 * Fan-out: ``delay_for_each_tenant`` over 10,000 tenants (seconds).
 
 ``BENCH_REDIS_URL`` names the Redis database (default ``redis://127.0.0.1:6379/9``);
@@ -93,7 +94,33 @@ def _tracer_rows() -> list[Row]:
                      tracers[10, True], number=5000)
     rows.append(Row(f"{signed.name}: {signed.measured_us - signed.baseline_us:+.1f} µs",
                     signed.baseline_us, signed.measured_us, signed.ratio, None))
+    if _redis_reachable():
+        rows.append(_limit_row(tracers[10, False]))
     return rows
+
+
+def _limit_row(unlimited: t.Callable[[], object]) -> Row:
+    """A task with ``tenant_concurrency`` vs the same without, in the worker: the lease the
+    transport took is renewed while the task runs and freed after it (one Redis script)."""
+    from bench import jobs_app
+
+    app = jobs_app.create_app(tenants=10, broker_url=REDIS_URL, fair=True)
+    task = app.extensions["celery"].tasks["bench.jobs_app.capped_noop"]
+    tenant = jobs_app.tenant_name(5)
+    # what the transport puts on a delivered message: limit key, fencing token, queue
+    lease = f"{task.name}\n{tenant}\rbench-lease-token\rcelery"
+    build = build_tracer(task.name, task, app=task.app, eager=False, propagate=False)
+    request = {"id": "id", "delivery_info": {}, "ignore_result": True,
+               "tenant_for_job": tenant, "tenant_jobs_lease": lease}
+
+    def capped() -> object:
+        return build("id", (), {}, dict(request))
+
+    assert capped().info is None, "the capped task failed: the row would time an error"
+    row = compare("worker-side per task, 10 tenants: tenant_concurrency=2 vs no limit "
+                  "(the lease freed on Redis)", unlimited, capped, number=2000)
+    return Row(f"{row.name}: {row.measured_us - row.baseline_us:+.1f} µs", row.baseline_us,
+               row.measured_us, row.ratio, None)
 
 
 class _Worker:

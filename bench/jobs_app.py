@@ -24,6 +24,11 @@ def tenant_noop() -> None:
     """Does nothing, in a tenant."""
 
 
+@tenant_task(name="bench.jobs_app.capped_noop", tenant_concurrency=2)
+def capped_noop() -> None:
+    """Does nothing, in a tenant, at most two at once per tenant."""
+
+
 @shared_task(name="bench.jobs_app.plain_noop")
 def plain_noop() -> None:
     """Does nothing, in no tenant."""
@@ -34,10 +39,14 @@ SIGNING_KEY = "bench-signing-key-0123456789abcdef"
 
 
 def create_app(
-    tenants: int = 10_000, broker_url: str | None = None, signing: bool = False
+    tenants: int = 10_000,
+    broker_url: str | None = None,
+    signing: bool = False,
+    fair: bool = False,
 ) -> Flask:
     """The bench app with ``tenants`` tenants; the broker from ``BENCH_BROKER_URL``;
-    ``signing``: tenant headers signed (``TENANT_JOBS_SIGNING_KEY``)."""
+    ``signing``: tenant headers signed (``TENANT_JOBS_SIGNING_KEY``); ``fair``: fair
+    dispatch on (``TENANT_JOBS_FAIR_DISPATCH``, Redis broker), which limits need."""
     app = Flask(__name__)
     broker = broker_url or os.environ.get("BENCH_BROKER_URL", "memory://")
     app.config.update(
@@ -53,6 +62,8 @@ def create_app(
     )
     if signing:
         app.config["TENANT_JOBS_SIGNING_KEY"] = SIGNING_KEY
+    if fair:
+        app.config["TENANT_JOBS_FAIR_DISPATCH"] = True
     db.init_app(app)
     tenant_jobs.init_app(app, db=db)
     return app
