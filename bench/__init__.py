@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import socket
 import time
 import typing as t
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 Context = t.Callable[[], t.ContextManager[object]]
 
@@ -106,3 +108,13 @@ def format_table(rows: t.Sequence[Row]) -> str:
             f"| {row.ratio:.3f}x | {target} | {met} |"
         )
     return "\n".join(lines)
+
+
+def redis_reachable(url: str) -> bool:
+    """Whether a TCP connection to the Redis server of ``url`` opens (within 2 s)."""
+    parts = urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), 2).close()
+    except OSError:
+        return False
+    return True

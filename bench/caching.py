@@ -26,7 +26,7 @@ from flask_sqlalchemy import SQLAlchemy
 
 from flask_tenant_jobs import TenantJobs
 
-from . import Row, compare
+from . import Row, compare, redis_reachable
 
 TENANTS = [f"t{i:02d}" for i in range(10)]
 HOST = "t03.example.test"
@@ -117,20 +117,10 @@ def _session_rows(number: int) -> list[Row]:
     ]
 
 
-def _redis_reachable(url: str) -> bool:
-    try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=2)
-        client.ping()
-        client.close()
-    except redis.RedisError:
-        return False
-    return True
-
-
 def run() -> list[Row]:
     """All caching and session benchmarks (about 20 s)."""
     rows = _cached_view_rows("SimpleCache", {"CACHE_TYPE": "SimpleCache"}, number=20)
-    if _redis_reachable(REDIS_URL):
+    if redis_reachable(REDIS_URL):
         prefix = f"bench-cache-{uuid.uuid4().hex[:8]}_"
         config = {"CACHE_TYPE": "RedisCache", "CACHE_REDIS_URL": REDIS_URL,
                   "CACHE_KEY_PREFIX": prefix}

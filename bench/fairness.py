@@ -32,7 +32,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,7 +42,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import redis
 
@@ -51,7 +49,7 @@ from flask_tenant_jobs.fair.scripts import ROOT as FAIR_ROOT
 from flask_tenant_jobs.fair.transport import LEASE_HEADER
 from flask_tenant_jobs.limits import LEASES
 
-from . import Row, compare, fairness_app
+from . import Row, compare, fairness_app, redis_reachable
 
 ROOT = Path(__file__).resolve().parent.parent
 FLOOD = int(os.environ.get("BENCH_FLOOD", "5000"))
@@ -70,15 +68,6 @@ THROUGHPUT_TARGET = 1 / 0.90
 OVERHEAD_TARGET = 1.15
 #: Give up on a batch when no task finished for this long.
 STALL_SECONDS = 60.0
-
-
-def _reachable(url: str) -> bool:
-    parts = urlsplit(url)
-    try:
-        socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), 2).close()
-    except OSError:
-        return False
-    return True
 
 
 #: ``plain``: plain Celery (FIFO, no flask-tenant-jobs); ``tenant``: flask-tenant-jobs with
@@ -482,7 +471,7 @@ def transport_rows(bench: Bench) -> list[Row]:
 
 def run() -> list[Row]:
     """All fairness benchmarks (about five minutes)."""
-    if not _reachable(fairness_app.broker_url()):
+    if not redis_reachable(fairness_app.broker_url()):
         print(f"Redis not reachable at {fairness_app.broker_url()}: fairness rows skipped")
         return []
     bench = Bench(Path(tempfile.mkdtemp(prefix="ftj-bench-fairness-")))

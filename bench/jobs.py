@@ -20,32 +20,21 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import typing as t
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from celery import Celery
 from celery.app.trace import build_tracer
 
-from . import Row, compare
+from . import Row, compare, redis_reachable
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/9")
 BATCH = int(os.environ.get("BENCH_TASKS", "2000"))
 ROOT = Path(__file__).resolve().parent.parent
 THROUGHPUT_TARGET = 1 / 0.90
 OVERHEAD_TARGET_US = 50.0
-
-
-def _redis_reachable() -> bool:
-    parts = urlsplit(REDIS_URL)
-    try:
-        socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), 2).close()
-    except OSError:
-        return False
-    return True
 
 
 def _tracer_rows() -> list[Row]:
@@ -94,7 +83,7 @@ def _tracer_rows() -> list[Row]:
                      tracers[10, True], number=5000)
     rows.append(Row(f"{signed.name}: {signed.measured_us - signed.baseline_us:+.1f} µs",
                     signed.baseline_us, signed.measured_us, signed.ratio, None))
-    if _redis_reachable():
+    if redis_reachable(REDIS_URL):
         rows.append(_limit_row(tracers[10, False]))
     return rows
 
@@ -221,7 +210,7 @@ def _per_task(row: Row, tasks: int) -> Row:
 def run() -> list[Row]:
     """All job benchmarks (about a minute with Redis)."""
     rows = _tracer_rows()
-    if _redis_reachable():
+    if redis_reachable(REDIS_URL):
         rows += _redis_rows()
     else:
         print(f"Redis not reachable at {REDIS_URL}: throughput rows skipped", flush=True)

@@ -49,7 +49,12 @@ from flask_sqlalchemy import SQLAlchemy
 
 from flask_tenant_jobs import TenantJobs, TenantSourceError, current_tenant, tenant_task
 from tests import stress_app
-from tests.worker_processes import Worker, redis_db_url, subprocess_env, wait_until
+from tests.worker_processes import (
+    Worker,
+    flushed_redis_db,
+    subprocess_env,
+    wait_until,
+)
 
 
 def _with_services(test: t.Callable[..., None]) -> t.Callable[..., None]:
@@ -319,14 +324,8 @@ def tables(postgres_url: str) -> Iterator[str]:
 @pytest.fixture
 def shared_redis(redis_url: str) -> Iterator[str]:
     """Database :data:`CRASH_DB` of the shared Redis, flushed before and after."""
-    url = redis_db_url(redis_url, CRASH_DB)
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    try:
+    with flushed_redis_db(redis_url, CRASH_DB) as url:
         yield url
-    finally:
-        client.flushdb()
-        client.close()
 
 
 def _harness(database_url: str, redis_url: str, log_dir: Path) -> Harness:

@@ -109,18 +109,10 @@ def _redis_for(blocks: list[tuple[int, str]], request: pytest.FixtureRequest) ->
     if not any("REDIS_URL" in source for _, source in blocks):
         yield ""
         return
-    from redis import Redis
+    from tests.worker_processes import flushed_redis_db
 
-    from tests.worker_processes import redis_db_url
-
-    url = redis_db_url(request.getfixturevalue("redis_url"), REDIS_DB)
-    client = Redis.from_url(url)
-    client.flushdb()
-    try:
+    with flushed_redis_db(request.getfixturevalue("redis_url"), REDIS_DB) as url:
         yield url
-    finally:
-        client.flushdb()
-        client.close()
 
 
 @pytest.mark.parametrize("path", PROJECTS, ids=lambda path: str(path.relative_to(ROOT)))

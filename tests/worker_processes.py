@@ -17,7 +17,7 @@ import time
 import typing as t
 import uuid
 from collections.abc import Callable
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -161,6 +161,21 @@ def redis_db_url(redis_url: str, number: int) -> str:
     """``redis_url`` pointing at database ``number``."""
     parts = urlsplit(redis_url)
     return urlunsplit((parts.scheme, parts.netloc, f"/{number}", "", ""))
+
+
+@contextmanager
+def flushed_redis_db(redis_url: str, number: int) -> t.Iterator[str]:
+    """The URL of database ``number`` of ``redis_url``'s server, flushed before and after."""
+    import redis
+
+    url = redis_db_url(redis_url, number)
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    try:
+        yield url
+    finally:
+        client.flushdb()
+        client.close()
 
 
 def wait_until(
