@@ -573,3 +573,44 @@ def test_kombus_global_keyprefix_prefixes_every_key(
         LEASES.hold(lease, setup.redis, f"pfx:{scripts.ROOT}", 60.0)
         assert LEASES.release(lease) is True
         assert channel._get(setup.queue)["headers"]["tenant_for_job"] == "acme"
+
+
+@pytest.mark.redis
+def test_a_busy_consumer_takes_each_message_in_one_round_trip(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the doorbells have something, each delivery is one ``TAKE`` (no ``BRPOP``
+    and no second pick), round-robin as before, under ``global_keyprefix``, and it
+    carries on when Redis forgets its scripts (a restart, ``SCRIPT FLUSH``)."""
+    from kombu import Consumer
+
+    setup = Fair(redis_db_url(redis_url, FAIR_DB), tmp_path, monkeypatch)
+    setup.celery.conf.broker_transport_options = {
+        **setup.celery.conf.broker_transport_options, "global_keyprefix": "pfx:"
+    }
+    for i in range(20):
+        setup.send(fair_app.record, "acme", f"acme-{i}")
+    for i in range(10):
+        setup.send(fair_app.record, "globex", f"globex-{i}")
+    setup.send(fair_app.plain, None, "plain")
+    received: list[str] = []
+
+    def on_message(body: t.Any, message: t.Any) -> None:
+        received.append(message.headers.get("tenant_for_job") or "plain")
+        message.ack()
+        if len(received) == 15:
+            setup.redis.script_flush()
+
+    queue = setup.celery.amqp.queues[setup.queue]
+    with setup.celery.connection_for_read() as connection:
+        with Consumer(connection, [queue], callbacks=[on_message], accept=["json"]) as consumer:
+            consumer.qos(prefetch_count=1)
+            setup.redis.config_resetstat()
+            while len(received) < 31:
+                connection.drain_events(timeout=5)
+    calls = {name: stat["calls"] for name, stat in setup.redis.info("commandstats").items()}
+    assert received[:20] == ["acme", "globex"] * 10
+    assert received[20:] == ["acme"] * 10 + ["plain"]
+    assert calls.get("cmdstat_brpop", 0) <= 2, calls  # the first wait, and the one after
+    assert calls.get("cmdstat_evalsha", 0) <= 31 + 3, calls  # a take each (+ tick, retry)
+    assert not setup.redis.keys(f"pfx:{scripts.ROOT}:{setup.queue}:lane:*")

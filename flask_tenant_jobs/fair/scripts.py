@@ -86,17 +86,12 @@ enqueue(ARGV[2], ARGV[3], ARGV[4], ARGV[6] == '1')
 return 1
 """
 
-#: ARGV: root, D, slot ttl (seconds), lease token.
-#: Returns {message or false, lease ("group\\ntenant") or "", held-back lanes...}.
-PICK = _PRELUDE + """
-local d = ARGV[2]
-local ttl = tonumber(ARGV[3])
-local ring = base(d) .. ':ring'
-local held = base(d) .. ':held'
-local now = now_s()
-local held_back = {}
-
-local function admit(lane)
+#: The pick, shared by :data:`PICK` and :data:`TAKE`: ``pick(d, ttl, token, held_back)``
+#: gives the oldest message of the next lane of ``d``'s ring that no limit holds back
+#: (and its limit, whose lease ``token`` it took), or nothing; the lanes it held back
+#: are added to ``held_back`` as lane and head message.
+_PICKING = """
+local function admit(lane, ttl, token, now)
   local f = split(lane, '\\n')
   if #f < 4 then return 0, '' end
   local limit = f[2] .. '\\n' .. f[1]
@@ -121,7 +116,7 @@ local function admit(lane)
   end
   if wake_at > 0 then return wake_at, limit end
   if concurrency > 0 then
-    redis.call('ZADD', lease_key, now + ttl, ARGV[4])
+    redis.call('ZADD', lease_key, now + ttl, token)
     redis.call('SADD', root .. ':limits', limit)
   end
   if rate > 0 then
@@ -131,26 +126,64 @@ local function admit(lane)
   return 0, limit
 end
 
-local lanes = redis.call('LLEN', ring)
-for _ = 1, lanes do
-  local lane = redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
-  local key = base(d) .. ':lane:' .. lane
-  local wake_at, limit = admit(lane)
-  if wake_at == 0 then
-    local msg = redis.call('LPOP', key)
-    if redis.call('LLEN', key) == 0 then redis.call('RPOP', ring) end
-    if msg then return {msg, limit, unpack(held_back)} end
-  else
-    redis.call('RPOP', ring)
-    redis.call('ZADD', held, wake_at, lane)
-    redis.call('SADD', root .. ':waiters:' .. limit, d .. '\\r' .. lane)
-    redis.call('EXPIRE', root .. ':waiters:' .. limit, math.ceil(2 * ttl) + 60)
-    held_back[#held_back + 1] = lane
-    held_back[#held_back + 1] = redis.call('LINDEX', key, 0) or ''
+local function pick(d, ttl, token, held_back)
+  local ring = base(d) .. ':ring'
+  local held = base(d) .. ':held'
+  local now = now_s()
+  local lanes = redis.call('LLEN', ring)
+  for _ = 1, lanes do
+    local lane = redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
+    local key = base(d) .. ':lane:' .. lane
+    local wake_at, limit = admit(lane, ttl, token, now)
+    if wake_at == 0 then
+      local msg = redis.call('LPOP', key)
+      if redis.call('LLEN', key) == 0 then redis.call('RPOP', ring) end
+      if msg then return msg, limit end
+    else
+      redis.call('RPOP', ring)
+      redis.call('ZADD', held, wake_at, lane)
+      redis.call('SADD', root .. ':waiters:' .. limit, d .. '\\r' .. lane)
+      redis.call('EXPIRE', root .. ':waiters:' .. limit, math.ceil(2 * ttl) + 60)
+      held_back[#held_back + 1] = lane
+      held_back[#held_back + 1] = redis.call('LINDEX', key, 0) or ''
+    end
+  end
+  if redis.call('ZCARD', held) > 0 then redis.call('INCR', base(d) .. ':parked') end
+  return nil, ''
+end
+"""
+
+#: ARGV: root, D, slot ttl (seconds), lease token. The pick for one token popped from D.
+#: Returns {message or false, lease ("group\\ntenant") or "", held-back lanes...}.
+PICK = _PRELUDE + _PICKING + """
+local held_back = {}
+local msg, limit = pick(ARGV[2], tonumber(ARGV[3]), ARGV[4], held_back)
+return {msg or false, limit, unpack(held_back)}
+"""
+
+#: ARGV: root, slot ttl, lease token, batch, D... (in the order a ``BRPOP`` would look).
+#: Pops the next item of the first D that has one and, for a token, picks in the same
+#: call: one round trip per message while the queues are busy. A token that finds every
+#: lane held back is parked and the next item popped, at most ``batch`` in one call.
+#: Returns {status, D or "", message or false, lease or "", held-back lanes...}; status
+#: 1: a message, 0: only parked tokens (call again), -1: every D was empty (block).
+TAKE = _PRELUDE + _PICKING + """
+local ttl, token, budget = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local held_back = {}
+local status = -1
+for i = 5, #ARGV do
+  local d = ARGV[i]
+  while budget > 0 do
+    local item = redis.call('RPOP', doorbell(d))
+    if not item then break end
+    budget = budget - 1
+    if item ~= TOKEN then return {1, d, item, '', unpack(held_back)} end
+    local msg, limit = pick(d, ttl, token, held_back)
+    if msg then return {1, d, msg, limit, unpack(held_back)} end
+    status = 0
   end
 end
-if redis.call('ZCARD', held) > 0 then redis.call('INCR', base(d) .. ':parked') end
-return {false, '', unpack(held_back)}
+return {status, '', false, '', unpack(held_back)}
 """
 
 #: ARGV: root, "group\\ntenant", lease token, D it was delivered from.

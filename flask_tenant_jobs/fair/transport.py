@@ -2,12 +2,14 @@
 
 Publishing a message that names a tenant puts it in its tenant's lane and rings
 the queue's doorbell (the Redis list kombu already ``BRPOP``s) with a token;
-plain messages go to that list as before. A worker popping a token runs the
-``PICK`` script: the next lane of the ring that no limit holds back gives up its
-oldest message, and a lease is taken atomically when the task has a
-per-tenant concurrency limit. Everything else (acks, the visibility timeout,
-fanout, priorities) is kombu's own; restored messages go back to the head of
-their lane.
+plain messages go to that list as before. While its queues are busy a worker
+sends the ``TAKE`` script instead of ``BRPOP``: one round trip pops the doorbell
+and, for a token, picks the oldest message of the next lane of the ring that no
+limit holds back, taking a lease atomically when the task has a per-tenant
+concurrency limit. When the doorbells run dry it blocks on ``BRPOP`` again and
+runs the ``PICK`` script for the token that wakes it. Everything else (acks, the
+visibility timeout, fanout, priorities) is kombu's own; restored messages go back
+to the head of their lane.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils import json as kombu_json
 from kombu.utils.objects import cached_property
 from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 
 from ..limits import LIMIT_HEADER
 from ..registry import is_valid_name
@@ -40,6 +43,8 @@ _RedisTransport: t.Any = kombu_redis.Transport
 _RedisQoS: t.Any = kombu_redis.QoS
 #: The shortest wait on the doorbells, in seconds.
 MIN_WAIT = 0.01
+#: How many doorbell items one ``TAKE`` pops at most (tokens parked on held lanes).
+TAKE_BATCH = 100
 _log = logging.getLogger(__name__)
 dumps: t.Callable[[t.Any], str] = kombu_json.dumps
 loads: t.Callable[[t.Any], t.Any] = kombu_json.loads
@@ -87,6 +92,10 @@ class FairChannel(_RedisChannel):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         self._next_tick = 0.0
         self._renewer: threading.Thread | None = None
+        #: Whether the doorbells had something at the last look: then ``TAKE``, not ``BRPOP``.
+        self._busy = False
+        #: The lease token of the ``TAKE`` in flight, ``None`` while a ``BRPOP`` is.
+        self._take_token: str | None = None
 
     # -- publishing -------------------------------------------------------------------
 
@@ -161,56 +170,108 @@ class FairChannel(_RedisChannel):  # type: ignore[misc]
     # -- consuming --------------------------------------------------------------------
 
     def _brpop_start(self, timeout: float | None = None) -> None:
-        """Run the periodic tick, then wait on the doorbells no longer than it asks."""
+        """Run the periodic tick, then take the next message in one round trip while
+        the queues are busy, or wait on the doorbells no longer than the tick asks."""
         wait = self._maybe_tick()
+        if self._busy:
+            return self._take_start()
         if wait is not None:  # at least 10 ms: Redis reads a shorter timeout as "forever"
             timeout = max(min(timeout or self.brpop_timeout, wait), MIN_WAIT)
-        super()._brpop_start(timeout)
+        return super()._brpop_start(timeout)  # type: ignore[no-any-return]
+
+    def _take_start(self) -> None:
+        """Send ``TAKE`` over the doorbells in ``BRPOP``'s order, on the same connection,
+        so that the reply comes back through the poller like a ``BRPOP`` one."""
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        doorbells = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        self._take_token = uuid.uuid4().hex
+        command = ["EVALSHA", self._script(scripts.TAKE).sha, 1, self._root, scripts.ROOT,
+                   self.slot_ttl, self._take_token, TAKE_BATCH, *doorbells]  # fmt: skip
+        if self.global_keyprefix:
+            command = self.client._prefix_args(command)
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = monotonic()
+        self.client.connection.send_command(*command)
 
     def _brpop_read(self, **options: t.Any) -> bool:
-        """A token from the doorbell: deliver the message the pick gives (or none)."""
+        """The reply to ``TAKE`` or ``BRPOP``: deliver its message (a token's: the pick's)."""
+        token, self._take_token = self._take_token, None
         try:
             try:
-                reply = self.client.parse_response(self.client.connection, "BRPOP", **options)
+                reply = self.client.parse_response(
+                    self.client.connection, "BRPOP" if token is None else "EVALSHA", **options
+                )
+            except NoScriptError:  # Redis restarted or flushed its scripts: load, then retry
+                with self.conn_or_acquire() as client:
+                    client.script_load(scripts.TAKE)
+                raise Empty() from None
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise
-            if not reply:
-                raise Empty()
-            doorbell, item = reply
-            doorbell = _text(doorbell)
-            queue = doorbell.rsplit(self.sep, 1)[0]
-            self._queue_cycle.rotate(queue)
-            message = self._pick(doorbell) if item == _TOKEN else loads(item)
+            doorbell, message = (
+                self._brpop_reply(reply) if token is None else self._take_reply(reply, token)
+            )
             if message is None:
                 raise Empty()
+            queue = doorbell.rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(queue)
             self.connection._deliver(message, queue)
             return True
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
 
+    def _brpop_reply(self, reply: t.Any) -> tuple[str, dict[str, t.Any] | None]:
+        """A ``BRPOP`` reply: its doorbell and message (for a token, the pick's)."""
+        if not reply:
+            self._busy = False
+            return "", None
+        doorbell, item = _text(reply[0]), reply[1]
+        message = self._pick(doorbell) if item == _TOKEN else loads(item)
+        self._busy = message is not None
+        return doorbell, message
+
+    def _take_reply(self, reply: list[t.Any], token: str) -> tuple[str, dict[str, t.Any] | None]:
+        """A ``TAKE`` reply: its doorbell and message; the doorbells' state for the next look."""
+        status, doorbell, raw, limit, *held = reply
+        self._busy = int(status) >= 0
+        return _text(doorbell), self._delivered(_text(doorbell), raw, limit, held, token)
+
     def _get(self, queue: str) -> dict[str, t.Any]:
         """``basic_get``: the next message of ``queue``, by priority, picked fairly."""
         self._maybe_tick()
+        doorbells = [self._q_for_pri(queue, pri) for pri in self.priority_steps]
+        token = uuid.uuid4().hex
         with self.conn_or_acquire() as client:
-            for pri in self.priority_steps:
-                doorbell = self._q_for_pri(queue, pri)
-                while (item := client.rpop(doorbell)) is not None:
-                    message = self._pick(doorbell) if item == _TOKEN else loads(item)
-                    if message is not None:
-                        return message
-        raise Empty()
+            while True:
+                status, doorbell, raw, limit, *held = self._script(scripts.TAKE)(
+                    keys=[self._root],
+                    args=[scripts.ROOT, self.slot_ttl, token, TAKE_BATCH, *doorbells],
+                    client=client,
+                )  # fmt: skip
+                message = self._delivered(_text(doorbell), raw, limit, held, token)
+                if message is not None:
+                    return message
+                if int(status) < 0:
+                    raise Empty()
 
     def _pick(self, doorbell: str) -> dict[str, t.Any] | None:
         """Run the pick for one token of ``doorbell``; the message, with its lease."""
         token = uuid.uuid4().hex
         with self.conn_or_acquire() as client:
-            reply = self._script(scripts.PICK)(
+            raw, limit, *held = self._script(scripts.PICK)(
                 keys=[self._root], args=[scripts.ROOT, doorbell, self.slot_ttl, token],
                 client=client,
             )  # fmt: skip
-        raw, limit, *held = reply
+        return self._delivered(doorbell, raw, limit, held, token)
+
+    def _delivered(
+        self, doorbell: str, raw: t.Any, limit: t.Any, held: list[t.Any], token: str
+    ) -> dict[str, t.Any] | None:
+        """The message a take or pick gave (or ``None``), with the lease it took; fires
+        the held-back callback for the lanes it held back."""
         if held and self.on_held_back is not None:
             self.on_held_back(_held_back(held))
         if not raw:
