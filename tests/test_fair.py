@@ -614,3 +614,15 @@ def test_a_busy_consumer_takes_each_message_in_one_round_trip(
     assert calls.get("cmdstat_brpop", 0) <= 2, calls  # the first wait, and the one after
     assert calls.get("cmdstat_evalsha", 0) <= 31 + 3, calls  # a take each (+ tick, retry)
     assert not setup.redis.keys(f"pfx:{scripts.ROOT}:{setup.queue}:lane:*")
+
+
+@pytest.mark.redis
+def test_a_rate_limited_task_takes_no_lease(fair: Fair) -> None:
+    """A rate limit alone is spent in the pick: no lease to renew or release afterwards."""
+    fair.send(fair_app.rated, "acme", "acme-0")
+    with fair.celery.connection_for_read() as connection:
+        message = connection.default_channel._get(fair.queue)
+    assert message["headers"]["tenant_for_job"] == "acme"
+    assert LEASE_HEADER not in message["headers"]
+    assert not fair.redis.keys(f"{scripts.ROOT}:lease:*")
+    assert fair.redis.exists(f"{scripts.ROOT}:rate:tests.fair_app.rated\nacme")

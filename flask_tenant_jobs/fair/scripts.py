@@ -87,9 +87,10 @@ return 1
 """
 
 #: The pick, shared by :data:`PICK` and :data:`TAKE`: ``pick(d, ttl, token, held_back)``
-#: gives the oldest message of the next lane of ``d``'s ring that no limit holds back
-#: (and its limit, whose lease ``token`` it took), or nothing; the lanes it held back
-#: are added to ``held_back`` as lane and head message.
+#: gives the oldest message of the next lane of ``d``'s ring that no limit holds back,
+#: and the limit whose lease ``token`` it took ("" when the lane has no concurrency
+#: limit), or nothing; the lanes it held back are added to ``held_back`` as lane and
+#: head message.
 _PICKING = """
 local function admit(lane, ttl, token, now)
   local f = split(lane, '\\n')
@@ -123,7 +124,8 @@ local function admit(lane, ttl, token, now)
     redis.call('HSET', rate_key, 'tokens', tokens - 1, 'at', now)
     redis.call('EXPIRE', rate_key, math.ceil(2 / rate) + 1)
   end
-  return 0, limit
+  if concurrency > 0 then return 0, limit end
+  return 0, ''
 end
 
 local function pick(d, ttl, token, held_back)
