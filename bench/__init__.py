@@ -16,6 +16,10 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 Context = t.Callable[[], t.ContextManager[object]]
+#: Settings of every bench app with flask-tenant-jobs: the optional integrations that
+#: run per task or request (Prometheus metrics, the OpenTelemetry span attribute) off,
+#: as for a user without those libraries; ``bench/observability.py`` measures them.
+CORE_SETTINGS: dict[str, t.Any] = {"TENANT_JOBS_METRICS": False, "TENANT_JOBS_OTEL_ATTRIBUTE": None}
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from flask_tenant_jobs import TenantJobs, TenantScoped
 
-from . import Row, compare
+from . import CORE_SETTINGS, Row, compare
 
 TENANTS = [f"t{i:02d}" for i in range(10)]
 ROWS_PER_TENANT = 1000
@@ -66,7 +66,7 @@ def _app(db: SQLAlchemy, url: str, tenants: list[str] | None) -> Flask:
     app.config.update(SERVER_NAME="example.test", SQLALCHEMY_DATABASE_URI=url)
     db.init_app(app)
     if tenants is not None:
-        app.config["TENANT_JOBS_TENANTS"] = tenants
+        app.config.update(CORE_SETTINGS, TENANT_JOBS_TENANTS=tenants)
         tenant_jobs.init_app(app, db=db)
     app.add_url_rule("/ping", "ping", lambda: "pong")
     return app

@@ -29,6 +29,8 @@ from flask_sqlalchemy import SQLAlchemy
 
 from flask_tenant_jobs import TenantJobs, current_tenant, tenant_task
 
+from . import CORE_SETTINGS
+
 db = SQLAlchemy()
 tenant_jobs = TenantJobs()
 
@@ -139,6 +141,7 @@ def create_app(fair: bool | None = None, tenants: int | None = None) -> Flask:
     count = tenants or int(os.environ.get("BENCH_TENANTS", "21"))
     app = Flask(__name__)
     app.config.update(
+        CORE_SETTINGS,
         SERVER_NAME="example.test",
         SQLALCHEMY_DATABASE_URI="sqlite://",
         TENANT_JOBS_TENANTS=[tenant_name(i) for i in range(count)],

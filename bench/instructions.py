@@ -33,6 +33,8 @@ import typing as t
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import CORE_SETTINGS
+
 ROOT = Path(__file__).resolve().parent.parent
 #: Calls counted per operation (after the warm-up calls).
 NUMBER = int(os.environ.get("BENCH_INSTRUCTIONS_NUMBER", "200"))
@@ -170,7 +172,7 @@ def _tenant_operations() -> dict[str, t.Callable[[], object]]:
         bucket = sa.Column(sa.Integer, index=True)
         name = sa.Column(sa.String(50))
 
-    app = _flask_app(Flask, db, TENANT_JOBS_TENANTS=TENANTS,
+    app = _flask_app(Flask, db, **CORE_SETTINGS, TENANT_JOBS_TENANTS=TENANTS,
                      CELERY={"broker_url": "memory://", "task_ignore_result": True})
     tenant_jobs.init_app(app, db=db)
     app.app_context().push()
@@ -209,7 +211,7 @@ def _signed_operations() -> dict[str, t.Callable[[], object]]:
 
     db = SQLAlchemy()
     tenant_jobs = TenantJobs()
-    app = _flask_app(Flask, db, TENANT_JOBS_TENANTS=TENANTS,
+    app = _flask_app(Flask, db, **CORE_SETTINGS, TENANT_JOBS_TENANTS=TENANTS,
                      TENANT_JOBS_SIGNING_KEY="bench-signing-key-0123456789abcdef",
                      CELERY={"broker_url": "memory://", "task_ignore_result": True})
     tenant_jobs.init_app(app, db=db)

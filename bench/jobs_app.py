@@ -10,6 +10,8 @@ from flask_sqlalchemy import SQLAlchemy
 
 from flask_tenant_jobs import TenantJobs, tenant_task
 
+from . import CORE_SETTINGS
+
 db = SQLAlchemy()
 tenant_jobs = TenantJobs()
 
@@ -50,6 +52,7 @@ def create_app(
     app = Flask(__name__)
     broker = broker_url or os.environ.get("BENCH_BROKER_URL", "memory://")
     app.config.update(
+        CORE_SETTINGS,
         SERVER_NAME="example.test",
         SQLALCHEMY_DATABASE_URI="sqlite://",
         TENANT_JOBS_TENANTS=[tenant_name(i) for i in range(tenants)],

@@ -632,8 +632,9 @@ def test_get_of_a_one_table_model_filters_by_tenant_in_its_select(
 ) -> None:
     """``get()`` of a model whose load reads one table runs past the execute hook, so its
     SELECT must name the tenant itself; models whose loads read more keep the criteria."""
-    assert key_load_criteria(Order) is not None
-    assert key_load_criteria(Secret) is None and key_load_criteria(Vault) is None
+    assert key_load_criteria(Order, "globex") is not None
+    assert key_load_criteria(Order, "globex") is not key_load_criteria(Order, "acme")
+    assert key_load_criteria(Secret, "globex") is None and key_load_criteria(Vault, "globex") is None
     sent: list[str] = []
 
     def note(connection: t.Any, cursor: t.Any, statement: str, *args: t.Any) -> None:
@@ -797,3 +798,37 @@ def test_set_operations_ctes_and_scalar_subqueries_are_filtered(tenant_jobs: Ten
         db.session.execute(sa.update(Order).values(label=sa.func.coalesce(stolen, "kept")))
         db.session.commit()
     assert orders()["kept"] == ("globex", "pending")
+
+
+def test_a_reused_statement_stays_in_the_tenant_it_runs_in(tenant_jobs: TenantJobs) -> None:
+    """A statement object kept and executed again runs filtered past the execute hook
+    once it was scoped in a tenant: each tenant still sees its own rows only, with no
+    tenant it is refused, inside ``without_tenant()`` it is not filtered, a listener of
+    the application's still sees it, and an identity token of another tenant given at
+    execution is refused."""
+    from flask_tenant_jobs import NoTenantError
+
+    kept = sa.select(Order.label).order_by(Order.label)
+    for _ in range(2):
+        with tenant_jobs.switch("acme"):
+            assert db.session.scalars(kept).all() == ["a1", "a2"]
+        with tenant_jobs.switch("globex"):
+            assert db.session.scalars(kept).all() == ["g1"]
+    with pytest.raises(NoTenantError):
+        db.session.scalars(kept).all()
+    with tenant_jobs.without_tenant():
+        assert db.session.scalars(kept).all() == ["a1", "a2", "g1"]
+    seen: list[t.Any] = []
+
+    def note(state: t.Any) -> None:
+        seen.append(state)
+
+    sa.event.listen(db.session, "do_orm_execute", note)
+    try:
+        with tenant_jobs.switch("acme"):
+            assert db.session.scalars(kept).all() == ["a1", "a2"]
+    finally:
+        sa.event.remove(db.session, "do_orm_execute", note)
+    assert len(seen) == 1 and "tenant_id" in str(seen[0].statement)
+    with tenant_jobs.switch("acme"), pytest.raises(TenantMismatchError):
+        db.session.scalars(kept, execution_options={"identity_token": "globex"}).all()

@@ -67,7 +67,8 @@ class _NoMoreListeners:
         return []
 
 
-_NO_MORE_LISTENERS = _NoMoreListeners()
+#: Given as ``_parent_execute_state``: the execution runs no ``do_orm_execute`` listener.
+NO_MORE_LISTENERS = _NoMoreListeners()
 
 
 class TokenChoosingSession(Session):
@@ -101,7 +102,10 @@ class TokenChoosingSession(Session):
         lazy_loaded_from: InstanceState[t.Any] | None = None,
         **kwargs: t.Any,
     ) -> t.Any:
-        token = self.lookup_token(mapper, identity_token, lazy_loaded_from)
+        if self._key_load_criteria is None or lazy_loaded_from is not None:
+            token = self.lookup_token(mapper, identity_token, lazy_loaded_from)
+        else:  # the lookup of get_with_criteria(), whose caller chose and checked the token
+            token = identity_token
         return super()._identity_lookup(
             mapper,
             primary_key_identity,
@@ -146,7 +150,7 @@ class TokenChoosingSession(Session):
             self._key_load_criteria = None
             # the load's own copy of ``select(mapper)``, made for this execution
             statement._where_criteria += (criteria,)
-            kwargs["_parent_execute_state"] = _NO_MORE_LISTENERS
+            kwargs["_parent_execute_state"] = NO_MORE_LISTENERS
         try:
             return super()._execute_internal(statement, params, **kwargs)
         except sa.exc.StatementError as error:

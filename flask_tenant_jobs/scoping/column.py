@@ -95,12 +95,33 @@ class TenantSession(_sqla.TokenChoosingSession):
         kwargs["identity_token"] = _checked_token(
             entity.__name__, kwargs.get("identity_token"), tenant or UNSCOPED_TOKEN
         )
-        alone = not kwargs.get("options") and self.only_execute_listener_is(scope_orm_execute)
-        criteria = key_load_criteria(entity) if tenant is not None and alone else None
-        if criteria is not None:
-            return self.get_with_criteria(entity, ident, criteria, **kwargs)
+        if tenant is not None and not kwargs.get("options") and self._only_scoping_listens():
+            criteria = key_load_criteria(entity, tenant)
+            if criteria is not None:
+                return self.get_with_criteria(entity, ident, criteria, **kwargs)
         kwargs["options"] = (*(kwargs.get("options") or ()), TENANT_CRITERIA)
         return super().get(entity, ident, **kwargs)
+
+    def _execute_internal(self, statement: t.Any, params: t.Any = None, **kwargs: t.Any) -> t.Any:
+        """Every ORM execution; a SELECT already filtered for the current tenant (a reused
+        statement object, executed with no options) runs filtered without the hook."""
+        if (
+            self._key_load_criteria is None
+            and kwargs.get("_parent_execute_state") is None
+            and not kwargs.get("_add_event")
+            and not kwargs.get("execution_options")
+            and not self.execution_options
+        ):
+            tenant = scoping_tenant()
+            kept = None if tenant is None else _kept_select(statement, tenant)
+            if kept is not None and self._only_scoping_listens():
+                statement, kwargs["_parent_execute_state"] = kept, _sqla.NO_MORE_LISTENERS
+        return super()._execute_internal(statement, params, **kwargs)
+
+    def _only_scoping_listens(self) -> bool:
+        """Whether the scoping hook is the only ``do_orm_execute`` listener: then a
+        statement filtered in advance may skip it, as nothing else would see it."""
+        return self.only_execute_listener_is(scope_orm_execute)
 
     def lookup_token(
         self, mapper: t.Any, given: t.Any, lazy_loaded_from: InstanceState[t.Any] | None
@@ -481,8 +502,9 @@ def _filtered_for(statement: t.Any, tenant: str) -> t.Any:
     The token rides on the statement's execution options, so a statement reused
     in the same tenant (relationship loaders, kept statements) costs a lookup.
     """
-    with suppress(KeyError, TypeError):
-        return _selects_by_tenant[statement][tenant]
+    kept = _kept_select(statement, tenant)
+    if kept is not None:
+        return kept
     selected = _with_criteria(statement).execution_options(identity_token=tenant)
     with suppress(TypeError):  # a statement that cannot be weakly referenced is not kept
         per_tenant = _selects_by_tenant.setdefault(statement, {})
@@ -491,6 +513,18 @@ def _filtered_for(statement: t.Any, tenant: str) -> t.Any:
             per_tenant[""] = REGISTRY.generation
         per_tenant[tenant] = selected
     return selected
+
+
+def _kept_select(statement: t.Any, tenant: str) -> t.Any | None:
+    """The filtered SELECT :func:`_filtered_for` kept for ``statement`` in ``tenant``, if
+    it was made since the last scoped model was mapped."""
+    try:
+        per_tenant = _selects_by_tenant[statement]
+    except (KeyError, TypeError):
+        return None
+    if per_tenant.get("") != REGISTRY.generation:
+        return None
+    return per_tenant.get(tenant)
 
 
 def _prepared_by_get(state: ORMExecuteState, tenant: str) -> bool:

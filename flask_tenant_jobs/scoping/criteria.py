@@ -124,30 +124,44 @@ def _single_table_column_may_be_null(mapper: Mapper[t.Any], class_: type) -> Non
 
 @event.listens_for(Mapper, "mapper_configured")
 def _note_mapper(mapper: Mapper[t.Any], class_: type) -> None:
-    _key_load_criteria.clear()  # a new mapper may be a subclass of one looked at
+    _key_load_columns.clear()  # a new mapper may be a subclass of one looked at
+    _key_load_criteria.clear()
     if is_scoped_model(mapper.class_):
         REGISTRY.add(mapper)
 
 
 #: Relationship loading strategies that load in the same SELECT or right after it.
 _EAGER = frozenset({"joined", "subquery", "selectin", "immediate", False})
-_key_load_criteria: dict[type, t.Any] = {}
+#: Per scoped model, its ``tenant_id`` column if a load by primary key reads its one table.
+_key_load_columns: dict[type, t.Any] = {}
+#: Per scoped model and tenant, the criteria of its loads by primary key (bounded).
+_key_load_criteria: dict[tuple[type, str], t.Any] = {}
+_KEY_LOAD_CRITERIA_KEPT = 4096
 
 
-def key_load_criteria(cls: type[TenantScoped]) -> t.Any | None:
-    """``tenant_id = <current>`` for a load of scoped model ``cls`` by primary key, or ``None``.
+def key_load_criteria(cls: type[TenantScoped], tenant: str) -> t.Any | None:
+    """``tenant_id = 'tenant'`` for a load of scoped model ``cls`` by primary key, or ``None``.
 
     Enough, without the loader-criteria option, where such a load reads one table
     and nothing else: no inheritance, no eager relationship, only plain columns
-    of that table (a ``column_property`` subquery would need the option).
+    of that table (a ``column_property`` subquery would need the option). The
+    tenant is a literal value, not the parameter read at execution: the load runs
+    at once, in the tenant it was made for.
     """
+    key = (cls, tenant)
     try:
-        return _key_load_criteria[cls]
+        return _key_load_criteria[key]
     except KeyError:
         pass
-    mapper = sa.inspect(cls)
-    criteria = tenant_matches(mapper.columns["tenant_id"]) if _reads_one_table(mapper) else None
-    _key_load_criteria[cls] = criteria
+    if cls not in _key_load_columns:  # the table's own column: an ORM-annotated one costs
+        mapper = sa.inspect(cls)  # more to execute, as does the parameter read at execution
+        one_table = _reads_one_table(mapper)
+        _key_load_columns[cls] = mapper.tables[0].c["tenant_id"] if one_table else None
+    column = _key_load_columns[cls]
+    criteria = None if column is None else tenant_matches(column, tenant)
+    if len(_key_load_criteria) >= _KEY_LOAD_CRITERIA_KEPT:
+        _key_load_criteria.clear()
+    _key_load_criteria[key] = criteria
     return criteria
 
 
@@ -233,11 +247,12 @@ def _tenant_columns_of(from_: t.Any) -> t.Iterator[t.Any]:
         yield from_.c[column.key]
 
 
-def tenant_matches(column: t.Any) -> t.Any:
-    """``column = <current tenant>``; also null where the table holds unscoped rows too."""
+def tenant_matches(column: t.Any, tenant: t.Any = CURRENT_TENANT) -> t.Any:
+    """``column = <current tenant>`` (or ``tenant``); also null where the table holds
+    unscoped rows too."""
     if column.nullable:
-        return sa.or_(column.is_(None), column == CURRENT_TENANT)
-    return column == CURRENT_TENANT
+        return sa.or_(column.is_(None), column == tenant)
+    return column == tenant
 
 
 def bare_scoped_tables(expression: t.Any) -> set[sa.Table]:
