@@ -97,6 +97,8 @@ class TenantRegistry:
 
     def require(self, name: object) -> str:
         """Return ``name`` if it is a known tenant, else raise the error that says why."""
+        if type(name) is str and name in self._names and self._is_fresh():
+            return name  # the fast path of exists(): only valid names are ever stored
         validated = validate_name(name)
         if not self.exists(validated):
             raise TenantNotFoundError(validated)

@@ -602,12 +602,14 @@ def test_a_busy_consumer_takes_each_message_in_one_round_trip(
             setup.redis.script_flush()
 
     queue = setup.celery.amqp.queues[setup.queue]
-    with setup.celery.connection_for_read() as connection:
-        with Consumer(connection, [queue], callbacks=[on_message], accept=["json"]) as consumer:
-            consumer.qos(prefetch_count=1)
-            setup.redis.config_resetstat()
-            while len(received) < 31:
-                connection.drain_events(timeout=5)
+    with (
+        setup.celery.connection_for_read() as connection,
+        Consumer(connection, [queue], callbacks=[on_message], accept=["json"]) as consumer,
+    ):
+        consumer.qos(prefetch_count=1)
+        setup.redis.config_resetstat()
+        while len(received) < 31:
+            connection.drain_events(timeout=5)
     calls = {name: stat["calls"] for name, stat in setup.redis.info("commandstats").items()}
     assert received[:20] == ["acme", "globex"] * 10
     assert received[20:] == ["acme"] * 10 + ["plain"]
