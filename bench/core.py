@@ -133,6 +133,14 @@ def _query_rows(label: str, url: str, number: int) -> list[Row]:
         assert hand_get() is not None
         plain_db.session.expunge_all()
 
+    by_key = sa.select(PlainItem).where(PlainItem.id == sa.bindparam("pk"),
+                                        PlainItem.tenant_id == sa.bindparam("tenant"))
+
+    def plain_select_by_key() -> None:  # the tenant checked by the database, as get() does
+        found = plain_db.session.scalars(by_key, {"pk": pk, "tenant": TENANT}).one_or_none()
+        assert found is not None
+        plain_db.session.expunge_all()
+
     held: list[object] = []  # the identity map holds objects weakly: keep them alive
 
     def scoped_get_held() -> None:
@@ -168,6 +176,8 @@ def _query_rows(label: str, url: str, number: int) -> list[Row]:
                 scoped_select_reused, number=number, target=QUERY_TARGET, **contexts),
         compare(f"{label}: session.get(), not in session", plain_get_fresh, scoped_get_fresh,
                 number=number, target=QUERY_TARGET, **contexts),
+        compare(f"{label}: session.get(), not in session, vs a SELECT by primary key and "
+                "tenant_id", plain_select_by_key, scoped_get_fresh, number=number, **contexts),
         compare(f"{label}: session.get(), already in session", plain_get_held,
                 scoped_get_held, number=number * 20,
                 baseline_context=fresh_hold(plain_app.app_context),
