@@ -97,12 +97,9 @@ class TenantRegistry:
 
     def require(self, name: object) -> str:
         """Return ``name`` if it is a known tenant, else raise the error that says why."""
-        if type(name) is str and name in self._names and self._is_fresh():
-            return name  # the fast path of exists(): only valid names are ever stored
-        validated = validate_name(name)
-        if not self.exists(validated):
-            raise TenantNotFoundError(validated)
-        return validated
+        if self.exists(name):  # its fast path first: a known name is valid
+            return t.cast(str, name)
+        raise TenantNotFoundError(validate_name(name))
 
     def invalidate(self, older_than: float = 0.0) -> bool:
         """Forget the cached names so the next lookup reads the source again.

@@ -187,8 +187,8 @@ class FairChannel(_RedisChannel):  # type: ignore[misc]
             return
         doorbells = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
         self._take_token = uuid.uuid4().hex
-        command = ["EVALSHA", self._script(scripts.TAKE).sha, 1, self._root, scripts.ROOT,
-                   self.slot_ttl, self._take_token, TAKE_BATCH, *doorbells]  # fmt: skip
+        command = ["EVALSHA", self._script(scripts.TAKE).sha, 1, self._root,
+                   *self._take_args(self._take_token, doorbells)]  # fmt: skip
         if self.global_keyprefix:
             command = self.client._prefix_args(command)
         self._in_poll = self.client.connection
@@ -235,9 +235,9 @@ class FairChannel(_RedisChannel):  # type: ignore[misc]
 
     def _take_reply(self, reply: list[t.Any], token: str) -> tuple[str, dict[str, t.Any] | None]:
         """A ``TAKE`` reply: its doorbell and message; the doorbells' state for the next look."""
-        status, doorbell, raw, limit, *held = reply
-        self._busy = int(status) >= 0
-        return _text(doorbell), self._delivered(_text(doorbell), raw, limit, held, token)
+        status, doorbell, message = self._taken(reply, token)
+        self._busy = status >= 0
+        return doorbell, message
 
     def _get(self, queue: str) -> dict[str, t.Any]:
         """``basic_get``: the next message of ``queue``, by priority, picked fairly."""
@@ -246,16 +246,24 @@ class FairChannel(_RedisChannel):  # type: ignore[misc]
         token = uuid.uuid4().hex
         with self.conn_or_acquire() as client:
             while True:
-                status, doorbell, raw, limit, *held = self._script(scripts.TAKE)(
-                    keys=[self._root],
-                    args=[scripts.ROOT, self.slot_ttl, token, TAKE_BATCH, *doorbells],
-                    client=client,
-                )  # fmt: skip
-                message = self._delivered(_text(doorbell), raw, limit, held, token)
+                reply = self._script(scripts.TAKE)(
+                    keys=[self._root], args=self._take_args(token, doorbells), client=client
+                )
+                status, _, message = self._taken(reply, token)
                 if message is not None:
                     return message
-                if int(status) < 0:
+                if status < 0:
                     raise Empty()
+
+    def _take_args(self, token: str, doorbells: list[str]) -> list[t.Any]:
+        """The ``ARGV`` of ``TAKE`` over ``doorbells``, with lease ``token``."""
+        return [scripts.ROOT, self.slot_ttl, token, TAKE_BATCH, *doorbells]
+
+    def _taken(self, reply: list[t.Any], token: str) -> tuple[int, str, dict[str, t.Any] | None]:
+        """A ``TAKE`` reply as its status, doorbell and message (with the lease it took)."""
+        status, doorbell, raw, limit, *held = reply
+        doorbell = _text(doorbell)
+        return int(status), doorbell, self._delivered(doorbell, raw, limit, held, token)
 
     def _pick(self, doorbell: str) -> dict[str, t.Any] | None:
         """Run the pick for one token of ``doorbell``; the message, with its lease."""

@@ -518,11 +518,11 @@ def _filtered_for(statement: t.Any, tenant: str) -> t.Any:
 def _kept_select(statement: t.Any, tenant: str) -> t.Any | None:
     """The filtered SELECT :func:`_filtered_for` kept for ``statement`` in ``tenant``, if
     it was made since the last scoped model was mapped."""
-    try:
-        per_tenant = _selects_by_tenant[statement]
-    except (KeyError, TypeError):
+    try:  # get(), not []: most statements (built per call) are not kept, and cost no raise
+        per_tenant = _selects_by_tenant.get(statement)
+    except TypeError:  # a statement that cannot be weakly referenced is never kept
         return None
-    if per_tenant.get("") != REGISTRY.generation:
+    if per_tenant is None or per_tenant.get("") != REGISTRY.generation:
         return None
     return per_tenant.get(tenant)
 

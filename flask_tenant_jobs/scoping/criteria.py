@@ -153,8 +153,9 @@ def key_load_criteria(cls: type[TenantScoped], tenant: str) -> t.Any | None:
         return _key_load_criteria[key]
     except KeyError:
         pass
-    if cls not in _key_load_columns:  # the table's own column: an ORM-annotated one costs
-        mapper = sa.inspect(cls)  # more to execute, as does the parameter read at execution
+    if cls not in _key_load_columns:
+        # the table's own column: an ORM-annotated one costs more at every execution
+        mapper = sa.inspect(cls)
         one_table = _reads_one_table(mapper)
         _key_load_columns[cls] = mapper.tables[0].c["tenant_id"] if one_table else None
     column = _key_load_columns[cls]
