@@ -44,7 +44,7 @@ from flask_tenant_jobs import (
     TenantMismatchError,
     TenantScoped,
 )
-from flask_tenant_jobs.scoping.criteria import key_load_criteria
+from flask_tenant_jobs.scoping.criteria import key_load
 
 from .core_app import make_app, tables
 
@@ -632,10 +632,9 @@ def test_get_of_a_one_table_model_filters_by_tenant_in_its_select(
 ) -> None:
     """``get()`` of a model whose load reads one table runs past the execute hook, so its
     SELECT must name the tenant itself; models whose loads read more keep the criteria."""
-    assert key_load_criteria(Order, "globex") is not None
-    assert key_load_criteria(Order, "globex") is not key_load_criteria(Order, "acme")
-    assert key_load_criteria(Secret, "globex") is None
-    assert key_load_criteria(Vault, "globex") is None
+    assert key_load(Order) is not None
+    assert key_load(Secret) is None
+    assert key_load(Vault) is None
     sent: list[str] = []
 
     def note(connection: t.Any, cursor: t.Any, statement: str, *args: t.Any) -> None:
@@ -651,6 +650,76 @@ def test_get_of_a_one_table_model_filters_by_tenant_in_its_select(
         sa.event.remove(db.engine, "before_cursor_execute", note)
     loads = [statement for statement in sent if "path_order" in statement]
     assert len(loads) == 2 and all("tenant_id" in statement for statement in loads)
+
+
+def test_get_on_the_kept_statement_keeps_every_form_of_session_get(
+    tenant_jobs: TenantJobs, ids: Ids
+) -> None:
+    """The kept SELECT behind ``get()`` takes every key form ``Session.get()`` takes, and
+    keeps its identity-map rules, in the tenant current at each call."""
+    g1 = ids["g1"]
+    with tenant_jobs.switch("globex"):
+        db.session.expunge_all()
+        found = db.session.get(Order, g1)
+        assert found is not None and found.label == "g1"
+        for key in ((g1,), [g1], {"id": g1}):
+            assert db.session.get(Order, key) is found
+        assert db.session.get(Order, (None,)) is None
+        with pytest.raises(sa.exc.InvalidRequestError, match="Incorrect number"):
+            db.session.get(Order, (g1, 1))
+        with pytest.raises(sa.exc.InvalidRequestError, match="Incorrect names"):
+            db.session.get(Order, {"pk": g1})
+        db.session.expire(found)
+        db.session.execute(sa.text("UPDATE path_order SET label = 'renamed' WHERE id = :i"),
+                           {"i": g1})
+        assert db.session.get(Order, g1) is found and found.label == "renamed"
+        db.session.execute(sa.text("UPDATE path_order SET label = 'again' WHERE id = :i"),
+                           {"i": g1})
+        assert db.session.get(Order, g1) is found and found.label == "renamed"
+        assert db.session.get(Order, g1, populate_existing=True) is found
+        assert found.label == "again"
+        db.session.expire(found)
+        db.session.execute(sa.text("UPDATE path_order SET tenant_id = 'acme' WHERE id = :i"),
+                           {"i": g1})
+        assert db.session.get(Order, g1) is None  # as if deleted: it left this tenant
+        db.session.rollback()
+    with tenant_jobs.switch("acme"):
+        for key in (g1, (g1,), {"id": g1}):
+            assert db.session.get(Order, key) is None
+        a1 = db.session.get(Order, ids["a1"])
+        assert a1 is not None
+        db.session.delete(a1)
+        db.session.flush()
+        assert db.session.get(Order, ids["a1"]) is None
+        db.session.rollback()
+    with tenant_jobs.without_tenant():
+        assert {db.session.get(Order, i).label for i in (ids["a1"], g1)} == {"a1", "g1"}
+    with pytest.raises(NoTenantError):
+        db.session.get(Order, g1)
+    assert orders() == ORIGINAL
+
+
+def test_an_object_whose_row_moved_to_another_tenant_reads_as_deleted(
+    tenant_jobs: TenantJobs, ids: Ids
+) -> None:
+    """SQLAlchemy applies no loader criteria to refreshes: a row moved away by SQL the
+    hooks never saw must not be read into the object that the previous tenant holds."""
+    move = sa.text("UPDATE path_order SET tenant_id = 'acme', label = 'moved' WHERE id = :i")
+    with tenant_jobs.switch("globex"):
+        g1 = db.session.get(Order, ids["g1"])
+        assert g1 is not None
+        db.session.expire(g1)
+        db.session.execute(move, {"i": ids["g1"]})
+        with pytest.raises(sa.orm.exc.ObjectDeletedError):
+            _ = g1.label
+        db.session.rollback()
+        g1 = db.session.get(Order, ids["g1"])
+        assert g1 is not None
+        db.session.execute(move, {"i": ids["g1"]})
+        with pytest.raises(sa.exc.InvalidRequestError, match="Could not refresh"):
+            db.session.refresh(g1)
+        db.session.rollback()
+    assert orders() == ORIGINAL
 
 
 def test_get_of_an_expired_object_reloads_it_in_its_tenant(

@@ -78,15 +78,14 @@ class TokenChoosingSession(Session):
     lazy loads, consulted before any SQL runs; SQLAlchemy's horizontal sharding
     extension overrides it to choose the token, and so does this class, through
     :meth:`lookup_token`. ``Session._execute_internal``, behind every ORM
-    execution, is overridden to raise :attr:`unwrapped_errors` as themselves and
-    to run the load of :meth:`get_with_criteria`.
+    execution, is overridden to raise :attr:`unwrapped_errors` as themselves.
     """
 
     #: Errors raised while a statement's parameters are read (a ``bindparam``
     #: callable), which SQLAlchemy wraps in ``StatementError``: raised as themselves.
     unwrapped_errors: tuple[type[BaseException], ...] = ()
-    #: The criteria the next execution (the load of ``get_with_criteria()``) adds.
-    _key_load_criteria: t.Any = None
+    #: The token :meth:`get_by_statement`'s caller chose and checked, for its lookup.
+    _chosen_token: t.Any = None
 
     def lookup_token(
         self, mapper: t.Any, given: t.Any, lazy_loaded_from: InstanceState[t.Any] | None
@@ -102,14 +101,13 @@ class TokenChoosingSession(Session):
         lazy_loaded_from: InstanceState[t.Any] | None = None,
         **kwargs: t.Any,
     ) -> t.Any:
-        if self._key_load_criteria is None or lazy_loaded_from is not None:
-            token = self.lookup_token(mapper, identity_token, lazy_loaded_from)
-        else:  # the lookup of get_with_criteria(), whose caller chose and checked the token
-            token = identity_token
+        chosen, self._chosen_token = self._chosen_token, None
+        if chosen is None or lazy_loaded_from is not None:
+            identity_token = self.lookup_token(mapper, identity_token, lazy_loaded_from)
         return super()._identity_lookup(
             mapper,
             primary_key_identity,
-            identity_token=token,
+            identity_token=identity_token,
             lazy_loaded_from=lazy_loaded_from,
             **kwargs,
         )
@@ -124,33 +122,52 @@ class TokenChoosingSession(Session):
         parents = listeners.parent_listeners
         return not listeners.listeners and len(parents) == 1 and parents[0] is listener
 
-    def get_with_criteria(
-        self, entity: t.Any, ident: t.Any, criteria: t.Any, **kwargs: t.Any
+    def get_by_statement(
+        self,
+        entity: t.Any,
+        ident: t.Any,
+        token: t.Any,
+        load: t.Callable[[t.Sequence[t.Any]], tuple[t.Any, dict[str, t.Any]]],
     ) -> t.Any:
-        """``Session.get()`` whose SELECT, if one runs, also requires ``criteria``.
+        """``Session.get(entity, ident, identity_token=token)`` whose SELECT, if one runs,
+        is ``load(primary key)``: a statement and its parameters, chosen by the caller.
 
-        The SELECT skips the ``do_orm_execute`` listeners (through the
-        ``_parent_execute_state`` of ``_execute_internal``, as
-        ``ORMExecuteState.invoke_statement()`` does): for a caller whose listener
-        is the only one and would add nothing but ``criteria`` to this load.
-        The first execution inside ``get()`` is that SELECT (or the refresh of an
-        expired object found in the identity map, of the same entity).
+        Through ``Session._get_impl``, the body of ``get()``, with this loader in
+        place of SQLAlchemy's: the forms of ``ident`` and the identity-map hits
+        (expired and deleted objects included) stay SQLAlchemy's. The SELECT skips
+        the ``do_orm_execute`` listeners (``_parent_execute_state``, as
+        ``ORMExecuteState.invoke_statement()`` does): for a caller whose listener is
+        the only one and whose statement already holds all it would add.
         """
-        self._key_load_criteria = criteria
+
+        def run(
+            session: Session,
+            select: t.Any,
+            primary_key_identity: t.Sequence[t.Any],
+            *,
+            execution_options: t.Mapping[str, t.Any],
+            bind_arguments: t.Any,
+            **_: t.Any,
+        ) -> t.Any:
+            statement, params = load(primary_key_identity)
+            result = self._execute_internal(
+                statement,
+                params,
+                execution_options={**execution_options, "identity_token": token},
+                bind_arguments=bind_arguments,
+                _parent_execute_state=NO_MORE_LISTENERS,
+            )
+            return result.scalars().one_or_none()
+
+        self._chosen_token = token
         try:
-            return super().get(entity, ident, **kwargs)
+            return self._get_impl(entity, ident, run, identity_token=token)
         finally:
-            self._key_load_criteria = None
+            self._chosen_token = None
 
     def _execute_internal(
         self, statement: t.Any, params: t.Any = None, **kwargs: t.Any
     ) -> t.Any:
-        criteria = self._key_load_criteria
-        if criteria is not None:
-            self._key_load_criteria = None
-            # the load's own copy of ``select(mapper)``, made for this execution
-            statement._where_criteria += (criteria,)
-            kwargs["_parent_execute_state"] = NO_MORE_LISTENERS
         try:
             return super()._execute_internal(statement, params, **kwargs)
         except sa.exc.StatementError as error:

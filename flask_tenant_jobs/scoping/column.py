@@ -50,7 +50,7 @@ from .criteria import (
     TenantScoped,
     base_criteria,
     is_scoped_model,
-    key_load_criteria,
+    key_load,
 )
 from .offboarding import delete_tenant_rows
 from .statements import (
@@ -87,18 +87,22 @@ class TenantSession(_sqla.TokenChoosingSession):
         the tenant's identity token, so the execute hook has nothing to add.
 
         An ``identity_token`` naming another tenant is refused. A model whose load
-        reads its one table gets ``tenant_id = <current>`` and no execute hook
-        (nothing else listens); any other gets the loader criteria."""
+        reads its one table, asked for with no other argument, is loaded by a kept
+        SELECT by primary key and ``tenant_id`` past the execute hook (where nothing
+        else listens); any other load gets the loader criteria."""
         if not (isinstance(entity, type) and is_scoped_model(entity)):
             return super().get(entity, ident, **kwargs)
         tenant = filter_tenant()
         kwargs["identity_token"] = _checked_token(
             entity.__name__, kwargs.get("identity_token"), tenant or UNSCOPED_TOKEN
         )
-        if tenant is not None and not kwargs.get("options") and self._only_scoping_listens():
-            criteria = key_load_criteria(entity, tenant)
-            if criteria is not None:
-                return self.get_with_criteria(entity, ident, criteria, **kwargs)
+        if tenant is not None and _only_the_key_given(kwargs):
+            load = key_load(entity) if self._only_scoping_listens() else None
+            if load is not None:
+                token = kwargs["identity_token"]
+                return self.get_by_statement(
+                    entity, ident, token, lambda key: load.for_key(key, tenant)
+                )
         kwargs["options"] = (*(kwargs.get("options") or ()), TENANT_CRITERIA)
         return super().get(entity, ident, **kwargs)
 
@@ -106,8 +110,7 @@ class TenantSession(_sqla.TokenChoosingSession):
         """Every ORM execution; a SELECT already filtered for the current tenant (a reused
         statement object, executed with no options) runs filtered without the hook."""
         if (
-            self._key_load_criteria is None
-            and kwargs.get("_parent_execute_state") is None
+            kwargs.get("_parent_execute_state") is None
             and not kwargs.get("_add_event")
             and not kwargs.get("execution_options")
             and not self.execution_options
@@ -180,6 +183,12 @@ class TenantSession(_sqla.TokenChoosingSession):
             if tenant is not None:
                 check_owners(self, existing, tenant, "Updating")
         super().bulk_save_objects(objs, *args, **kw)
+
+
+def _only_the_key_given(get_kwargs: dict[str, t.Any]) -> bool:
+    """Whether ``get()`` was given nothing but the key and the token: every other argument
+    is empty (``db.session``, a scoped session, passes each one on, mostly ``None``)."""
+    return not any(value for name, value in get_kwargs.items() if name != "identity_token")
 
 
 def _checked_token(name: str, given: t.Any, expected: t.Any) -> t.Any:
@@ -291,6 +300,7 @@ def _scope_select(state: ORMExecuteState, tenant: str) -> None:
         _checked_token("query", token, tenant)
     if state.is_column_load:
         _check_refresh(state, tenant)
+        _refresh_only_in_tenant(state, tenant)
     if state.lazy_loaded_from is not None:
         check_loaded_in_this_tenant(state.lazy_loaded_from)
     if not _prepared_by_get(state, tenant):
@@ -566,6 +576,21 @@ def _check_refresh(state: ORMExecuteState, tenant: str) -> None:
             f"Loading {refreshing.class_.__name__} {refreshing.identity}",
             RELOAD_HINT,
         )
+
+
+def _refresh_only_in_tenant(state: ORMExecuteState, tenant: str) -> None:
+    """Make a refresh of a one-table scoped object require its row to be ``tenant``'s.
+
+    A row moved to another tenant by SQL the hooks never saw would otherwise be
+    read into this tenant's object; now the object reads as deleted. Refreshes of
+    inherited models select from the tables they need only, and are left as they are.
+    """
+    refreshing = _sqla.refreshed_state(state)
+    if refreshing is None or not is_scoped_model(refreshing.mapper.class_):
+        return
+    load = key_load(refreshing.mapper.class_)
+    if load is not None and isinstance(state.statement, sa.Select):
+        state.statement = state.statement.where(load.tenant_column == tenant)
 
 
 def _required_tenant_of(row: t.Mapping[str, t.Any], what: str) -> t.Any:

@@ -124,50 +124,72 @@ def _single_table_column_may_be_null(mapper: Mapper[t.Any], class_: type) -> Non
 
 @event.listens_for(Mapper, "mapper_configured")
 def _note_mapper(mapper: Mapper[t.Any], class_: type) -> None:
-    _key_load_columns.clear()  # a new mapper may be a subclass of one looked at
-    _key_load_criteria.clear()
+    _key_loads.clear()  # a new mapper may be a subclass of one looked at
     if is_scoped_model(mapper.class_):
         REGISTRY.add(mapper)
 
 
 #: Relationship loading strategies that load in the same SELECT or right after it.
 _EAGER = frozenset({"joined", "subquery", "selectin", "immediate", False})
-#: Per scoped model, its ``tenant_id`` column if a load by primary key reads its one table.
-_key_load_columns: dict[type, t.Any] = {}
-#: Per scoped model and tenant, the criteria of its loads by primary key (bounded).
-_key_load_criteria: dict[tuple[type, str], t.Any] = {}
-_KEY_LOAD_CRITERIA_KEPT = 4096
+#: The parameter of a kept load by primary key that names the tenant.
+_KEY_TENANT = "tenant_jobs_key_tenant"
 
 
-def key_load_criteria(cls: type[TenantScoped], tenant: str) -> t.Any | None:
-    """``tenant_id = 'tenant'`` for a load of scoped model ``cls`` by primary key, or ``None``.
+class KeyLoad(t.NamedTuple):
+    """A kept SELECT of one scoped model by primary key and tenant (see :func:`key_load`)."""
+
+    model: type[t.Any]
+    statement: sa.Select[t.Any]
+    key_columns: tuple[sa.Column[t.Any], ...]
+    tenant_column: sa.Column[t.Any]
+
+    def for_key(self, ident: t.Sequence[t.Any], tenant: str) -> tuple[t.Any, dict[str, t.Any]]:
+        """The SELECT and parameters that load primary key ``ident`` of ``tenant``.
+
+        A key with a ``None`` in it compares that column with ``IS NULL``, as
+        ``Session.get()`` does, in a statement of its own.
+        """
+        if None in ident:
+            pairs = zip(self.key_columns, ident, strict=True)
+            where = [c.is_(None) if v is None else c == v for c, v in pairs]
+            return sa.select(self.model).where(*where, self.tenant_column == tenant), {}
+        params = {f"tenant_jobs_key_{i}": value for i, value in enumerate(ident)}
+        params[_KEY_TENANT] = tenant
+        return self.statement, params
+
+
+#: Per scoped model, its kept load by primary key, or ``None`` where that reads more.
+_key_loads: dict[type, KeyLoad | None] = {}
+
+
+def key_load(cls: type[TenantScoped]) -> KeyLoad | None:
+    """The kept load by primary key and tenant of scoped model ``cls``, or ``None``.
 
     Enough, without the loader-criteria option, where such a load reads one table
     and nothing else: no inheritance, no eager relationship, only plain columns
-    of that table (a ``column_property`` subquery would need the option). The
-    tenant is a literal value, not the parameter read at execution: the load runs
-    at once, in the tenant it was made for.
+    of that table (a ``column_property`` subquery would need the option). One
+    statement per model, kept, is compiled and cache-keyed once; the tenant is
+    one of its parameters. The WHERE names the table's own columns: ORM-annotated
+    ones cost more at every execution.
     """
-    key = (cls, tenant)
     try:
-        return _key_load_criteria[key]
+        return _key_loads[cls]
     except KeyError:
         pass
-    if cls not in _key_load_columns:
-        # the table's own column: an ORM-annotated one costs more at every execution
-        mapper = sa.inspect(cls)
-        one_table = _reads_one_table(mapper)
-        _key_load_columns[cls] = mapper.tables[0].c["tenant_id"] if one_table else None
-    column = _key_load_columns[cls]
-    criteria = None if column is None else tenant_matches(column, tenant)
-    if len(_key_load_criteria) >= _KEY_LOAD_CRITERIA_KEPT:
-        _key_load_criteria.clear()
-    _key_load_criteria[key] = criteria
-    return criteria
+    mapper = sa.inspect(cls)
+    load = None
+    if _reads_one_table(mapper):
+        keys = tuple(mapper.primary_key)
+        tenant_column = mapper.tables[0].c["tenant_id"]
+        where = [c == sa.bindparam(f"tenant_jobs_key_{i}") for i, c in enumerate(keys)]
+        statement = sa.select(cls).where(*where, tenant_column == sa.bindparam(_KEY_TENANT))
+        load = KeyLoad(cls, statement, keys, tenant_column)
+    _key_loads[cls] = load
+    return load
 
 
 def _reads_one_table(mapper: Mapper[t.Any]) -> bool:
-    """Whether a load of ``mapper`` reads its one table alone (see ``key_load_criteria``)."""
+    """Whether a load of ``mapper`` reads its one table alone (see ``key_load``)."""
     if mapper.inherits is not None or len(mapper.self_and_descendants) != 1:
         return False
     if mapper.polymorphic_on is not None or len(mapper.tables) != 1:
