@@ -350,9 +350,11 @@ class TenantJobs:
 
         ``starting``: a request starts, so the unscoped flag is turned off too.
         """
+        if not signals.tenant_switched.receivers:
+            return context.start(name) if starting else context.enter(name)
         previous = context.get_tenant()
         token = context.start(name) if starting else context.enter(name)
-        if signals.tenant_switched.receivers and has_app_context():
+        if has_app_context():
             signals.tenant_switched.send(
                 current_app._get_current_object(),  # type: ignore[attr-defined]
                 tenant=name,
@@ -369,7 +371,7 @@ class TenantJobs:
         the caller's state when the request ends.
         """
         request_globals = g._get_current_object()
-        candidate = state.resolver(request)
+        candidate = state.resolver(request._get_current_object())  # type: ignore[attr-defined]
         tenant = None if candidate is None else self._known_or_404(app, state, candidate)
         request_globals.tenant = tenant
         token = context.start(None) if tenant is None else self._enter(tenant, starting=True)
@@ -391,7 +393,7 @@ class TenantJobs:
     def _end_request(self, exc: BaseException | None) -> None:
         """After each request, also a failed one: restore the tenant (and the unscoped flag)
         of before."""
-        token = g._get_current_object().pop(_REQUEST_TOKEN, None)
+        token = g._get_current_object().__dict__.pop(_REQUEST_TOKEN, None)
         if token is not None:
             context.leave(token)
 

@@ -64,7 +64,9 @@ class TenantSessionInterface(SecureCookieSessionInterface):
 
     def open_session(self, app: Flask, request: Request) -> SecureCookieSession | None:
         """The session of the request's tenant; an empty one if it names no known tenant."""
-        if app.secret_key and session_owner(app) == NO_SUCH_TENANT:
+        if not app.secret_key:
+            return None  # as Flask: no signing serializer, so a null session
+        if session_owner(app) == NO_SUCH_TENANT:
             return self.session_class()
         return super().open_session(app, request)
 
