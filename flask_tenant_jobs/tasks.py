@@ -43,6 +43,9 @@ CALL_HINT = (
 )
 #: Request attribute holding the tenant error the worker met when the task started.
 TENANT_ERROR = "_tenant_jobs_error"
+#: Request attribute the worker sets just before Celery's tracer calls the task: that
+#: call runs the body on the request the tracer pushed (see ``TenantTask.__call__``).
+TRACED_CALL = "_tenant_jobs_traced_call"
 
 
 class TenantTask(Task):  # type: ignore[misc]
@@ -62,12 +65,20 @@ class TenantTask(Task):  # type: ignore[misc]
 
     def __call__(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
         """Refuse to run the body when the message's tenant was missing or unknown, or
-        when no tenant is current (a direct call, or a wrapper task's call in place)."""
-        error = getattr(self.request, TENANT_ERROR, None)
+        when no tenant is current (a direct call, or a wrapper task's call in place).
+
+        Changed: the worker's call runs ``run()`` directly, as Celery does for tasks
+        without a ``__call__``, instead of pushing the task and its request again."""
+        request = self.request
+        error = getattr(request, TENANT_ERROR, None)
         if error is not None:
             raise error
         if context.get_tenant() is None:
             raise _no_tenant_to_run(self)
+        if request.__dict__.pop(TRACED_CALL, False):
+            # the tracer's own call: it pushed this task and its request already, as it
+            # does before calling ``run()`` of a task with no ``__call__`` of its own
+            return self.run(*args, **kwargs)
         return super().__call__(*args, **kwargs)
 
     def signature(self, args: t.Any = None, *starargs: t.Any, **starkwargs: t.Any) -> Signature:

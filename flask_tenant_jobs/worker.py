@@ -65,7 +65,7 @@ from .sending import (
 )
 from .signing import Signer, signature_header
 from .state import extension_of
-from .tasks import TENANT_ERROR, TenantTask, wrapped_task
+from .tasks import TENANT_ERROR, TRACED_CALL, TenantTask, wrapped_task
 
 if t.TYPE_CHECKING:
     from .extension import TenantJobs
@@ -146,10 +146,12 @@ def _restore_tenant(
     tenant = None
     if is_tenant_task:
         try:
-            tenant = _restorable_tenant(task, flask_app, wrapped)
+            tenant = _restorable_tenant(task, request, flask_app, wrapped)
         except Exception as error:  # also a failing tenant source or database: Celery
             setattr(request, TENANT_ERROR, error)  # would only log it and run the body
     setattr(request, _RESTORE, _Restore(app_context, context.start(tenant)))
+    if isinstance(task, TenantTask):
+        setattr(request, TRACED_CALL, True)  # the tracer calls the task next
     if tenant is not None and signals.task_tenant_restored.receivers:
         signals.task_tenant_restored.send(flask_app, task=task.name, tenant=tenant)
 
@@ -161,25 +163,26 @@ def _reset_tenant(sender: Task | None = None, task: Task | None = None, **_: t.A
     failure handlers again after this: the restore is kept for that round.
     """
     task = task or sender
-    restore = getattr(getattr(task, "request", None), _RESTORE, None)
+    request = getattr(task, "request", None)
+    restore = getattr(request, _RESTORE, None)
     if restore is None:
         return
-    delattr(task.request, _RESTORE)  # type: ignore[union-attr]
-    if _handlers_run_again(task):
+    delattr(request, _RESTORE)
+    if _handlers_run_again(request):
         _UNFINISHED.set(_Unfinished(t.cast(Task, task), restore, round_started=False))
         return
     _undo(restore)
 
 
-def _handlers_run_again(task: Task | None) -> bool:
+def _handlers_run_again(request: t.Any) -> bool:
     """Whether Celery's tracer will run the failure handlers again after ``task_postrun``:
-    an error (not ``Reject``) is propagating out of its handlers, and the run is not eager
-    (eager runs raise it to the caller instead)."""
+    an error (not ``Reject``) is propagating out of its handlers, and the run (``request``)
+    is not eager (eager runs raise it to the caller instead)."""
     error = sys.exc_info()[1]
     return (
         isinstance(error, Exception)
         and not isinstance(error, (Reject, MemoryError))
-        and not getattr(getattr(task, "request", None), "is_eager", False)
+        and not getattr(request, "is_eager", False)
     )
 
 
@@ -225,19 +228,18 @@ def _no_flask_app(celery_app: Celery) -> ConfigurationError:
 
 
 def _restorable_tenant(
-    task: Task, flask_app: Flask, wrapped: tuple[TenantTask, object] | None
+    task: Task, request: t.Any, flask_app: Flask, wrapped: tuple[TenantTask, object] | None
 ) -> str:
-    """The task's tenant, its signature checked (signing on) and the name validated;
-    raises ``TenantSignatureError``, ``NoTenantError`` or ``TenantNotFoundError``."""
+    """The tenant of ``task``'s ``request``, its signature checked (signing on) and the name
+    validated; raises ``TenantSignatureError``, ``NoTenantError`` or ``TenantNotFoundError``."""
     header = header_name(task.app)
     signer = signer_of(task.app)
-    request = task.request
     raw = tenant_of_request(request, header)
     if raw is not None and signer is not None:
         signature = header_of_request(request, signature_header(header))
         signer.verify(task.name, request.id, raw, signature)
     elif raw is None and wrapped is not None:
-        raw = _tenant_of_wrapper(task, wrapped[1], signer)
+        raw = _tenant_of_wrapper(task, request, wrapped[1], signer)
     if raw is None:
         what = f"{task.name!r} of the tenant task {wrapped[0].name!r}" if wrapped else None
         raise NoTenantError(
@@ -253,7 +255,9 @@ def _restorable_tenant(
     return tenant
 
 
-def _tenant_of_wrapper(task: Task, inner_tenant: object, signer: Signer | None) -> object:
+def _tenant_of_wrapper(
+    task: Task, request: t.Any, inner_tenant: object, signer: Signer | None
+) -> object:
     """The tenant of a ``celery.map``/``starmap``/``chunks`` message that names none in
     its headers: the one its tenant task's signature carries (in the message body: not
     with signing on, unless unsigned messages are accepted), else, when run in place
@@ -261,9 +265,9 @@ def _tenant_of_wrapper(task: Task, inner_tenant: object, signer: Signer | None) 
     signing on raises ``TenantSignatureError``."""
     if inner_tenant is not None and (signer is None or signer.accept_unsigned):
         return inner_tenant
-    caller = context.get_tenant() if task.request.is_eager else None
+    caller = context.get_tenant() if request.is_eager else None
     if caller is None and inner_tenant is not None:
-        raise TenantSignatureError(task.name, task.request.id, inner_tenant, "unsigned")
+        raise TenantSignatureError(task.name, request.id, inner_tenant, "unsigned")
     return caller
 
 
