@@ -16,8 +16,9 @@
   tasks without the cap reach more).
 
 Every task works ``BENCH_FAIRNESS_TASK_MS`` (2) milliseconds (a sleep: waiting, like
-I/O) on a worker with the prefork pool, ``-c 4``, Celery's default prefetch. Each
-measurement runs twice, alternating sides, and the better run counts. The workers
+I/O) on a worker with the prefork pool, ``-c 4``, Celery's default prefetch. The
+noisy-neighbour runs take four rounds, the kinds in alternating order, and the best
+run of each kind counts; the limit rows alternate many short batches. The workers
 are ``flask tenant-jobs worker`` and ``celery worker`` (the baseline) subprocesses on
 the bench apps of ``bench/fairness_app.py``. ``python -m bench fairness`` runs it (about
 five minutes, so it is not in ``MODULES``).
@@ -57,7 +58,8 @@ SMALL_TENANTS = 20
 SMALL_TASKS = 10
 TASK_SECONDS = float(os.environ.get("BENCH_FAIRNESS_TASK_MS", "2")) / 1000
 CONCURRENCY = 4
-REPEAT = 2
+#: Rounds of the noisy-neighbour runs; the kinds take turns in alternating order.
+REPEAT = 4
 LIMIT_BATCH = int(os.environ.get("BENCH_LIMIT_TASKS", "300"))
 #: Batches per side of the limit-overhead rows (short batches, many: the best counts).
 LIMIT_REPEAT = 8
@@ -280,14 +282,15 @@ class NoisyNeighbour:
 def noisy_neighbour(bench: Bench) -> dict[Kind, NoisyNeighbour]:
     """Runs with and without the flood on plain Celery and fair dispatch, and with the
     flood on flask-tenant-jobs without fair dispatch, kind after kind, :data:`REPEAT`
-    times."""
+    times; the order of the kinds alternates, so that none always runs first (on a
+    worker idle since its last run) or right after another kind's flood."""
     kinds: tuple[Kind, ...] = ("plain", "fair", "tenant")
     found = {kind: NoisyNeighbour() for kind in kinds}
     with bench.workers({kind: 1 for kind in kinds}):
         for kind in kinds:
             bench.send(kind, "work", small_tasks())  # warm up
-        for _ in range(REPEAT):
-            for kind in kinds:
+        for round_ in range(REPEAT):
+            for kind in kinds if round_ % 2 == 0 else kinds[::-1]:
                 quiet = bench.send(kind, "work", small_tasks()) if kind != "tenant" else None
                 found[kind].add(quiet, bench.send(kind, "work", flood_tasks()))
     return found
