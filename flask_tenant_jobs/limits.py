@@ -133,7 +133,11 @@ class Leases:
                 self._thread.start()
 
     def release(self, lease: str) -> bool:
-        """Free the slot of ``lease`` if it is still live (fenced); wake held-back work."""
+        """Free the slot of ``lease`` if it is still live (fenced); wake held-back work.
+
+        With Redis unreachable, the lease is no longer renewed and expires instead."""
+        import redis  # leases exist only with fair dispatch, which needs Redis
+
         from .fair import scripts
         from .fair.transport import script
 
@@ -143,9 +147,16 @@ class Leases:
             return False
         redis_client, root = found
         limit, token, doorbell = lease.split("\r")
-        released = script(scripts.RELEASE)(
-            keys=[root], args=[scripts.ROOT, limit, token, doorbell], client=redis_client
-        )
+        try:
+            released = script(scripts.RELEASE)(
+                keys=[root], args=[scripts.ROOT, limit, token, doorbell], client=redis_client
+            )
+        except (redis.ConnectionError, redis.TimeoutError):
+            _log.warning(
+                "could not release a slot of %r (Redis unreachable): it comes back when its "
+                "lease expires, within TENANT_JOBS_SLOT_TTL (%g s)", limit, self.ttl
+            )
+            return False
         return bool(released)
 
     def held(self) -> list[str]:

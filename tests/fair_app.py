@@ -2,7 +2,8 @@
 
 Configured from environment variables so that ``flask --app
 tests.fair_app:create_app() tenant-jobs worker`` subprocesses match the test side:
-``FAIR_BROKER_URL`` (Redis; also where the tasks log what they do), ``FAIR_QUEUE``
+``FAIR_BROKER_URL`` (Redis; also where the tasks log what they do, unless
+``FAIR_LOG_URL`` names another Redis), ``FAIR_QUEUE``
 (Celery's default queue), ``FAIR_SLOT_TTL`` (``TENANT_JOBS_SLOT_TTL``),
 ``FAIR_VISIBILITY_TIMEOUT`` (default :data:`VISIBILITY_TIMEOUT`), ``FAIR_DURABLE=1``
 (``task_acks_late`` and ``task_reject_on_worker_lost``). Every task appends a JSON
@@ -41,10 +42,15 @@ def _log(label: str, started: float, **extra: t.Any) -> None:
 _clients: dict[int, redis.Redis] = {}
 
 
+def log_url() -> str:
+    """Where the tasks log: ``FAIR_LOG_URL``, else the broker."""
+    return os.environ.get("FAIR_LOG_URL") or os.environ["FAIR_BROKER_URL"]
+
+
 def _redis() -> redis.Redis:
     client = _clients.get(os.getpid())
     if client is None:
-        client = _clients[os.getpid()] = redis.Redis.from_url(os.environ["FAIR_BROKER_URL"])
+        client = _clients[os.getpid()] = redis.Redis.from_url(log_url())
     return client
 
 

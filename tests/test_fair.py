@@ -30,7 +30,13 @@ from flask_tenant_jobs.fair.setup import TRANSPORT
 from flask_tenant_jobs.fair.transport import LEASE_HEADER, FairChannel
 from flask_tenant_jobs.limits import LEASES
 from tests import fair_app
-from tests.worker_processes import Worker, redis_db_url, subprocess_env, wait_until
+from tests.worker_processes import (
+    RedisServer,
+    Worker,
+    redis_db_url,
+    subprocess_env,
+    wait_until,
+)
 
 FAIR_DB = int(os.environ.get("TEST_FAIR_REDIS_DB", "8"))
 APP = "tests.fair_app:create_app()"
@@ -138,15 +144,21 @@ def test_backlog_needs_fair_dispatch() -> None:
 class Fair:
     """A flushed Redis database, the test-side app, and worker subprocesses on it."""
 
-    def __init__(self, url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(
+        self, url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, log_url: str = ""
+    ) -> None:
         import redis
 
         self.url = url
+        self.log_url = log_url
         self.queue = f"fair-{uuid.uuid4().hex[:8]}"
         self.tmp_path = tmp_path
         self.redis = redis.Redis.from_url(url)
         self.redis.flushdb()
+        self.log_redis = redis.Redis.from_url(log_url) if log_url else self.redis
+        self.log_redis.delete(fair_app.LOG)
         monkeypatch.setenv("FAIR_BROKER_URL", url)
+        monkeypatch.setenv("FAIR_LOG_URL", log_url)
         monkeypatch.setenv("FAIR_QUEUE", self.queue)
         self.app = fair_app.create_app()
         self.extension = fair_app.tenant_jobs
@@ -155,7 +167,8 @@ class Fair:
 
     def worker(self, pool: str = "solo", concurrency: int = 1, **env: str) -> Worker:
         environment = subprocess_env(
-            "FAIR_", FAIR_BROKER_URL=self.url, FAIR_QUEUE=self.queue, **env
+            "FAIR_", FAIR_BROKER_URL=self.url, FAIR_LOG_URL=self.log_url, FAIR_QUEUE=self.queue,
+            **env,
         )
         log = self.tmp_path / f"worker-{len(self.workers)}.log"
         worker = Worker(APP, pool, concurrency, environment, log)
@@ -171,7 +184,7 @@ class Fair:
                 return task.apply_async(args, **options)
 
     def log(self) -> list[dict[str, t.Any]]:
-        return [json.loads(line) for line in self.redis.lrange(fair_app.LOG, 0, -1)]
+        return [json.loads(line) for line in self.log_redis.lrange(fair_app.LOG, 0, -1)]
 
     def finished(self) -> list[dict[str, t.Any]]:
         return [line for line in self.log() if not line["label"].startswith("started:")]
@@ -297,6 +310,48 @@ def test_a_sigkilled_worker_loses_nothing_and_redelivers_in_its_tenant(fair: Fai
     labels = Counter(line["label"] for line in done)
     assert set(labels) == {f"acme-{i}" for i in range(4)} | {f"globex-{i}" for i in range(3)}
     assert all(line["label"].startswith(line["tenant"]) for line in done)
+
+
+@_with_workers
+def test_a_redis_restart_loses_no_task_that_redis_kept(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis is killed mid-run and started again on its append-only file: the worker
+    reconnects (its scripts are gone: loaded again), every task runs, each in its tenant,
+    and the capped task's slots come back; a task whose ack was lost may run twice."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    log_url = redis_db_url(redis_url, FAIR_DB)
+    setup = Fair(server.url, tmp_path, monkeypatch, log_url=log_url)
+    try:
+        setup.worker("threads", 4, FAIR_DURABLE="1", FAIR_SLOT_TTL="3")
+        labels = []
+        for i in range(40):
+            tenant = fair_app.TENANTS[i % 3]
+            task = fair_app.limited if i % 4 == 0 else fair_app.record
+            labels.append(f"{tenant}-{i}")
+            setup.send(task, tenant, labels[-1], 0.1)
+        wait_until(lambda: len(setup.finished()) >= 8, TIMEOUT, "8 tasks finished",
+                   setup.details)  # fmt: skip
+        server.kill()
+        time.sleep(1.0)
+        server.start()
+        for i in range(40, 50):
+            labels.append(f"{fair_app.TENANTS[i % 3]}-{i}")
+            setup.send(fair_app.record, fair_app.TENANTS[i % 3], labels[-1])
+        wait_until(lambda: {line["label"] for line in setup.finished()} >= set(labels),
+                   3 * TIMEOUT, "every task finished after the restart",
+                   setup.details)  # fmt: skip
+        done = setup.finished()
+        assert {line["label"] for line in done} == set(labels)
+        assert all(line["label"].startswith(line["tenant"] + "-") for line in done)
+        log = setup.workers[0].log(tail=400_000)
+        assert "Connection to broker lost" in log and "could not release a slot" in log
+        assert "Signal handler" not in log  # no receiver of ours raised
+    finally:
+        setup.stop()
+        server.kill()
+        setup.log_redis.delete(fair_app.LOG)
 
 
 # -- limits -----------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -155,6 +156,48 @@ class Worker(FlaskProcess):
                 if int(fields[2]) == self.pid:  # the process group id
                     found.append(int(entry.name))
         return sorted(found)
+
+
+class RedisServer:
+    """A ``redis-server`` of the test's own, on a free port, persisting to an append-only
+    file in ``folder`` (every write synced): it can be killed and started again on it."""
+
+    def __init__(self, folder: Path) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start it on the append-only file (if any) and wait until it answers."""
+        import redis
+
+        self.popen = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--dir", str(self.folder), "--appendonly", "yes", "--appendfsync", "always",
+             "--save", ""],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis.from_url(self.url)
+        wait_until(lambda: _answers(client), 10.0, f"redis-server on port {self.port}")
+        client.close()
+
+    def kill(self) -> None:
+        """SIGKILL it, as a crash would."""
+        if self.popen is not None:
+            self.popen.kill()
+            self.popen.wait()
+            self.popen = None
+
+
+def _answers(client: t.Any) -> bool:
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False
 
 
 def redis_db_url(redis_url: str, number: int) -> str:
