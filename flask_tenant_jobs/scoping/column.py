@@ -116,9 +116,12 @@ class TenantSession(_sqla.TokenChoosingSession):
             and not self.execution_options
         ):
             tenant = scoping_tenant()
-            kept = None if tenant is None else _kept_select(statement, tenant)
-            if kept is not None and self._only_scoping_listens():
-                statement, kwargs["_parent_execute_state"] = kept, _sqla.NO_MORE_LISTENERS
+            kept = None if tenant is None else _kept(statement)
+            if kept is not None and tenant in kept.by_tenant and self._only_scoping_listens():
+                # filtered in this tenant before; loads under its token without the hook
+                statement = kept.filtered
+                kwargs["execution_options"] = _sqla.loading_under_token(tenant)
+                kwargs["_parent_execute_state"] = _sqla.NO_MORE_LISTENERS
         return super()._execute_internal(statement, params, **kwargs)
 
     def _only_scoping_listens(self) -> bool:
@@ -501,8 +504,19 @@ def _entity_tables(statement: t.Any) -> set[t.Any]:
     return tables
 
 
-#: Per statement, its filtered SELECT for each recent tenant (bounded, see below).
-_selects_by_tenant: WeakKeyDictionary[t.Any, dict[str, t.Any]] = WeakKeyDictionary()
+class _Kept:
+    """A statement's filtered SELECT, and its copies loading under recent tenants' tokens."""
+
+    __slots__ = ("by_tenant", "filtered", "generation")
+
+    def __init__(self, filtered: t.Any) -> None:
+        self.generation = REGISTRY.generation
+        self.filtered = filtered
+        self.by_tenant: dict[str, t.Any] = {}
+
+
+#: Per statement, what :func:`_filtered_for` made of it (tenants per statement bounded).
+_kept_selects: WeakKeyDictionary[t.Any, _Kept] = WeakKeyDictionary()
 _TENANTS_PER_STATEMENT = 64
 
 
@@ -512,29 +526,28 @@ def _filtered_for(statement: t.Any, tenant: str) -> t.Any:
     The token rides on the statement's execution options, so a statement reused
     in the same tenant (relationship loaders, kept statements) costs a lookup.
     """
-    kept = _kept_select(statement, tenant)
-    if kept is not None:
-        return kept
-    selected = _with_criteria(statement).execution_options(identity_token=tenant)
-    with suppress(TypeError):  # a statement that cannot be weakly referenced is not kept
-        per_tenant = _selects_by_tenant.setdefault(statement, {})
-        if len(per_tenant) >= _TENANTS_PER_STATEMENT or per_tenant.get("") != REGISTRY.generation:
-            per_tenant.clear()
-            per_tenant[""] = REGISTRY.generation
-        per_tenant[tenant] = selected
+    kept = _kept(statement)
+    selected = None if kept is None else kept.by_tenant.get(tenant)
+    if selected is not None:
+        return selected
+    if kept is None:
+        kept = _Kept(_with_criteria(statement))
+        with suppress(TypeError):  # a statement that cannot be weakly referenced is not kept
+            _kept_selects[statement] = kept
+    if len(kept.by_tenant) >= _TENANTS_PER_STATEMENT:
+        kept.by_tenant.clear()
+    selected = kept.by_tenant[tenant] = kept.filtered.execution_options(identity_token=tenant)
     return selected
 
 
-def _kept_select(statement: t.Any, tenant: str) -> t.Any | None:
-    """The filtered SELECT :func:`_filtered_for` kept for ``statement`` in ``tenant``, if
-    it was made since the last scoped model was mapped."""
+def _kept(statement: t.Any) -> _Kept | None:
+    """What :func:`_filtered_for` kept of ``statement``, if made since the last scoped model
+    was mapped."""
     try:  # get(), not []: most statements (built per call) are not kept, and cost no raise
-        per_tenant = _selects_by_tenant.get(statement)
+        kept = _kept_selects.get(statement)
     except TypeError:  # a statement that cannot be weakly referenced is never kept
         return None
-    if per_tenant is None or per_tenant.get("") != REGISTRY.generation:
-        return None
-    return per_tenant.get(tenant)
+    return kept if kept is not None and kept.generation == REGISTRY.generation else None
 
 
 def _prepared_by_get(state: ORMExecuteState, tenant: str) -> bool:
