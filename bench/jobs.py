@@ -1,10 +1,10 @@
-"""Tenant tasks vs plain Celery tasks, through the same real worker and Redis broker.
+"""Tenant tasks vs the tasks of a plain Celery app (no flask-tenant-jobs), on Redis.
 
-* Throughput: a worker subprocess (``flask tenant-jobs worker -P solo``) drains
-  batches of no-op tasks, tenant and plain batches interleaved; the time from the
-  first publish to the last result is compared (throughput target >= 0.90x,
-  i.e. time <= 1.11x).
-* Publish cost: ``apply_async`` of a tenant task vs a plain task to Redis.
+* Throughput: two solo worker subprocesses, ``flask tenant-jobs worker`` of the bench
+  app and ``celery worker`` of the plain app, each on its own queue, drain batches of
+  no-op tasks, tenant and plain batches interleaved; the time from the first publish
+  to the last result is compared (throughput target >= 0.90x, i.e. time <= 1.11x).
+* Publish cost: ``apply_async`` of a tenant task vs a plain app's task to Redis.
 * Worker-side overhead: Celery's tracer (what a worker runs per message) for a
   tenant task vs a plain task of a plain Celery app, in-process, in µs (target
   <= 50 µs), with 10 and with 10,000 tenants, and with signed tenant headers
@@ -25,7 +25,6 @@ import sys
 import typing as t
 from pathlib import Path
 
-from celery import Celery
 from celery.app.trace import build_tracer
 
 from . import Row, compare, redis_reachable
@@ -41,12 +40,6 @@ def _tracer_rows() -> list[Row]:
     """Per-message worker work: tenant task vs a plain task of a plain Celery app."""
     from bench import jobs_app
 
-    plain_celery = Celery("plain", set_as_current=False)
-
-    @plain_celery.task(name="bench.plain_noop")
-    def plain_noop() -> None:
-        return None
-
     def tracer(task: t.Any, request: dict[str, t.Any]) -> t.Callable[[], object]:
         trace = build_tracer(task.name, task, app=task.app, eager=False, propagate=False)
 
@@ -56,7 +49,7 @@ def _tracer_rows() -> list[Row]:
         return run
 
     base = {"id": "id", "delivery_info": {}, "ignore_result": True}
-    baseline = tracer(plain_noop, base)
+    baseline = tracer(jobs_app.plain.tasks["bench.jobs_app.plain_noop"], base)
     rows = []
     tracers = {}
     for tenants, signing in ((10, False), (10_000, False), (10, True)):
@@ -112,15 +105,20 @@ def _limit_row(unlimited: t.Callable[[], object]) -> Row:
                row.measured_us, row.ratio, None)
 
 
-class _Worker:
-    """A ``flask tenant-jobs worker`` subprocess on the bench app."""
+#: How each side's worker is started: the bench app's ``flask tenant-jobs worker``, and
+#: ``celery worker`` of the plain Celery app; each on a queue of its own.
+TENANT_WORKER = ["-m", "flask", "--app", "bench.jobs_app:create_app()", "tenant-jobs", "worker"]
+PLAIN_WORKER = ["-m", "celery", "-A", "bench.jobs_app:plain", "worker"]
 
-    def __init__(self) -> None:
+
+class _Worker:
+    """A solo worker subprocess (``command``, see above) consuming ``queue``."""
+
+    def __init__(self, command: list[str], queue: str) -> None:
         env = {**os.environ, "BENCH_BROKER_URL": REDIS_URL, "PYTHONPATH": str(ROOT)}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "flask", "--app", "bench.jobs_app:create_app()",
-             "tenant-jobs", "worker", "-P", "solo", "-l", "warning", "--without-gossip",
-             "--without-mingle", "--without-heartbeat", "-Q", "bench"],
+            [sys.executable, *command, "-P", "solo", "-l", "warning", "--without-gossip",
+             "--without-mingle", "--without-heartbeat", "-Q", queue],
             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
@@ -135,7 +133,8 @@ class _Worker:
 
 
 def _redis_rows() -> list[Row]:
-    """Throughput through one worker, publish cost, and fan-out over 10,000 tenants."""
+    """Throughput through one worker, publish cost, and fan-out over 10,000 tenants; the
+    baseline of each is the no-op task of the plain Celery app, through a worker of its own."""
     from bench import jobs_app
 
     app = jobs_app.create_app(tenants=10_000, broker_url=REDIS_URL)
@@ -144,26 +143,27 @@ def _redis_rows() -> list[Row]:
     with celery_app.connection_for_write() as connection:
         connection.default_channel.client.flushdb()
     tenant_noop = celery_app.tasks["bench.jobs_app.tenant_noop"]
-    plain_noop = celery_app.tasks["bench.jobs_app.plain_noop"]
-    worker = _Worker()
+    plain_noop = jobs_app.plain_app(REDIS_URL).tasks["bench.jobs_app.plain_noop"]
+    workers = [_Worker(TENANT_WORKER, "bench"), _Worker(PLAIN_WORKER, "bench-plain")]
     rows = []
     try:
         with app.app_context(), tenant_jobs.switch(jobs_app.tenant_name(42)):
-            plain_noop.apply_async(queue="bench").get(timeout=60)  # the worker is up
+            for task, queue in ((plain_noop, "bench-plain"), (tenant_noop, "bench")):
+                task.apply_async(queue=queue).get(timeout=60)  # its worker is up
 
-            def drain(task: t.Any) -> t.Callable[[], object]:
+            def drain(task: t.Any, queue: str) -> t.Callable[[], object]:
                 def run() -> object:
-                    with celery_app.producer_or_acquire() as producer:
+                    with task.app.producer_or_acquire() as producer:
                         for _ in range(BATCH):
-                            task.apply_async(queue="bench", ignore_result=True,
+                            task.apply_async(queue=queue, ignore_result=True,
                                              producer=producer)
-                    return task.apply_async(queue="bench").get(timeout=120)
+                    return task.apply_async(queue=queue).get(timeout=120)
 
                 return run
 
             timed = compare(f"throughput: {BATCH:,} no-op tasks through one worker",
-                            drain(plain_noop), drain(tenant_noop), number=1, repeat=5,
-                            target=THROUGHPUT_TARGET)
+                            drain(plain_noop, "bench-plain"), drain(tenant_noop, "bench"),
+                            number=1, repeat=7, target=THROUGHPUT_TARGET)
             rows.append(_per_task(timed, BATCH + 1))
 
             def publish(task: t.Any) -> t.Callable[[], object]:
@@ -180,7 +180,7 @@ def _redis_rows() -> list[Row]:
         with app.app_context():
 
             def publish_plain_10k() -> object:
-                with celery_app.producer_or_acquire() as producer:
+                with plain_noop.app.producer_or_acquire() as producer:
                     for _ in range(10_000):
                         plain_noop.apply_async(queue="bench-publish", ignore_result=True,
                                                producer=producer)
@@ -198,7 +198,8 @@ def _redis_rows() -> list[Row]:
             with celery_app.connection_for_write() as connection:
                 connection.default_channel.queue_delete("bench-publish")
     finally:
-        worker.stop()
+        for worker in workers:
+            worker.stop()
     return rows
 
 

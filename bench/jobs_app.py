@@ -1,10 +1,11 @@
-"""The app the job benchmarks run: a no-op tenant task and a no-op plain task."""
+"""The apps the job benchmarks run: a no-op tenant task, and the baseline's no-op task
+of a plain Celery app without the library (``celery -A bench.jobs_app:plain worker``)."""
 
 from __future__ import annotations
 
 import os
 
-from celery import shared_task
+from celery import Celery
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
@@ -31,9 +32,32 @@ def capped_noop() -> None:
     """Does nothing, in a tenant, at most two at once per tenant."""
 
 
-@shared_task(name="bench.jobs_app.plain_noop")
+def celery_config(broker_url: str | None = None) -> dict[str, object]:
+    """The Celery settings of both apps; the broker from ``BENCH_BROKER_URL`` by default."""
+    broker = broker_url or os.environ.get("BENCH_BROKER_URL", "memory://")
+    return {
+        "broker_url": broker,
+        "result_backend": broker.replace("memory://", "cache+memory://"),
+        "task_ignore_result": False,
+        "worker_prefetch_multiplier": 16,
+    }
+
+
 def plain_noop() -> None:
-    """Does nothing, in no tenant."""
+    """Does nothing: the baseline's task, in a plain Celery app."""
+
+
+def plain_app(broker_url: str | None = None) -> Celery:
+    """The baseline: a Celery app without flask-tenant-jobs, configured like the bench app,
+    with :func:`plain_noop` as ``bench.jobs_app.plain_noop``."""
+    app = Celery("bench_jobs_plain", set_as_current=False)
+    app.conf.update(celery_config(broker_url))
+    app.task(name="bench.jobs_app.plain_noop")(plain_noop)
+    return app
+
+
+#: The baseline's app of ``celery -A bench.jobs_app:plain worker``.
+plain = plain_app()
 
 
 #: The signing key of the bench's signing rows.
@@ -50,18 +74,12 @@ def create_app(
     ``signing``: tenant headers signed (``TENANT_JOBS_SIGNING_KEY``); ``fair``: fair
     dispatch on (``TENANT_JOBS_FAIR_DISPATCH``, Redis broker), which limits need."""
     app = Flask(__name__)
-    broker = broker_url or os.environ.get("BENCH_BROKER_URL", "memory://")
     app.config.update(
         CORE_SETTINGS,
         SERVER_NAME="example.test",
         SQLALCHEMY_DATABASE_URI="sqlite://",
         TENANT_JOBS_TENANTS=[tenant_name(i) for i in range(tenants)],
-        CELERY={
-            "broker_url": broker,
-            "result_backend": broker.replace("memory://", "cache+memory://"),
-            "task_ignore_result": False,
-            "worker_prefetch_multiplier": 16,
-        },
+        CELERY=celery_config(broker_url),
     )
     if signing:
         app.config["TENANT_JOBS_SIGNING_KEY"] = SIGNING_KEY
