@@ -3,7 +3,9 @@
 * Throughput: two solo worker subprocesses, ``flask tenant-jobs worker`` of the bench
   app and ``celery worker`` of the plain app, each on its own queue, drain batches of
   no-op tasks, tenant and plain batches interleaved; the time from the first publish
-  to the last result is compared (throughput target >= 0.90x, i.e. time <= 1.11x).
+  to the last result is compared (throughput target >= 0.90x, i.e. time <= 1.11x),
+  and, on Linux, the CPU time each worker used per task (steadier than the wall clock
+  on a shared machine: the ticks a process used, not what others did meanwhile).
 * Publish cost: ``apply_async`` of a tenant task vs a plain app's task to Redis.
 * Worker-side overhead: Celery's tracer (what a worker runs per message) for a
   tenant task vs a plain task of a plain Celery app, in-process, in µs (target
@@ -34,6 +36,8 @@ BATCH = int(os.environ.get("BENCH_TASKS", "2000"))
 ROOT = Path(__file__).resolve().parent.parent
 THROUGHPUT_TARGET = 1 / 0.90
 OVERHEAD_TARGET_US = 50.0
+#: Whether the worker's CPU time can be read (Linux ``/proc``).
+PROC = Path("/proc/self/stat").exists()
 
 
 def _tracer_rows() -> list[Row]:
@@ -123,6 +127,11 @@ class _Worker:
             start_new_session=True,
         )
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the worker has used so far, from ``/proc``."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         os.killpg(self.process.pid, signal.SIGTERM)
         try:
@@ -144,27 +153,41 @@ def _redis_rows() -> list[Row]:
         connection.default_channel.client.flushdb()
     tenant_noop = celery_app.tasks["bench.jobs_app.tenant_noop"]
     plain_noop = jobs_app.plain_app(REDIS_URL).tasks["bench.jobs_app.plain_noop"]
-    workers = [_Worker(TENANT_WORKER, "bench"), _Worker(PLAIN_WORKER, "bench-plain")]
+    tenant_worker, plain_worker = _Worker(TENANT_WORKER, "bench"), _Worker(PLAIN_WORKER,
+                                                                          "bench-plain")
+    workers = [tenant_worker, plain_worker]
     rows = []
     try:
         with app.app_context(), tenant_jobs.switch(jobs_app.tenant_name(42)):
             for task, queue in ((plain_noop, "bench-plain"), (tenant_noop, "bench")):
                 task.apply_async(queue=queue).get(timeout=60)  # its worker is up
+            cpu: dict[str, list[float]] = {"bench": [], "bench-plain": []}
 
-            def drain(task: t.Any, queue: str) -> t.Callable[[], object]:
+            def drain(task: t.Any, queue: str, worker: _Worker) -> t.Callable[[], object]:
                 def run() -> object:
+                    before = worker.cpu_seconds() if PROC else 0.0
                     with task.app.producer_or_acquire() as producer:
                         for _ in range(BATCH):
                             task.apply_async(queue=queue, ignore_result=True,
                                              producer=producer)
-                    return task.apply_async(queue=queue).get(timeout=120)
+                    result = task.apply_async(queue=queue).get(timeout=120)
+                    if PROC:
+                        cpu[queue].append(worker.cpu_seconds() - before)
+                    return result
 
                 return run
 
             timed = compare(f"throughput: {BATCH:,} no-op tasks through one worker",
-                            drain(plain_noop, "bench-plain"), drain(tenant_noop, "bench"),
+                            drain(plain_noop, "bench-plain", plain_worker),
+                            drain(tenant_noop, "bench", tenant_worker),
                             number=1, repeat=7, target=THROUGHPUT_TARGET)
             rows.append(_per_task(timed, BATCH + 1))
+            if PROC:
+                plain_cpu, tenant_cpu = (min(cpu[q]) / (BATCH + 1) * 1e6
+                                         for q in ("bench-plain", "bench"))
+                rows.append(Row(f"worker CPU per task (solo, user + system, best of 7 "
+                                f"batches): {tenant_cpu - plain_cpu:+.0f} µs",
+                                plain_cpu, tenant_cpu, tenant_cpu / plain_cpu, None))
 
             def publish(task: t.Any) -> t.Callable[[], object]:
                 def run() -> object:
