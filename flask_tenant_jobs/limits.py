@@ -15,10 +15,12 @@ double release frees nothing else.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import typing as t
 from dataclasses import dataclass
 
+import redis
 from celery.utils.time import rate
 
 from .errors import ConfigurationError
@@ -119,6 +121,7 @@ class Leases:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
+        self._outboxes: dict[tuple[int, int], _Outbox] = {}
         self.ttl = 60.0
 
     def hold(self, lease: str, redis_client: t.Any, root: str, ttl: float) -> None:
@@ -135,29 +138,35 @@ class Leases:
     def release(self, lease: str) -> bool:
         """Free the slot of ``lease`` if it is still live (fenced); wake held-back work.
 
-        With Redis unreachable, the lease is no longer renewed and expires instead."""
-        import redis  # leases exist only with fair dispatch, which needs Redis
-
-        from .fair import scripts
-        from .fair.transport import script
-
+        The release is sent before this returns, but its answer is not waited for (one
+        round trip less per task): :meth:`settle` reads the answers. ``False``: this
+        process does not hold ``lease`` (released already). With Redis unreachable, the
+        lease is no longer renewed and expires instead."""
         with self._lock:
             found = self._held.pop(lease, None)
         if found is None:
             return False
+        from .fair import scripts  # leases exist only with fair dispatch
+
         redis_client, root = found
         limit, token, doorbell = lease.split("\r")
-        try:
-            released = script(scripts.RELEASE)(
-                keys=[root], args=[scripts.ROOT, limit, token, doorbell], client=redis_client
-            )
-        except (redis.ConnectionError, redis.TimeoutError):
-            _log.warning(
-                "could not release a slot of %r (Redis unreachable): it comes back when its "
-                "lease expires, within TENANT_JOBS_SLOT_TTL (%g s)", limit, self.ttl
-            )
-            return False
-        return bool(released)
+        self._outbox(redis_client).send((root, scripts.ROOT, limit, token, doorbell), self.ttl)
+        return True
+
+    def settle(self) -> list[bool]:
+        """Wait for the answers of the releases this process sent: whether each freed a
+        slot (``False``: its lease had expired and the slot was gone already)."""
+        with self._lock:
+            outboxes = [box for (pid, _), box in self._outboxes.items() if pid == os.getpid()]
+        return [answer for box in outboxes for answer in box.answers(self.ttl)]
+
+    def _outbox(self, redis_client: t.Any) -> _Outbox:
+        key = (os.getpid(), id(redis_client))
+        with self._lock:
+            box = self._outboxes.get(key)
+            if box is None:
+                box = self._outboxes[key] = _Outbox(redis_client)
+            return box
 
     def held(self) -> list[str]:
         """The leases this process holds now."""
@@ -183,5 +192,83 @@ class Leases:
                                  exc_info=True)  # fmt: skip
 
 
+class _Outbox:
+    """Releases through one Redis client, sent on a connection of their own without
+    waiting for each answer; the answers that have come are read at the next release."""
+
+    def __init__(self, redis_client: t.Any) -> None:
+        self._client = redis_client
+        self._connection: t.Any = None
+        self._unanswered: list[tuple[str, ...]] = []
+        self._lock = threading.Lock()
+
+    def send(self, keys_and_args: tuple[str, ...], ttl: float) -> None:
+        """Send one ``RELEASE`` (key: the namespace root; then its arguments)."""
+        with self._lock:
+            self._read_answers(ttl, wait=len(self._unanswered) >= _MOST_UNANSWERED)
+            try:
+                if self._connection is None:
+                    self._connection = self._client.connection_pool.make_connection()
+                self._connection.send_command("EVALSHA", _release_script().sha, 1, *keys_and_args)
+            except (redis.ConnectionError, redis.TimeoutError):
+                self._lost([*self._unanswered, keys_and_args], ttl)
+            else:
+                self._unanswered.append(keys_and_args)
+
+    def answers(self, ttl: float) -> list[bool]:
+        """Wait for the answers of the releases sent and not read yet, in order."""
+        with self._lock:
+            return self._read_answers(ttl, wait=True)
+
+    def _read_answers(self, ttl: float, *, wait: bool) -> list[bool]:
+        """The answers read (all of them, or, without ``wait``, those that have come)."""
+        found = []
+        while self._unanswered:
+            try:
+                if not wait and not self._connection.can_read(0):
+                    break
+                found.append(self._next_answer(self._unanswered[0]))
+            except (redis.ConnectionError, redis.TimeoutError):
+                self._lost(self._unanswered, ttl)  # this one and those after it: unknown
+                break
+            del self._unanswered[0]
+        return found
+
+    def _next_answer(self, keys_and_args: tuple[str, ...]) -> bool:
+        try:
+            return bool(self._connection.read_response())
+        except redis.exceptions.NoScriptError:  # Redis lost its scripts: send it again
+            return bool(
+                _release_script()(
+                    keys=keys_and_args[:1], args=keys_and_args[1:], client=self._client
+                )
+            )
+        except redis.ResponseError:  # not expected of the script: say so, carry on
+            _log.exception("the release of a slot of %r failed", keys_and_args[2])
+            return False
+
+    def _lost(self, releases: list[tuple[str, ...]], ttl: float) -> None:
+        if self._connection is not None:
+            self._connection.disconnect()
+        self._connection = None
+        self._unanswered = []
+        for keys_and_args in releases:
+            _log.warning(
+                "could not release a slot of %r (Redis unreachable): it comes back when its "
+                "lease expires, within TENANT_JOBS_SLOT_TTL (%g s)",
+                keys_and_args[2],
+                ttl,
+            )
+
+
+def _release_script() -> t.Any:
+    from .fair import scripts
+    from .fair.transport import script
+
+    return script(scripts.RELEASE)
+
+
+#: Releases sent whose answers have not come: past this, the next release waits for them.
+_MOST_UNANSWERED = 64
 #: The leases of this process.
 LEASES = Leases()

@@ -472,6 +472,7 @@ def test_release_is_fenced_and_idempotent_and_a_hold_fires_the_signal(fair: Fair
             LEASES.hold(lease, client, root, 60.0)
             assert LEASES.release(lease) is True
             assert LEASES.release(lease) is False  # the second release frees nothing
+            assert LEASES.settle() == [True]  # Redis freed the slot once
             second = pick(0.5)  # the released slot rang the doorbell again
             assert second is not None
             time.sleep(0.6)  # the second lease expires unreleased...
@@ -480,11 +481,41 @@ def test_release_is_fenced_and_idempotent_and_a_hold_fires_the_signal(fair: Fair
             channel._maybe_tick()
             third = pick(60.0)  # ...and the slot went to the third task
             assert third is not None
-            assert LEASES.release(second["headers"][LEASE_HEADER]) is False  # late: fenced
+            assert LEASES.release(second["headers"][LEASE_HEADER]) is True  # sent...
+            assert LEASES.settle() == [False]  # ...late: fenced, it freed nothing
             live = fair.redis.zrange(f"{root}:lease:billing-api\nacme", 0, -1)
             assert live == [third["headers"][LEASE_HEADER].split("\r")[1].encode()]
     finally:
         signals.task_held_back.disconnect(on_held)
+
+
+@pytest.mark.redis
+def test_a_message_the_worker_rejects_frees_its_slot_at_once(fair: Fair) -> None:
+    """kombu requeues a message taken for a queue whose consumer was cancelled meanwhile
+    ("no consumers"), and a worker rejects a message it will not run: neither keeps its
+    slot until the lease expires, and the requeued one is not lost."""
+    for i in range(2):
+        fair.send(fair_app.billing_a, "acme", f"a{i}")
+    leases = f"{scripts.ROOT}:lease:billing-api\nacme"
+    with fair.celery.connection_for_read() as connection:
+        channel = connection.default_channel
+
+        def labels_of(raw: dict[str, t.Any]) -> str:
+            return t.cast(str, raw["headers"]["argsrepr"].split("'")[1])
+
+        first = channel._get(fair.queue)
+        assert fair.redis.zcard(leases) == 1
+        connection.transport._reject_inbound_message(first)  # what "no consumers" does
+        assert fair.redis.zcard(leases) == 0
+        second = channel._get(fair.queue)  # the slot is free at once; a0 went to the end
+        assert (labels_of(first), labels_of(second)) == ("a0", "a1")
+        message = channel.Message(second, channel=channel)
+        channel.qos.append(message, message.delivery_tag)
+        channel.basic_reject(message.delivery_tag, requeue=False)
+        assert fair.redis.zcard(leases) == 0
+        assert labels_of(channel._get(fair.queue)) == "a0"
+        with pytest.raises(Empty):
+            channel._get(fair.queue)
 
 
 @pytest.mark.redis
@@ -627,6 +658,7 @@ def test_kombus_global_keyprefix_prefixes_every_key(
             channel._get(setup.queue)
         LEASES.hold(lease, setup.redis, f"pfx:{scripts.ROOT}", 60.0)
         assert LEASES.release(lease) is True
+        assert LEASES.settle() == [True]
         assert channel._get(setup.queue)["headers"]["tenant_for_job"] == "acme"
 
 

@@ -58,7 +58,15 @@ class HeldBack(t.NamedTuple):
 
 
 class FairQoS(_RedisQoS):  # type: ignore[misc]
-    """kombu's Redis acks; what a closing channel gives back frees its slots too."""
+    """kombu's Redis acks; what a closing channel gives back, and what this worker
+    rejects, frees its slots too."""
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        """A message rejected here does not run here (again): free its slot now, not when
+        its lease expires. Its task may have freed it already: that second release is
+        fenced and frees nothing."""
+        self.channel.release_lease(self._delivered.get(delivery_tag))
+        super().reject(delivery_tag, requeue)
 
     def restore_unacked(self, client: t.Any = None) -> None:
         """Give back the messages delivered and not acked when the channel closes (a warm
@@ -128,11 +136,8 @@ class FairChannel(_RedisChannel):  # type: ignore[misc]
             )
         headers = payload.get("headers") or {}
         lease = headers.pop(LEASE_HEADER, None)
-        if self.releasing and isinstance(lease, str) and lease.count("\r") == 2:
-            limit, token, doorbell = lease.split("\r")
-            self._script(scripts.RELEASE)(
-                keys=[self._root], args=[scripts.ROOT, limit, token, doorbell], client=pipe
-            )
+        if self.releasing:
+            self._release(lease, pipe)
         headers["redelivered"] = True
         payload.setdefault("properties", {}).setdefault("delivery_info", {})["redelivered"] = True
         pri = self._get_message_priority(payload, reverse=False)
@@ -333,6 +338,21 @@ class FairChannel(_RedisChannel):  # type: ignore[misc]
                     renew_leases(client, self._root, leases, self.slot_ttl)
             except Exception:  # Redis away for a moment: the next round tries again
                 _log.warning("could not renew %d lease(s)", len(leases), exc_info=True)
+
+    def release_lease(self, message: t.Any) -> None:
+        """Free the slot that a delivered message (a kombu ``Message``) took, if any."""
+        headers = getattr(message, "headers", None)
+        if isinstance(headers, dict) and LEASE_HEADER in headers:
+            with self.conn_or_acquire() as client:
+                self._release(headers[LEASE_HEADER], client)
+
+    def _release(self, lease: object, client: t.Any) -> None:
+        """Run ``RELEASE`` for a well-formed lease (on a client or a pipeline)."""
+        if isinstance(lease, str) and lease.count("\r") == 2:
+            limit, token, doorbell = lease.split("\r")
+            self._script(scripts.RELEASE)(
+                keys=[self._root], args=[scripts.ROOT, limit, token, doorbell], client=client
+            )
 
     def _unacked_leases(self) -> list[str]:
         """The leases of the messages delivered to this channel and not acked yet
