@@ -62,7 +62,7 @@ CONCURRENCY = 4
 REPEAT = 4
 LIMIT_BATCH = int(os.environ.get("BENCH_LIMIT_TASKS", "300"))
 #: Batches per side of the limit-overhead rows (short batches, many: the best counts).
-LIMIT_REPEAT = 8
+LIMIT_REPEAT = 16
 #: The limit-holds run: tenants, tasks per tenant, seconds per task.
 HOLD_TENANTS, HOLD_TASKS, HOLD_SECONDS = 4, 24, 0.05
 P95_TARGET = 2.0
