@@ -209,7 +209,9 @@ class _Outbox:
             try:
                 if self._connection is None:
                     self._connection = self._client.connection_pool.make_connection()
-                self._connection.send_command("EVALSHA", _release_script().sha, 1, *keys_and_args)
+                # EVAL, not EVALSHA: a NOSCRIPT answer (Redis restarted, SCRIPT FLUSH) would be
+                # read at the next release only, and the slot stay taken until then
+                self._connection.send_command("EVAL", _release_script().script, 1, *keys_and_args)
             except (redis.ConnectionError, redis.TimeoutError):
                 self._lost([*self._unanswered, keys_and_args], ttl)
             else:
@@ -225,7 +227,9 @@ class _Outbox:
         found = []
         while self._unanswered:
             try:
-                if not wait and not self._connection.can_read(0):
+                if not self._connection.can_read(_ANSWER_WAIT if wait else 0):
+                    if wait:  # no answer in time: give these up (their leases expire)
+                        raise redis.TimeoutError("no answer to a release")
                     break
                 found.append(self._next_answer(self._unanswered[0]))
             except (redis.ConnectionError, redis.TimeoutError):
@@ -237,12 +241,6 @@ class _Outbox:
     def _next_answer(self, keys_and_args: tuple[str, ...]) -> bool:
         try:
             return bool(self._connection.read_response())
-        except redis.exceptions.NoScriptError:  # Redis lost its scripts: send it again
-            return bool(
-                _release_script()(
-                    keys=keys_and_args[:1], args=keys_and_args[1:], client=self._client
-                )
-            )
         except redis.ResponseError:  # not expected of the script: say so, carry on
             _log.exception("the release of a slot of %r failed", keys_and_args[2])
             return False
@@ -270,5 +268,7 @@ def _release_script() -> t.Any:
 
 #: Releases sent whose answers have not come: past this, the next release waits for them.
 _MOST_UNANSWERED = 64
+#: Seconds to wait for the answer to a release before giving it up (its lease expires).
+_ANSWER_WAIT = 10.0
 #: The leases of this process.
 LEASES = Leases()

@@ -318,7 +318,9 @@ def test_a_redis_restart_loses_no_task_that_redis_kept(
 ) -> None:
     """Redis is killed mid-run and started again on its append-only file: the worker
     reconnects (its scripts are gone: loaded again), every task runs, each in its tenant,
-    and the capped task's slots come back; a task whose ack was lost may run twice."""
+    and the capped task's slots come back; a task whose ack was lost may run twice. The
+    one exception is a message whose take was in flight when Redis died: Redis had
+    popped it, its reply was lost (as with kombu's own ``BRPOP``), so at most one."""
     server = RedisServer(tmp_path / "redis")
     server.start()
     log_url = redis_db_url(redis_url, FAIR_DB)
@@ -339,11 +341,16 @@ def test_a_redis_restart_loses_no_task_that_redis_kept(
         for i in range(40, 50):
             labels.append(f"{fair_app.TENANTS[i % 3]}-{i}")
             setup.send(fair_app.record, fair_app.TENANTS[i % 3], labels[-1])
-        wait_until(lambda: {line["label"] for line in setup.finished()} >= set(labels),
-                   3 * TIMEOUT, "every task finished after the restart",
+        def missing() -> set[str]:
+            return set(labels) - {line["label"] for line in setup.finished()}
+
+        wait_until(lambda: len(missing()) <= 1, 3 * TIMEOUT,
+                   "every task (but the one a lost take reply held) finished after the restart",
                    setup.details)  # fmt: skip
+        time.sleep(fair_app.VISIBILITY_TIMEOUT + 3 + 1)  # any redelivery has run by now
+        assert len(missing()) <= 1, missing()
         done = setup.finished()
-        assert {line["label"] for line in done} == set(labels)
+        assert {line["label"] for line in done} <= set(labels)
         assert all(line["label"].startswith(line["tenant"] + "-") for line in done)
         log = setup.workers[0].log(tail=400_000)
         assert "Connection to broker lost" in log and "could not release a slot" in log
@@ -516,6 +523,27 @@ def test_a_message_the_worker_rejects_frees_its_slot_at_once(fair: Fair) -> None
         assert labels_of(channel._get(fair.queue)) == "a0"
         with pytest.raises(Empty):
             channel._get(fair.queue)
+
+
+@pytest.mark.redis
+def test_a_channel_closed_after_its_connection_was_collected_keeps_its_unacked(
+    fair: Fair,
+) -> None:
+    """Celery collects a lost connection before it closes the channel: the channel then
+    has no client to give its unacked messages back with. They stay in Redis's unacked
+    set (for the visibility timeout to bring back) instead of the worker stopping."""
+    fair.send(fair_app.record, "acme", "a0")
+    with fair.celery.connection_for_read() as connection:
+        channel = connection.default_channel
+        message = channel.Message(channel._get(fair.queue), channel=channel)
+        channel.qos.append(message, message.delivery_tag)
+        transport_client, channel.connection.client = channel.connection.client, None
+        try:
+            channel._disconnect_pools()
+            channel.qos.restore_unacked()  # kombu would raise AttributeError here
+        finally:
+            channel.connection.client = transport_client
+        assert fair.redis.hexists(channel.unacked_key, message.delivery_tag)
 
 
 @pytest.mark.redis

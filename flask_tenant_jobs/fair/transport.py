@@ -65,12 +65,22 @@ class FairQoS(_RedisQoS):  # type: ignore[misc]
         """A message rejected here does not run here (again): free its slot now, not when
         its lease expires. Its task may have freed it already: that second release is
         fenced and frees nothing."""
-        self.channel.release_lease(self._delivered.get(delivery_tag))
+        message = self._delivered.get(delivery_tag)
         super().reject(delivery_tag, requeue)
+        self.channel.release_lease(message)
 
     def restore_unacked(self, client: t.Any = None) -> None:
         """Give back the messages delivered and not acked when the channel closes (a warm
         shutdown): none of them runs here, so the slots they took are freed at once."""
+        if client is None and getattr(self.channel.connection, "client", None) is None:
+            # Celery collects a lost connection before it closes the channel: kombu would
+            # fail to make a client (and the worker stop); the messages stay in Redis's
+            # unacked set, and come back after the visibility timeout.
+            _log.warning(
+                "the broker connection was lost: %d unacked message(s) come back after the "
+                "visibility timeout", len(self._delivered)
+            )
+            return
         self.channel.releasing = True
         try:
             super().restore_unacked(client)
@@ -340,11 +350,20 @@ class FairChannel(_RedisChannel):  # type: ignore[misc]
                 _log.warning("could not renew %d lease(s)", len(leases), exc_info=True)
 
     def release_lease(self, message: t.Any) -> None:
-        """Free the slot that a delivered message (a kombu ``Message``) took, if any."""
+        """Free the slot that a delivered message (a kombu ``Message``) took, if any; with
+        Redis unreachable, the lease expires instead."""
         headers = getattr(message, "headers", None)
-        if isinstance(headers, dict) and LEASE_HEADER in headers:
+        if not isinstance(headers, dict) or LEASE_HEADER not in headers:
+            return
+        try:
             with self.conn_or_acquire() as client:
                 self._release(headers[LEASE_HEADER], client)
+        except self.connection_errors:
+            _log.warning(
+                "could not release the slot of a rejected message (Redis unreachable): it "
+                "comes back when its lease expires, within TENANT_JOBS_SLOT_TTL (%g s)",
+                self.slot_ttl,
+            )
 
     def _release(self, lease: object, client: t.Any) -> None:
         """Run ``RELEASE`` for a well-formed lease (on a client or a pipeline)."""
