@@ -20,10 +20,12 @@ import threading
 import typing as t
 from dataclasses import dataclass
 
-import redis
 from celery.utils.time import rate
 
 from .errors import ConfigurationError
+
+if t.TYPE_CHECKING:
+    from .fair.outbox import ReleaseOutbox
 
 _log = logging.getLogger(__name__)
 #: The message header naming a task's limit (see :attr:`Limit.header`).
@@ -121,7 +123,7 @@ class Leases:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
-        self._outboxes: dict[tuple[int, int], _Outbox] = {}
+        self._outboxes: dict[tuple[int, int], ReleaseOutbox] = {}
         self.ttl = 60.0
 
     def hold(self, lease: str, redis_client: t.Any, root: str, ttl: float) -> None:
@@ -160,12 +162,14 @@ class Leases:
             outboxes = [box for (pid, _), box in self._outboxes.items() if pid == os.getpid()]
         return [answer for box in outboxes for answer in box.answers(self.ttl)]
 
-    def _outbox(self, redis_client: t.Any) -> _Outbox:
+    def _outbox(self, redis_client: t.Any) -> ReleaseOutbox:
+        from .fair.outbox import ReleaseOutbox
+
         key = (os.getpid(), id(redis_client))
         with self._lock:
             box = self._outboxes.get(key)
             if box is None:
-                box = self._outboxes[key] = _Outbox(redis_client)
+                box = self._outboxes[key] = ReleaseOutbox(redis_client)
             return box
 
     def held(self) -> list[str]:
@@ -192,83 +196,5 @@ class Leases:
                                  exc_info=True)  # fmt: skip
 
 
-class _Outbox:
-    """Releases through one Redis client, sent on a connection of their own without
-    waiting for each answer; the answers that have come are read at the next release."""
-
-    def __init__(self, redis_client: t.Any) -> None:
-        self._client = redis_client
-        self._connection: t.Any = None
-        self._unanswered: list[tuple[str, ...]] = []
-        self._lock = threading.Lock()
-
-    def send(self, keys_and_args: tuple[str, ...], ttl: float) -> None:
-        """Send one ``RELEASE`` (key: the namespace root; then its arguments)."""
-        with self._lock:
-            self._read_answers(ttl, wait=len(self._unanswered) >= _MOST_UNANSWERED)
-            try:
-                if self._connection is None:
-                    self._connection = self._client.connection_pool.make_connection()
-                # EVAL, not EVALSHA: a NOSCRIPT answer (Redis restarted, SCRIPT FLUSH) would be
-                # read at the next release only, and the slot stay taken until then
-                self._connection.send_command("EVAL", _release_script().script, 1, *keys_and_args)
-            except (redis.ConnectionError, redis.TimeoutError):
-                self._lost([*self._unanswered, keys_and_args], ttl)
-            else:
-                self._unanswered.append(keys_and_args)
-
-    def answers(self, ttl: float) -> list[bool]:
-        """Wait for the answers of the releases sent and not read yet, in order."""
-        with self._lock:
-            return self._read_answers(ttl, wait=True)
-
-    def _read_answers(self, ttl: float, *, wait: bool) -> list[bool]:
-        """The answers read (all of them, or, without ``wait``, those that have come)."""
-        found = []
-        while self._unanswered:
-            try:
-                if not self._connection.can_read(_ANSWER_WAIT if wait else 0):
-                    if wait:  # no answer in time: give these up (their leases expire)
-                        raise redis.TimeoutError("no answer to a release")
-                    break
-                found.append(self._next_answer(self._unanswered[0]))
-            except (redis.ConnectionError, redis.TimeoutError):
-                self._lost(self._unanswered, ttl)  # this one and those after it: unknown
-                break
-            del self._unanswered[0]
-        return found
-
-    def _next_answer(self, keys_and_args: tuple[str, ...]) -> bool:
-        try:
-            return bool(self._connection.read_response())
-        except redis.ResponseError:  # not expected of the script: say so, carry on
-            _log.exception("the release of a slot of %r failed", keys_and_args[2])
-            return False
-
-    def _lost(self, releases: list[tuple[str, ...]], ttl: float) -> None:
-        if self._connection is not None:
-            self._connection.disconnect()
-        self._connection = None
-        self._unanswered = []
-        for keys_and_args in releases:
-            _log.warning(
-                "could not release a slot of %r (Redis unreachable): it comes back when its "
-                "lease expires, within TENANT_JOBS_SLOT_TTL (%g s)",
-                keys_and_args[2],
-                ttl,
-            )
-
-
-def _release_script() -> t.Any:
-    from .fair import scripts
-    from .fair.transport import script
-
-    return script(scripts.RELEASE)
-
-
-#: Releases sent whose answers have not come: past this, the next release waits for them.
-_MOST_UNANSWERED = 64
-#: Seconds to wait for the answer to a release before giving it up (its lease expires).
-_ANSWER_WAIT = 10.0
 #: The leases of this process.
 LEASES = Leases()
