@@ -65,13 +65,24 @@ def test_demo_postgres(postgres_url: str, tmp_path: Path) -> None:
     check_demo(postgres_url, tmp_path)
 
 
-def test_demo_command(tmp_path: Path) -> None:
-    """``python -m example_app demo`` with its defaults (SQLite, the embedded broker)."""
+#: Runs ``python -m example_app`` as if the Redis client were not installed, as after
+#: the README's ``pip install -e .`` (no extras).
+WITHOUT_REDIS = (
+    "import runpy, sys; sys.modules['redis'] = None; sys.argv[0] = 'example_app'; "
+    "runpy.run_module('example_app', run_name='__main__', alter_sys=True)"
+)
+
+
+@pytest.mark.parametrize("redis_client", ["installed", "not installed"])
+def test_demo_command(tmp_path: Path, redis_client: str) -> None:
+    """``python -m example_app demo`` with its defaults (SQLite, the embedded broker),
+    also without the Redis client, which the README's plain install does not bring."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLASK_", "CELERY_"))}
     env.pop("DATABASE_URL", None)
     env.pop("TENANT_JOBS_STRATEGY", None)
+    start = ["-m", "example_app"] if redis_client == "installed" else ["-c", WITHOUT_REDIS]
     done = subprocess.run(
-        [sys.executable, "-m", "example_app", "demo", "--instance", str(tmp_path)],
+        [sys.executable, *start, "demo", "--instance", str(tmp_path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
