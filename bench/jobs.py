@@ -173,8 +173,8 @@ def _redis_rows() -> list[Row]:
         connection.default_channel.client.flushdb()
     tenant_noop = celery_app.tasks["bench.jobs_app.tenant_noop"]
     plain_noop = jobs_app.plain_app(REDIS_URL).tasks["bench.jobs_app.plain_noop"]
-    tenant_worker, plain_worker = _Worker(TENANT_WORKER, "bench"), _Worker(PLAIN_WORKER,
-                                                                          "bench-plain")
+    tenant_worker = _Worker(TENANT_WORKER, "bench")
+    plain_worker = _Worker(PLAIN_WORKER, "bench-plain")
     workers = [tenant_worker, plain_worker]
     rows = []
     try:

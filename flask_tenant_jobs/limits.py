@@ -148,11 +148,8 @@ class Leases:
             found = self._held.pop(lease, None)
         if found is None:
             return False
-        from .fair import scripts  # leases exist only with fair dispatch
-
         redis_client, root = found
-        limit, token, doorbell = lease.split("\r")
-        self._outbox(redis_client).send((root, scripts.ROOT, limit, token, doorbell), self.ttl)
+        self._outbox(redis_client).send(root, lease, self.ttl)
         return True
 
     def settle(self) -> list[bool]:
@@ -163,7 +160,7 @@ class Leases:
         return [answer for box in outboxes for answer in box.answers(self.ttl)]
 
     def _outbox(self, redis_client: t.Any) -> ReleaseOutbox:
-        from .fair.outbox import ReleaseOutbox
+        from .fair.outbox import ReleaseOutbox  # leases exist only with fair dispatch
 
         key = (os.getpid(), id(redis_client))
         with self._lock:

@@ -15,7 +15,7 @@ import typing as t
 import redis
 
 from . import scripts
-from .transport import script
+from .transport import release_args, script
 
 _log = logging.getLogger(__name__)
 #: Releases sent whose answers have not come: past this, the next release waits for them.
@@ -31,11 +31,12 @@ class ReleaseOutbox:
     def __init__(self, redis_client: t.Any) -> None:
         self._client = redis_client
         self._connection: t.Any = None
-        self._unanswered: list[tuple[str, ...]] = []
+        #: ``(root, lease)`` of each release sent whose answer has not been read.
+        self._unanswered: list[tuple[str, str]] = []
         self._lock = threading.Lock()
 
-    def send(self, keys_and_args: tuple[str, ...], ttl: float) -> None:
-        """Send one ``RELEASE`` (key: the namespace root; then its arguments)."""
+    def send(self, root: str, lease: str, ttl: float) -> None:
+        """Send ``RELEASE`` of ``lease`` under the namespace key ``root``."""
         with self._lock:
             self._read_answers(ttl, wait=len(self._unanswered) >= _MOST_UNANSWERED)
             try:
@@ -43,11 +44,13 @@ class ReleaseOutbox:
                     self._connection = self._client.connection_pool.make_connection()
                 # EVAL, not EVALSHA: a NOSCRIPT answer (Redis restarted, SCRIPT FLUSH) would be
                 # read at the next release only, and the slot stay taken until then
-                self._connection.send_command("EVAL", _release_script().script, 1, *keys_and_args)
+                self._connection.send_command(
+                    "EVAL", script(scripts.RELEASE).script, 1, root, *release_args(lease)
+                )
             except (redis.ConnectionError, redis.TimeoutError):
-                self._lost([*self._unanswered, keys_and_args], ttl)
+                self._lost([*self._unanswered, (root, lease)], ttl)
             else:
-                self._unanswered.append(keys_and_args)
+                self._unanswered.append((root, lease))
 
     def answers(self, ttl: float) -> list[bool]:
         """Wait for the answers of the releases sent and not read yet, in order."""
@@ -63,33 +66,34 @@ class ReleaseOutbox:
                     if wait:  # no answer in time: give these up (their leases expire)
                         raise redis.TimeoutError("no answer to a release")
                     break
-                found.append(self._next_answer(self._unanswered[0]))
+                found.append(self._next_answer(self._unanswered[0][1]))
             except (redis.ConnectionError, redis.TimeoutError):
                 self._lost(self._unanswered, ttl)  # this one and those after it: unknown
                 break
             del self._unanswered[0]
         return found
 
-    def _next_answer(self, keys_and_args: tuple[str, ...]) -> bool:
+    def _next_answer(self, lease: str) -> bool:
         try:
             return bool(self._connection.read_response())
         except redis.ResponseError:  # not expected of the script: say so, carry on
-            _log.exception("the release of a slot of %r failed", keys_and_args[2])
+            _log.exception("the release of a slot of %r failed", _limit_of(lease))
             return False
 
-    def _lost(self, releases: list[tuple[str, ...]], ttl: float) -> None:
+    def _lost(self, releases: list[tuple[str, str]], ttl: float) -> None:
         if self._connection is not None:
             self._connection.disconnect()
         self._connection = None
         self._unanswered = []
-        for keys_and_args in releases:
+        for _, lease in releases:
             _log.warning(
                 "could not release a slot of %r (Redis unreachable): it comes back when its "
                 "lease expires, within TENANT_JOBS_SLOT_TTL (%g s)",
-                keys_and_args[2],
+                _limit_of(lease),
                 ttl,
             )
 
 
-def _release_script() -> t.Any:
-    return script(scripts.RELEASE)
+def _limit_of(lease: str) -> str:
+    """The limit (``group\ntenant``) a lease counts against."""
+    return lease.split("\r", 1)[0]

@@ -23,7 +23,7 @@ from ..limits import LEASES
 from ..sending import FAIR_TRANSPORT
 from ..settings import Settings
 from . import scripts
-from .transport import LEASE_HEADER, FairChannel, HeldBack, script
+from .transport import LEASE_HEADER, FairChannel, HeldBack, is_lease, script
 
 TRANSPORT = FAIR_TRANSPORT
 REDIS_SCHEMES = ("redis", "rediss")
@@ -115,7 +115,7 @@ def _lease_of(task: Task | None) -> str | None:
     if lease is None:
         headers = getattr(request, "headers", None)
         lease = headers.get(LEASE_HEADER) if isinstance(headers, dict) else None
-    return lease if isinstance(lease, str) and lease.count("\r") == 2 else None
+    return lease if is_lease(lease) else None
 
 
 def _lease_client(celery_app: Celery) -> tuple[redis.Redis, str]:

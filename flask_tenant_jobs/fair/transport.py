@@ -367,11 +367,9 @@ class FairChannel(_RedisChannel):  # type: ignore[misc]
 
     def _release(self, lease: object, client: t.Any) -> None:
         """Run ``RELEASE`` for a well-formed lease (on a client or a pipeline)."""
-        if isinstance(lease, str) and lease.count("\r") == 2:
-            limit, token, doorbell = lease.split("\r")
-            self._script(scripts.RELEASE)(
-                keys=[self._root], args=[scripts.ROOT, limit, token, doorbell], client=client
-            )
+        if is_lease(lease):
+            self._script(scripts.RELEASE)(keys=[self._root], args=release_args(lease),
+                                          client=client)  # fmt: skip
 
     def _unacked_leases(self) -> list[str]:
         """The leases of the messages delivered to this channel and not acked yet
@@ -425,6 +423,17 @@ def renew_leases(client: t.Any, root: str, leases: t.Iterable[str], ttl: float) 
             limit, token, _ = lease.split("\r")
             pipe.zadd(f"{root}:lease:{limit}", {token: expiry}, xx=True)
         pipe.execute()
+
+
+def is_lease(value: object) -> t.TypeGuard[str]:
+    """Whether a ``tenant_jobs_lease`` header is well-formed: ``limit\rtoken\rdoorbell``."""
+    return isinstance(value, str) and value.count("\r") == 2
+
+
+def release_args(lease: str) -> list[str]:
+    """The ``ARGV`` of ``RELEASE`` for a well-formed lease."""
+    limit, token, doorbell = lease.split("\r")
+    return [scripts.ROOT, limit, token, doorbell]
 
 
 def _is_limit(value: object) -> t.TypeGuard[str]:
