@@ -11,6 +11,7 @@ plus one shared base row each).
 
 from __future__ import annotations
 
+import gc
 import typing as t
 from contextlib import contextmanager
 
@@ -452,6 +453,58 @@ def test_an_insert_inside_a_cte_is_refused(tenant_jobs: TenantJobs, dialect: str
         assert len(db.session.execute(sa.select(moved.c.id)).all()) == 1
         db.session.commit()
     assert orders() == {**ORIGINAL, "g1": ("globex", "hacked")}
+
+
+
+
+@pytest.mark.postgres
+def test_an_insert_inside_a_cte_is_refused_before_the_mappers_are_configured(
+    database_url: str,
+) -> None:
+    """Such a statement configures no mapper: the tenant tables are known from the moment
+    each model class exists."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("only PostgreSQL runs DML inside a CTE")
+    fresh = SQLAlchemy()
+
+    class Unconfigured(TenantScoped, fresh.Model):  # type: ignore[name-defined, misc]
+        __tablename__ = "path_unconfigured"
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    app, tenant_jobs = make_app(fresh, database_url)
+    planted = sa.insert(Unconfigured).values(tenant_id="acme").returning(Unconfigured.id).cte()
+    with app.app_context(), tenant_jobs.switch("globex"):
+        assert not sa.inspect(Unconfigured).configured
+        with pytest.raises(TenantError, match="inside a CTE"):
+            fresh.session.execute(sa.select(planted.c.id))
+        fresh.session.remove()
+        fresh.engine.dispose()
+
+@pytest.mark.postgres
+def test_each_new_engine_refuses_an_insert_inside_a_cte(database_url: str) -> None:
+    """SQLAlchemy keys its event registry by ``id(engine)``, and an engine's listeners live
+    on its dialect: with the old dialect still referenced, a new engine at a freed one's
+    address looked hooked already and ran such INSERTs unchecked."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("only PostgreSQL runs DML inside a CTE")
+    planted = sa.insert(Order).values(label="p1", tenant_id="acme").returning(Order.id).cte()
+    dialects = []  # kept alive, as anything holding an engine's dialect would
+    addresses: set[int] = set()
+    reused = 0
+    for _ in range(100):  # or until three engines were made at a freed one's address
+        app, tenant_jobs = make_app(db, database_url)
+        with app.app_context(), tenant_jobs.switch("globex"):
+            reused += id(db.engine) in addresses
+            addresses.add(id(db.engine))
+            with pytest.raises(TenantError, match="inside a CTE"):
+                db.session.execute(sa.select(planted.c.id))
+            db.session.remove()
+            dialects.append(db.engine.dialect)
+            db.engine.dispose()
+        del app, tenant_jobs
+        gc.collect()
+        if reused == 3:
+            break
 
 
 # -- dml_strategy ----------------------------------------------------------------------------

@@ -30,7 +30,6 @@ from weakref import WeakKeyDictionary
 import sqlalchemy as sa
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import event
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, UOWTransaction
 from sqlalchemy.orm.state import InstanceState
 
@@ -52,6 +51,7 @@ from .criteria import (
     is_scoped_model,
     key_load,
 )
+from .hooks import listen_once
 from .offboarding import delete_tenant_rows
 from .statements import (
     check_rows,
@@ -217,10 +217,9 @@ class ColumnStrategy:
         factory = db.session.session_factory
         if not issubclass(factory.class_, TenantSession):
             factory.class_ = type(factory.class_.__name__, (TenantSession, factory.class_), {})
-        if not event.contains(db.session, "do_orm_execute", scope_orm_execute):
-            event.listen(db.session, "do_orm_execute", scope_orm_execute)
-            event.listen(db.session, "before_flush", check_flush)
-            event.listen(db.session, "transient_to_pending", note_tenant_added_in)
+        listen_once(db.session, "do_orm_execute", scope_orm_execute)
+        listen_once(db.session, "before_flush", check_flush)
+        listen_once(db.session, "transient_to_pending", note_tenant_added_in)
         with app.app_context():
             for engine in db.engines.values():
                 listen_to_executions(engine)
@@ -348,9 +347,8 @@ def listen_to_executions(engine: sa.Engine) -> None:
     Through the dialect's ``do_execute`` events, first in line: connection events
     (``before_cursor_execute``) would make every execution dispatch all of them.
     """
-    if not event.contains(engine, "do_execute", refuse_inserts_in_ctes):
-        for name in ("do_execute", "do_executemany", "do_execute_no_params"):
-            event.listen(engine, name, refuse_inserts_in_ctes, insert=True)
+    for name in ("do_execute", "do_executemany", "do_execute_no_params"):
+        listen_once(engine, name, refuse_inserts_in_ctes, insert=True)
 
 
 def refuse_inserts_in_ctes(cursor: t.Any, statement: str, *args: t.Any) -> None:

@@ -89,7 +89,7 @@ class _Registry:
         self.generation = 0
 
     def add(self, mapper: Mapper[t.Any]) -> None:
-        """Take note of a configured ``TenantScoped`` mapper."""
+        """Take note of a constructed ``TenantScoped`` mapper."""
         column = mapper.columns["tenant_id"]
         if isinstance(column.table, sa.Table):
             self.tenant_columns[column.table] = column
@@ -114,19 +114,24 @@ REGISTRY = _Registry()
 
 
 @event.listens_for(Mapper, "after_mapper_constructed")
-def _single_table_column_may_be_null(mapper: Mapper[t.Any], class_: type) -> None:
+def _note_mapper(mapper: Mapper[t.Any], class_: type) -> None:
+    """Take note of a scoped mapper as soon as it exists, not when mappers are configured:
+    a statement can reach its table first (an INSERT inside a CTE configures nothing)."""
+    if is_scoped_model(mapper.class_):
+        _single_table_column_may_be_null(mapper)
+        REGISTRY.add(mapper)
+
+
+def _single_table_column_may_be_null(mapper: Mapper[t.Any]) -> None:
     """A scoped subclass sharing the table of an unscoped base: the base's rows have no tenant."""
     parent = mapper.inherits
-    scoped = is_scoped_model(mapper.class_)
-    if scoped and mapper.single and parent is not None and not is_scoped_model(parent.class_):
+    if mapper.single and parent is not None and not is_scoped_model(parent.class_):
         mapper.columns["tenant_id"].nullable = True
 
 
 @event.listens_for(Mapper, "mapper_configured")
-def _note_mapper(mapper: Mapper[t.Any], class_: type) -> None:
+def _forget_key_loads(mapper: Mapper[t.Any], class_: type) -> None:
     _key_loads.clear()  # a new mapper may be a subclass of one looked at
-    if is_scoped_model(mapper.class_):
-        REGISTRY.add(mapper)
 
 
 #: Relationship loading strategies that load in the same SELECT or right after it.

@@ -37,7 +37,6 @@ from weakref import WeakKeyDictionary, WeakSet
 import sqlalchemy as sa
 from flask import Flask, current_app
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import ORMExecuteState, Session, UOWTransaction
 from sqlalchemy.sql import visitors
@@ -54,6 +53,7 @@ from ..errors import (
 from ..settings import Settings
 from . import _sqla
 from .column import ColumnStrategy, check_added_in
+from .hooks import listen_once
 from .tenancy import required_tenant
 
 _MAX_CACHED_PATHS = 10_000
@@ -101,9 +101,8 @@ class SchemaStrategy:
                     raise _not_postgres(engine)
                 libpq.check_psycopg(engine, "'TENANT_JOBS_STRATEGY' = 'schema'")
                 self._search_path.install(engine)
-        if not event.contains(db.session, "do_orm_execute", _guard_orm_execute):
-            event.listen(db.session, "do_orm_execute", _guard_orm_execute)
-            event.listen(db.session, "before_flush", _guard_flush)
+        listen_once(db.session, "do_orm_execute", _guard_orm_execute)
+        listen_once(db.session, "before_flush", _guard_flush)
         responses.answer_not_found(app, SchemaNotFoundError, responses.NO_SUCH_TENANT)
 
     def check_tenant(self, name: str) -> None:
@@ -346,8 +345,7 @@ class _SearchPath(libpq.TransactionSetting):
 
     def install(self, engine: Engine) -> None:
         """Hook ``engine`` (see the base class) and reset session paths at check-in."""
-        if not event.contains(engine.pool, "checkin", self._reset_session_path):
-            event.listen(engine.pool, "checkin", self._reset_session_path)
+        listen_once(engine.pool, "checkin", self._reset_session_path)
         super().install(engine)
 
     def for_autocommit(self, dbapi: t.Any, wanted: libpq.Values) -> libpq.Values | None:
