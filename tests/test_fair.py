@@ -525,6 +525,81 @@ def test_a_message_the_worker_rejects_frees_its_slot_at_once(fair: Fair) -> None
             channel._get(fair.queue)
 
 
+
+def _label(raw: dict[str, t.Any]) -> str:
+    """The label argument of a ``fair_app.record`` message."""
+    return t.cast(str, raw["headers"]["argsrepr"].split("'")[1])
+
+
+@pytest.mark.redis
+def test_a_consumer_gone_right_after_its_take_loses_nothing(fair: Fair) -> None:
+    """The script that takes a tenant message records it as unacked in the same step: a
+    consumer killed before it reads the reply (or whose connection drops) leaves the
+    message for the visibility timeout to bring back, where kombu's own pop-then-record
+    would have lost it."""
+    fair.send(fair_app.record, "acme", "a0")
+    fair.send(fair_app.record, "globex", "g0")
+    with fair.celery.connection_for_read() as connection:
+        channel = connection.default_channel
+        doorbells = [channel._q_for_pri(fair.queue, pri) for pri in channel.priority_steps]
+        take = channel._script(scripts.TAKE)
+        reply = take(keys=[channel._root], args=channel._take_args("t", doorbells),
+                     client=channel.client)  # fmt: skip
+        # the consumer is gone here: kombu never saw the message
+        status, _, raw, _, recorded, *_ = reply
+        taken = json.loads(raw)
+        tag = taken["properties"]["delivery_tag"]
+        assert (status, recorded, _label(taken)) == (1, 1, "a0")
+        record = json.loads(fair.redis.hget(channel.unacked_key, tag))
+        delivery = taken["properties"]["delivery_info"]
+        assert record == [taken, delivery["exchange"], delivery["routing_key"]]  # as kombu's
+        assert fair.redis.zscore(channel.unacked_index_key, tag) is not None
+
+        channel.visibility_timeout = 0
+        time.sleep(0.01)
+        channel.qos.restore_visible()
+        assert not fair.redis.hexists(channel.unacked_key, tag)
+        labels = [_label(channel._get(fair.queue)) for _ in range(2)]
+        assert sorted(labels) == ["a0", "g0"]
+        with pytest.raises(Empty):
+            channel._get(fair.queue)
+
+
+
+@pytest.mark.redis
+def test_a_lane_item_of_an_earlier_release_is_still_delivered(fair: Fair) -> None:
+    """Lanes filled by an earlier release hold the message alone (no delivery tag in front):
+    it is delivered, and kombu records it as unacked as before."""
+    fair.send(fair_app.record, "acme", "a0")
+    with fair.celery.connection_for_read() as connection:
+        channel = connection.default_channel
+        message = channel._get(fair.queue)
+        legacy = [scripts.ROOT, fair.queue, "acme", json.dumps(message), 0, 0]
+        channel._script(scripts.PUT)(keys=[channel._root], args=legacy, client=channel.client)
+        doorbells = [channel._q_for_pri(fair.queue, pri) for pri in channel.priority_steps]
+        take = channel._script(scripts.TAKE)
+        reply = take(keys=[channel._root], args=channel._take_args("t", doorbells),
+                     client=channel.client)  # fmt: skip
+        assert (reply[0], reply[4], json.loads(reply[2])) == (1, 0, message)
+        assert fair.redis.hlen(channel.unacked_key) == 0  # left to kombu's QoS.append
+
+@pytest.mark.redis
+def test_a_consumer_without_acks_leaves_no_unacked_record(fair: Fair) -> None:
+    """kombu keeps no unacked record for a ``no_ack`` consumer; nor does the take, or the
+    visibility timeout would deliver the message a second time."""
+    from kombu import Consumer, Queue
+
+    fair.send(fair_app.record, "acme", "a0")
+    got: list[str] = []
+    with fair.celery.connection_for_read() as connection:
+        channel = connection.default_channel
+        queue = Queue(fair.queue, channel=channel)
+        with Consumer(channel, [queue], no_ack=True, accept=["json"],
+                      on_message=lambda message: got.append(message.payload[0][0])):  # fmt: skip
+            connection.drain_events(timeout=5)
+        assert got == ["a0"]
+        assert fair.redis.hlen(channel.unacked_key) == 0
+
 @pytest.mark.redis
 def test_a_channel_closed_after_its_connection_was_collected_keeps_its_unacked(
     fair: Fair,

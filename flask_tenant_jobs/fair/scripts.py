@@ -7,7 +7,11 @@ priority step, e.g. ``celery`` or ``celery\\x06\\x163``):
 * ``D`` itself: the doorbell. It holds plain messages as kombu puts them and one
   :data:`TOKEN` per tenant message waiting in a lane; workers ``BRPOP`` it as usual.
 * ``R:D:lane:LANE``: one lane's messages, oldest first. ``LANE`` is the tenant, or
-  ``tenant\\ngroup\\nconcurrency\\nrate`` for a task with per-tenant limits.
+  ``tenant\\ngroup\\nconcurrency\\nrate`` for a task with per-tenant limits. Each
+  item is ``TAG\\rTAIL\\rmessage``: kombu's delivery tag and the end of the record
+  kombu keeps of an unacked message (``,"exchange","routing key"]``), so that the
+  script taking it records it as unacked in the same step (a message alone, JSON
+  starting with ``{``, is delivered without that record, and kombu writes it).
 * ``R:D:ring``: the lanes that have messages and may run now, in round-robin order.
 * ``R:D:held``: lanes held back by a limit (sorted set, score: when to look again).
 * ``R:D:parked``: how many tokens found every waiting lane held back (they come
@@ -66,6 +70,21 @@ local function wake(d, lane)
   end
   unpark_one(d)
 end
+local function message_of(item)
+  if string.sub(item, 1, 1) == '{{' then return item, nil, nil end
+  local tag_end = string.find(item, '\\r', 1, true)
+  local tail_end = tag_end and string.find(item, '\\r', tag_end + 1, true)
+  if not tail_end then return item, nil, nil end
+  return string.sub(item, tail_end + 1), string.sub(item, 1, tag_end - 1),
+    string.sub(item, tag_end + 1, tail_end - 1)
+end
+local function recorded(item, unacked, index)
+  local msg, tag, tail = message_of(item)
+  if unacked == '' or not tag then return msg, 0 end
+  redis.call('ZADD', prefix .. index, now_s(), tag)
+  redis.call('HSET', prefix .. unacked, tag, '[' .. msg .. ',' .. tail)
+  return msg, 1
+end
 local function enqueue(d, lane, msg, at_head)
   local key = base(d) .. ':lane:' .. lane
   local size
@@ -75,7 +94,7 @@ local function enqueue(d, lane, msg, at_head)
 end
 """
 
-#: ARGV: root, D, lane, message, due (epoch seconds, 0: now), at_head (1/0).
+#: ARGV: root, D, lane, lane item, due (epoch seconds, 0: now), at_head (1/0).
 PUT = _PRELUDE + """
 local due = tonumber(ARGV[5])
 if due > 0 and due > now_s() then
@@ -87,7 +106,7 @@ return 1
 """
 
 #: The pick, shared by :data:`PICK` and :data:`TAKE`: ``pick(d, ttl, token, held_back)``
-#: gives the oldest message of the next lane of ``d``'s ring that no limit holds back,
+#: gives the oldest item of the next lane of ``d``'s ring that no limit holds back,
 #: and the limit whose lease ``token`` it took ("" when the lane has no concurrency
 #: limit), or nothing; the lanes it held back are added to ``held_back`` as lane and
 #: head message.
@@ -147,7 +166,7 @@ local function pick(d, ttl, token, held_back)
       redis.call('SADD', root .. ':waiters:' .. limit, d .. '\\r' .. lane)
       redis.call('EXPIRE', root .. ':waiters:' .. limit, math.ceil(2 * ttl) + 60)
       held_back[#held_back + 1] = lane
-      held_back[#held_back + 1] = redis.call('LINDEX', key, 0) or ''
+      held_back[#held_back + 1] = (message_of(redis.call('LINDEX', key, 0) or ''))
     end
   end
   if redis.call('ZCARD', held) > 0 then redis.call('INCR', base(d) .. ':parked') end
@@ -155,37 +174,46 @@ local function pick(d, ttl, token, held_back)
 end
 """
 
-#: ARGV: root, D, slot ttl (seconds), lease token. The pick for one token popped from D.
-#: Returns {message or false, lease ("group\\ntenant") or "", held-back lanes...}.
+#: ARGV: root, D, slot ttl (seconds), lease token, unacked hash, unacked index (both ""
+#: to leave the unacked record to kombu). The pick for one token popped from D.
+#: Returns {message or false, lease ("group\\ntenant") or "", recorded as unacked (1/0),
+#: held-back lanes...}.
 PICK = _PRELUDE + _PICKING + """
 local held_back = {}
-local msg, limit = pick(ARGV[2], tonumber(ARGV[3]), ARGV[4], held_back)
-return {msg or false, limit, unpack(held_back)}
+local item, limit = pick(ARGV[2], tonumber(ARGV[3]), ARGV[4], held_back)
+if not item then return {false, limit, 0, unpack(held_back)} end
+local msg, done = recorded(item, ARGV[5], ARGV[6])
+return {msg, limit, done, unpack(held_back)}
 """
 
-#: ARGV: root, slot ttl, lease token, batch, D... (in the order a ``BRPOP`` would look).
+#: ARGV: root, slot ttl, lease token, batch, unacked hash, unacked index (see PICK),
+#: D... (in the order a ``BRPOP`` would look).
 #: Pops the next item of the first D that has one and, for a token, picks in the same
 #: call: one round trip per message while the queues are busy. A token that finds every
 #: lane held back is parked and the next item popped, at most ``batch`` in one call.
-#: Returns {status, D or "", message or false, lease or "", held-back lanes...}; status
-#: 1: a message, 0: only parked tokens (call again), -1: every D was empty (block).
+#: Returns {status, D or "", message or false, lease or "", recorded as unacked (1/0),
+#: held-back lanes...}; status 1: a message, 0: only parked tokens (call again), -1:
+#: every D was empty (block).
 TAKE = _PRELUDE + _PICKING + """
 local ttl, token, budget = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local held_back = {}
 local status = -1
-for i = 5, #ARGV do
+for i = 7, #ARGV do
   local d = ARGV[i]
   while budget > 0 do
     local item = redis.call('RPOP', doorbell(d))
     if not item then break end
     budget = budget - 1
-    if item ~= TOKEN then return {1, d, item, '', unpack(held_back)} end
-    local msg, limit = pick(d, ttl, token, held_back)
-    if msg then return {1, d, msg, limit, unpack(held_back)} end
+    if item ~= TOKEN then return {1, d, item, '', 0, unpack(held_back)} end
+    local picked, limit = pick(d, ttl, token, held_back)
+    if picked then
+      local msg, done = recorded(picked, ARGV[5], ARGV[6])
+      return {1, d, msg, limit, done, unpack(held_back)}
+    end
     status = 0
   end
 end
-return {status, '', false, '', unpack(held_back)}
+return {status, '', false, '', 0, unpack(held_back)}
 """
 
 #: ARGV: root, "group\\ntenant", lease token, D it was delivered from.

@@ -24,6 +24,7 @@ from queue import Empty
 from time import monotonic
 
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual as kombu_virtual
 from kombu.utils import json as kombu_json
 from kombu.utils.objects import cached_property
 from redis.commands.core import Script
@@ -60,6 +61,20 @@ class HeldBack(t.NamedTuple):
 class FairQoS(_RedisQoS):  # type: ignore[misc]
     """kombu's Redis acks; what a closing channel gives back, and what this worker
     rejects, frees its slots too."""
+
+    def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Delivery tags that the taking script recorded as unacked already.
+        self.recorded: set[str] = set()
+
+    def append(self, message: t.Any, delivery_tag: str) -> None:
+        """Keep track of a delivered message; kombu's record of it in Redis is written
+        here unless the script that took it wrote it in the same step."""
+        if delivery_tag in self.recorded:
+            self.recorded.discard(delivery_tag)
+            kombu_virtual.QoS.append(self, message, delivery_tag)  # type: ignore[no-untyped-call]
+            return
+        super().append(message, delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         """A message rejected here does not run here (again): free its slot now, not when
@@ -114,6 +129,9 @@ class FairChannel(_RedisChannel):  # type: ignore[misc]
         self._busy = False
         #: The lease token of the ``TAKE`` in flight, ``None`` while a ``BRPOP`` is.
         self._take_token: str | None = None
+        #: Whether a consumer of this channel takes messages without acks: kombu keeps
+        #: no unacked record of those, so neither may the scripts.
+        self._no_ack = False
 
     # -- publishing -------------------------------------------------------------------
 
@@ -125,12 +143,13 @@ class FairChannel(_RedisChannel):  # type: ignore[misc]
         kwargs.pop("_publish_batch", None)
         pri = self._get_message_priority(message, reverse=False)
         with self.conn_or_acquire() as client:
+            delivery = message["properties"]["delivery_info"]
+            item = _lane_item(message, delivery.get("exchange"), delivery.get("routing_key"))
             self._script(scripts.PUT)(
                 keys=[self._root],
-                args=[scripts.ROOT, self._q_for_pri(queue, pri), lane,
-                      dumps(message), _due(message), 0],
+                args=[scripts.ROOT, self._q_for_pri(queue, pri), lane, item, _due(message), 0],
                 client=client,
-            )  # fmt: skip
+            )
         return None
 
     def _do_restore_message(
@@ -151,11 +170,12 @@ class FairChannel(_RedisChannel):  # type: ignore[misc]
         headers["redelivered"] = True
         payload.setdefault("properties", {}).setdefault("delivery_info", {})["redelivered"] = True
         pri = self._get_message_priority(payload, reverse=False)
+        item = _lane_item(payload, exchange, routing_key)
         for queue in self._lookup(exchange, routing_key):
             self._script(scripts.PUT)(
                 keys=[self._root],
-                args=[scripts.ROOT, self._q_for_pri(queue, pri), lane,
-                      dumps(payload), 0, 0 if leftmost else 1],
+                args=[scripts.ROOT, self._q_for_pri(queue, pri), lane, item, 0,
+                      0 if leftmost else 1],
                 client=pipe,
             )  # fmt: skip
         return None
@@ -183,6 +203,12 @@ class FairChannel(_RedisChannel):  # type: ignore[misc]
         return f"{tenant}\n{limit}"
 
     # -- consuming --------------------------------------------------------------------
+
+    def basic_consume(self, queue: str, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        """kombu's; a consumer without acks turns off the scripts' unacked records."""
+        if kwargs.get("no_ack", args[0] if args else False):
+            self._no_ack = True
+        return super().basic_consume(queue, *args, **kwargs)
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         """Run the periodic tick, then take the next message in one round trip while
@@ -262,7 +288,8 @@ class FairChannel(_RedisChannel):  # type: ignore[misc]
         with self.conn_or_acquire() as client:
             while True:
                 reply = self._script(scripts.TAKE)(
-                    keys=[self._root], args=self._take_args(token, doorbells), client=client
+                    keys=[self._root], args=self._take_args(token, doorbells, record=False),
+                    client=client,
                 )
                 status, _, message = self._taken(reply, token)
                 if message is not None:
@@ -270,31 +297,46 @@ class FairChannel(_RedisChannel):  # type: ignore[misc]
                 if status < 0:
                     raise Empty()
 
-    def _take_args(self, token: str, doorbells: list[str]) -> list[t.Any]:
-        """The ``ARGV`` of ``TAKE`` over ``doorbells``, with lease ``token``."""
-        return [scripts.ROOT, self.slot_ttl, token, TAKE_BATCH, *doorbells]
+    def _take_args(self, token: str, doorbells: list[str], record: bool = True) -> list[t.Any]:
+        """The ``ARGV`` of ``TAKE`` over ``doorbells``, with lease ``token``; ``record``:
+        the script writes kombu's unacked record of the message it takes."""
+        return [scripts.ROOT, self.slot_ttl, token, TAKE_BATCH, *self._unacked_keys(record),
+                *doorbells]  # fmt: skip
+
+    def _unacked_keys(self, record: bool = True) -> tuple[str, str]:
+        """kombu's unacked hash and index, for a script to record what it takes in; empty
+        names where kombu keeps no record (a consumer without acks, ``basic_get``)."""
+        if not record or self._no_ack:
+            return "", ""
+        return self.unacked_key, self.unacked_index_key
 
     def _taken(self, reply: list[t.Any], token: str) -> tuple[int, str, dict[str, t.Any] | None]:
         """A ``TAKE`` reply as its status, doorbell and message (with the lease it took)."""
-        status, doorbell, raw, limit, *held = reply
+        status, doorbell, raw, limit, recorded, *held = reply
         doorbell = _text(doorbell)
-        return int(status), doorbell, self._delivered(doorbell, raw, limit, held, token)
+        message = self._delivered(doorbell, raw, limit, recorded, held, token)
+        return int(status), doorbell, message
 
     def _pick(self, doorbell: str) -> dict[str, t.Any] | None:
         """Run the pick for one token of ``doorbell``; the message, with its lease."""
         token = uuid.uuid4().hex
         with self.conn_or_acquire() as client:
-            raw, limit, *held = self._script(scripts.PICK)(
-                keys=[self._root], args=[scripts.ROOT, doorbell, self.slot_ttl, token],
+            raw, limit, recorded, *held = self._script(scripts.PICK)(
+                keys=[self._root],
+                args=[scripts.ROOT, doorbell, self.slot_ttl, token, *self._unacked_keys()],
                 client=client,
-            )  # fmt: skip
-        return self._delivered(doorbell, raw, limit, held, token)
+            )
+        return self._delivered(doorbell, raw, limit, recorded, held, token)
 
     def _delivered(
-        self, doorbell: str, raw: t.Any, limit: t.Any, held: list[t.Any], token: str
+        self, doorbell: str, raw: t.Any, limit: t.Any, recorded: t.Any, held: list[t.Any],
+        token: str,
     ) -> dict[str, t.Any] | None:
         """The message a take or pick gave (or ``None``), with the lease it took; fires
-        the held-back callback for the lanes it held back."""
+        the held-back callback for the lanes it held back.
+
+        A message with a lease is recorded by kombu again, with its lease (which gives
+        its slot back when the message is restored); one the script ``recorded`` is not."""
         if held and self.on_held_back is not None:
             self.on_held_back(_held_back(held))
         if not raw:
@@ -304,6 +346,8 @@ class FairChannel(_RedisChannel):  # type: ignore[misc]
             lease = f"{_text(limit)}\r{token}\r{doorbell}"
             message.setdefault("headers", {})[LEASE_HEADER] = lease
             self._start_renewing()
+        elif recorded == 1:
+            self.qos.recorded.add(message["properties"]["delivery_tag"])
         return message
 
     def _maybe_tick(self) -> float | None:
@@ -446,6 +490,16 @@ def _is_limit(value: object) -> t.TypeGuard[str]:
         return bool(key) and int(concurrency) >= 0 and 0 <= float(per_second) < float("inf")
     except ValueError:
         return False
+
+
+def _lane_item(message: dict[str, t.Any], exchange: t.Any, routing_key: t.Any) -> str:
+    """What a lane holds of ``message``: its delivery tag and the end of kombu's unacked
+    record of it (``,"exchange","routing key"]``) before it, for the taking script."""
+    body = dumps(message)
+    tag = message.get("properties", {}).get("delivery_tag")
+    if not isinstance(tag, str) or "\r" in tag:
+        return body
+    return f"{tag}\r{dumps([exchange, routing_key])[1:]}\r{body}"
 
 
 def _text(value: bytes | str) -> str:
