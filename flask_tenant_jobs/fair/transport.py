@@ -82,7 +82,7 @@ class FairQoS(_RedisQoS):  # type: ignore[misc]
         fenced and frees nothing."""
         message = self._delivered.get(delivery_tag)
         super().reject(delivery_tag, requeue)
-        self.channel.release_lease(message)
+        self.channel.release_leases([message])
 
     def restore_unacked(self, client: t.Any = None) -> None:
         """Give back the messages delivered and not acked when the channel closes (a warm
@@ -96,19 +96,15 @@ class FairQoS(_RedisQoS):  # type: ignore[misc]
                 "visibility timeout", len(self._delivered)
             )
             return
-        self.channel.releasing = True
-        try:
-            super().restore_unacked(client)
-        finally:
-            self.channel.releasing = False
+        given_back = list(self._delivered.values())
+        super().restore_unacked(client)
+        self.channel.release_leases(given_back)
 
 
 class FairChannel(_RedisChannel):  # type: ignore[misc]
     """A Redis channel with per-tenant lanes behind every queue."""
 
     QoS = FairQoS
-    #: Set while :class:`FairQoS` gives back what a closing channel holds.
-    releasing = False
 
     #: The message header naming the tenant (``TENANT_JOBS_HEADER``).
     tenant_header = "tenant_for_job"
@@ -164,9 +160,7 @@ class FairChannel(_RedisChannel):  # type: ignore[misc]
                 payload, exchange, routing_key, pipe, leftmost
             )
         headers = payload.get("headers") or {}
-        lease = headers.pop(LEASE_HEADER, None)
-        if self.releasing:
-            self._release(lease, pipe)
+        headers.pop(LEASE_HEADER, None)  # the slot is freed by whoever gives it back, or expires
         headers["redelivered"] = True
         payload.setdefault("properties", {}).setdefault("delivery_info", {})["redelivered"] = True
         pri = self._get_message_priority(payload, reverse=False)
@@ -333,10 +327,9 @@ class FairChannel(_RedisChannel):  # type: ignore[misc]
         token: str,
     ) -> dict[str, t.Any] | None:
         """The message a take or pick gave (or ``None``), with the lease it took; fires
-        the held-back callback for the lanes it held back.
-
-        A message with a lease is recorded by kombu again, with its lease (which gives
-        its slot back when the message is restored); one the script ``recorded`` is not."""
+        the held-back callback for the lanes it held back. One the script ``recorded`` as
+        unacked is not recorded again (the record has no lease: a restore frees the slot
+        from the message held here, or the lease expires)."""
         if held and self.on_held_back is not None:
             self.on_held_back(_held_back(held))
         if not raw:
@@ -346,7 +339,7 @@ class FairChannel(_RedisChannel):  # type: ignore[misc]
             lease = f"{_text(limit)}\r{token}\r{doorbell}"
             message.setdefault("headers", {})[LEASE_HEADER] = lease
             self._start_renewing()
-        elif recorded == 1:
+        if recorded == 1:
             self.qos.recorded.add(message["properties"]["delivery_tag"])
         return message
 
@@ -393,21 +386,23 @@ class FairChannel(_RedisChannel):  # type: ignore[misc]
             except Exception:  # Redis away for a moment: the next round tries again
                 _log.warning("could not renew %d lease(s)", len(leases), exc_info=True)
 
-    def release_lease(self, message: t.Any) -> None:
-        """Free the slot that a delivered message (a kombu ``Message``) took, if any; with
-        Redis unreachable, the lease expires instead."""
-        headers = getattr(message, "headers", None)
-        if not isinstance(headers, dict) or LEASE_HEADER not in headers:
+    def release_leases(self, messages: t.Iterable[t.Any]) -> None:
+        """Free the slots that delivered messages (kombu ``Message`` objects) took, if
+        any; with Redis unreachable, the leases expire instead."""
+        leases = [lease for message in messages if is_lease(lease := _lease_header(message))]
+        if not leases:
             return
         try:
-            with self.conn_or_acquire() as client:
-                self._release(headers[LEASE_HEADER], client)
+            with self.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
+                for lease in leases:
+                    self._release(lease, pipe)
+                pipe.execute()
         except self.connection_errors:
             _log.warning(
-                "could not release the slot of a rejected message (Redis unreachable): it "
-                "comes back when its lease expires, within TENANT_JOBS_SLOT_TTL (%g s)",
-                self.slot_ttl,
-            )
+                "could not release the slots of %d message(s) given back (Redis unreachable): "
+                "they come back when their leases expire, within TENANT_JOBS_SLOT_TTL (%g s)",
+                len(leases), self.slot_ttl,
+            )  # fmt: skip
 
     def _release(self, lease: object, client: t.Any) -> None:
         """Run ``RELEASE`` for a well-formed lease (on a client or a pipeline)."""
@@ -500,6 +495,12 @@ def _lane_item(message: dict[str, t.Any], exchange: t.Any, routing_key: t.Any) -
     if not isinstance(tag, str) or "\r" in tag:
         return body
     return f"{tag}\r{dumps([exchange, routing_key])[1:]}\r{body}"
+
+
+def _lease_header(message: t.Any) -> object:
+    """The lease header of a delivered kombu ``Message`` (``None`` without one)."""
+    headers = getattr(message, "headers", None)
+    return headers.get(LEASE_HEADER) if isinstance(headers, dict) else None
 
 
 def _text(value: bytes | str) -> str:
