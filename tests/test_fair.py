@@ -783,9 +783,11 @@ def test_a_busy_consumer_takes_each_message_in_one_round_trip(
         setup.send(fair_app.record, "globex", f"globex-{i}")
     setup.send(fair_app.plain, None, "plain")
     received: list[str] = []
+    recorded: list[bool] = []  # kombu's unacked record of each message, under the prefix
 
     def on_message(body: t.Any, message: t.Any) -> None:
         received.append(message.headers.get("tenant_for_job") or "plain")
+        recorded.append(bool(setup.redis.hexists("pfx:unacked", message.delivery_tag)))
         message.ack()
         if len(received) == 15:
             setup.redis.script_flush()
@@ -805,6 +807,8 @@ def test_a_busy_consumer_takes_each_message_in_one_round_trip(
     assert calls.get("cmdstat_brpop", 0) <= 2, calls  # the first wait, and the one after
     assert calls.get("cmdstat_evalsha", 0) <= 31 + 3, calls  # a take each (+ tick, retry)
     assert not setup.redis.keys(f"pfx:{scripts.ROOT}:{setup.queue}:lane:*")
+    assert all(recorded), recorded
+    assert setup.redis.hlen("pfx:unacked") == 0 and not setup.redis.exists("unacked")
 
 
 @pytest.mark.redis

@@ -492,8 +492,8 @@ def _lane_item(message: dict[str, t.Any], exchange: t.Any, routing_key: t.Any) -
     record of it (``,"exchange","routing key"]``) before it, for the taking script."""
     body = dumps(message)
     tag = message.get("properties", {}).get("delivery_tag")
-    if not isinstance(tag, str) or "\r" in tag:
-        return body
+    if not isinstance(tag, str) or "\r" in tag or tag.startswith("{"):
+        return body  # the take tells a message alone by its "{"
     return f"{tag}\r{dumps([exchange, routing_key])[1:]}\r{body}"
 
 
