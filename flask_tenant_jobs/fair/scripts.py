@@ -78,10 +78,10 @@ local function message_of(item)
   return string.sub(item, tail_end + 1), string.sub(item, 1, tag_end - 1),
     string.sub(item, tag_end + 1, tail_end - 1)
 end
-local function recorded(item, unacked, index)
+local function recorded(item, unacked, index, at)
   local msg, tag, tail = message_of(item)
   if unacked == '' or not tag then return msg, 0 end
-  redis.call('ZADD', prefix .. index, now_s(), tag)
+  redis.call('ZADD', prefix .. index, at, tag)
   redis.call('HSET', prefix .. unacked, tag, '[' .. msg .. ',' .. tail)
   return msg, 1
 end
@@ -174,19 +174,20 @@ local function pick(d, ttl, token, held_back)
 end
 """
 
-#: ARGV: root, D, slot ttl (seconds), lease token, unacked hash, unacked index (both ""
-#: to leave the unacked record to kombu). The pick for one token popped from D.
+#: ARGV: root, D, slot ttl (seconds), lease token, unacked hash, unacked index, its score
+#: (the worker's clock; all "" to leave the unacked record to kombu). The pick for one
+#: token popped from D.
 #: Returns {message or false, lease ("group\\ntenant") or "", recorded as unacked (1/0),
 #: held-back lanes...}.
 PICK = _PRELUDE + _PICKING + """
 local held_back = {}
 local item, limit = pick(ARGV[2], tonumber(ARGV[3]), ARGV[4], held_back)
 if not item then return {false, limit, 0, unpack(held_back)} end
-local msg, done = recorded(item, ARGV[5], ARGV[6])
+local msg, done = recorded(item, ARGV[5], ARGV[6], ARGV[7])
 return {msg, limit, done, unpack(held_back)}
 """
 
-#: ARGV: root, slot ttl, lease token, batch, unacked hash, unacked index (see PICK),
+#: ARGV: root, slot ttl, lease token, batch, unacked hash, index and score (see PICK),
 #: D... (in the order a ``BRPOP`` would look).
 #: Pops the next item of the first D that has one and, for a token, picks in the same
 #: call: one round trip per message while the queues are busy. A token that finds every
@@ -198,7 +199,7 @@ TAKE = _PRELUDE + _PICKING + """
 local ttl, token, budget = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local held_back = {}
 local status = -1
-for i = 7, #ARGV do
+for i = 8, #ARGV do
   local d = ARGV[i]
   while budget > 0 do
     local item = redis.call('RPOP', doorbell(d))
@@ -207,7 +208,7 @@ for i = 7, #ARGV do
     if item ~= TOKEN then return {1, d, item, '', 0, unpack(held_back)} end
     local picked, limit = pick(d, ttl, token, held_back)
     if picked then
-      local msg, done = recorded(picked, ARGV[5], ARGV[6])
+      local msg, done = recorded(picked, ARGV[5], ARGV[6], ARGV[7])
       return {1, d, msg, limit, done, unpack(held_back)}
     end
     status = 0

@@ -62,16 +62,10 @@ class FairQoS(_RedisQoS):  # type: ignore[misc]
     """kombu's Redis acks; what a closing channel gives back, and what this worker
     rejects, frees its slots too."""
 
-    def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
-        super().__init__(*args, **kwargs)
-        #: Delivery tags that the taking script recorded as unacked already.
-        self.recorded: set[str] = set()
-
     def append(self, message: t.Any, delivery_tag: str) -> None:
         """Keep track of a delivered message; kombu's record of it in Redis is written
         here unless the script that took it wrote it in the same step."""
-        if delivery_tag in self.recorded:
-            self.recorded.discard(delivery_tag)
+        if delivery_tag == self.channel.recorded_tag:
             kombu_virtual.QoS.append(self, message, delivery_tag)  # type: ignore[no-untyped-call]
             return
         super().append(message, delivery_tag)
@@ -96,7 +90,8 @@ class FairQoS(_RedisQoS):  # type: ignore[misc]
                 "visibility timeout", len(self._delivered)
             )
             return
-        given_back = list(self._delivered.values())
+        given_back = [message for tag, message in self._delivered.items()
+                      if tag not in self._dirty]  # acked ones are running: not given back
         super().restore_unacked(client)
         self.channel.release_leases(given_back)
 
@@ -128,6 +123,8 @@ class FairChannel(_RedisChannel):  # type: ignore[misc]
         #: Whether a consumer of this channel takes messages without acks: kombu keeps
         #: no unacked record of those, so neither may the scripts.
         self._no_ack = False
+        #: The delivery tag of the message being delivered, if its take recorded it.
+        self.recorded_tag: str | None = None
 
     # -- publishing -------------------------------------------------------------------
 
@@ -255,6 +252,7 @@ class FairChannel(_RedisChannel):  # type: ignore[misc]
             self.connection._deliver(message, queue)
             return True
         finally:
+            self.recorded_tag = None
             self._in_poll = None
             self._flush_brpop_reauth()
 
@@ -297,12 +295,14 @@ class FairChannel(_RedisChannel):  # type: ignore[misc]
         return [scripts.ROOT, self.slot_ttl, token, TAKE_BATCH, *self._unacked_keys(record),
                 *doorbells]  # fmt: skip
 
-    def _unacked_keys(self, record: bool = True) -> tuple[str, str]:
-        """kombu's unacked hash and index, for a script to record what it takes in; empty
-        names where kombu keeps no record (a consumer without acks, ``basic_get``)."""
-        if not record or self._no_ack:
-            return "", ""
-        return self.unacked_key, self.unacked_index_key
+    def _unacked_keys(self, record: bool = True) -> tuple[str, str, str]:
+        """kombu's unacked hash and index, for a script to record what it takes in, and
+        the score kombu would give it (this host's clock, as ``restore_visible`` reads);
+        empty names where kombu keeps no record (a consumer without acks, ``basic_get``,
+        ``ack_emulation`` off)."""
+        if not record or self._no_ack or not self.ack_emulation:
+            return "", "", ""
+        return self.unacked_key, self.unacked_index_key, repr(time.time())
 
     def _taken(self, reply: list[t.Any], token: str) -> tuple[int, str, dict[str, t.Any] | None]:
         """A ``TAKE`` reply as its status, doorbell and message (with the lease it took)."""
@@ -340,7 +340,7 @@ class FairChannel(_RedisChannel):  # type: ignore[misc]
             message.setdefault("headers", {})[LEASE_HEADER] = lease
             self._start_renewing()
         if recorded == 1:
-            self.qos.recorded.add(message["properties"]["delivery_tag"])
+            self.recorded_tag = message["properties"]["delivery_tag"]
         return message
 
     def _maybe_tick(self) -> float | None:
