@@ -495,6 +495,11 @@ def test_release_is_fenced_and_idempotent_and_a_hold_fires_the_signal(fair: Fair
         signals.task_held_back.disconnect(on_held)
 
 
+def _label(raw: dict[str, t.Any]) -> str:
+    """The label argument of a message of one of ``fair_app``'s tasks."""
+    return t.cast(str, raw["headers"]["argsrepr"].split("'")[1])
+
+
 @pytest.mark.redis
 def test_a_message_the_worker_rejects_frees_its_slot_at_once(fair: Fair) -> None:
     """kombu requeues a message taken for a queue whose consumer was cancelled meanwhile
@@ -505,29 +510,19 @@ def test_a_message_the_worker_rejects_frees_its_slot_at_once(fair: Fair) -> None
     leases = f"{scripts.ROOT}:lease:billing-api\nacme"
     with fair.celery.connection_for_read() as connection:
         channel = connection.default_channel
-
-        def labels_of(raw: dict[str, t.Any]) -> str:
-            return t.cast(str, raw["headers"]["argsrepr"].split("'")[1])
-
         first = channel._get(fair.queue)
         assert fair.redis.zcard(leases) == 1
         connection.transport._reject_inbound_message(first)  # what "no consumers" does
         assert fair.redis.zcard(leases) == 0
         second = channel._get(fair.queue)  # the slot is free at once; a0 went to the end
-        assert (labels_of(first), labels_of(second)) == ("a0", "a1")
+        assert (_label(first), _label(second)) == ("a0", "a1")
         message = channel.Message(second, channel=channel)
         channel.qos.append(message, message.delivery_tag)
         channel.basic_reject(message.delivery_tag, requeue=False)
         assert fair.redis.zcard(leases) == 0
-        assert labels_of(channel._get(fair.queue)) == "a0"
+        assert _label(channel._get(fair.queue)) == "a0"
         with pytest.raises(Empty):
             channel._get(fair.queue)
-
-
-
-def _label(raw: dict[str, t.Any]) -> str:
-    """The label argument of a ``fair_app.record`` message."""
-    return t.cast(str, raw["headers"]["argsrepr"].split("'")[1])
 
 
 @pytest.mark.redis

@@ -413,13 +413,8 @@ class FairChannel(_RedisChannel):  # type: ignore[misc]
     def _unacked_leases(self) -> list[str]:
         """The leases of the messages delivered to this channel and not acked yet
         (prefetched, or running with ``acks_late``)."""
-        found = []
-        for message in list(self.qos._delivered.values()):
-            headers = getattr(message, "headers", None) or {}
-            lease = headers.get(LEASE_HEADER)
-            if isinstance(lease, str):
-                found.append(lease)
-        return found
+        delivered = list(self.qos._delivered.values())
+        return [lease for message in delivered if is_lease(lease := _lease_header(message))]
 
     # -- helpers ------------------------------------------------------------------------
 
