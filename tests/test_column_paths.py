@@ -925,7 +925,7 @@ def test_set_operations_ctes_and_scalar_subqueries_are_filtered(tenant_jobs: Ten
 
 def test_a_reused_statement_stays_in_the_tenant_it_runs_in(tenant_jobs: TenantJobs) -> None:
     """A statement object kept and executed again runs filtered past the execute hook
-    once it was scoped in a tenant: each tenant still sees its own rows only, with no
+    (its filtered form made once): each tenant still sees its own rows only, with no
     tenant it is refused, inside ``without_tenant()`` it is not filtered, a listener of
     the application's still sees it, and an identity token of another tenant given at
     execution is refused."""
@@ -955,3 +955,36 @@ def test_a_reused_statement_stays_in_the_tenant_it_runs_in(tenant_jobs: TenantJo
     assert len(seen) == 1 and "tenant_id" in str(seen[0].statement)
     with tenant_jobs.switch("acme"), pytest.raises(TenantMismatchError):
         db.session.scalars(kept, execution_options={"identity_token": "globex"}).all()
+
+
+def test_a_select_built_per_call_is_filtered_past_the_hook_in_its_tenant(
+    tenant_jobs: TenantJobs, ids: Ids
+) -> None:
+    """An ORM ``select()`` built per call, which runs filtered past the execute hook, sees
+    its tenant's rows only and loads them under its tenant's identity token; one that
+    names another tenant's identity token goes through the hook and is refused, and one
+    with ``populate_existing`` goes through it too and refreshes its own tenant's objects
+    only."""
+
+    def labels() -> list[str]:
+        return list(db.session.scalars(sa.select(Order.label).order_by(Order.label)))
+
+    def by_label(label: str) -> Order | None:
+        return db.session.scalars(sa.select(Order).where(Order.label == label)).first()
+
+    with tenant_jobs.switch("acme"):
+        assert labels() == ["a1", "a2"]
+        a1 = by_label("a1")
+        assert a1 is not None and sa.inspect(a1).identity_token == "acme"
+    with tenant_jobs.switch("globex"):
+        assert labels() == ["g1"]
+        assert by_label("a1") is None
+        assert db.session.get(Order, ids["a1"]) is None
+        g1 = by_label("g1")
+        assert g1 is not None and sa.inspect(g1).identity_token == "globex"
+        with refused(TenantMismatchError):
+            db.session.scalars(sa.select(Order).execution_options(identity_token="acme")).all()
+        populate = sa.select(Order).execution_options(populate_existing=True)
+        assert [order.label for order in db.session.scalars(populate)] == ["g1"]
+    with tenant_jobs.switch("acme"):
+        assert a1.label == "a1" and sa.inspect(a1).identity_token == "acme"

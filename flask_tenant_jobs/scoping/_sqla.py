@@ -62,6 +62,21 @@ def load_identity_token(state: ORMExecuteState) -> t.Any:
     return state.load_options._identity_token
 
 
+def is_plain_orm_select(statement: t.Any) -> bool:
+    """Whether ``statement`` is an ORM ``select()`` with no execution options of its own
+    (``_execution_options``: no identity token, no load options) that refreshes nothing
+    (``_compile_options._for_refresh_state``).
+
+    Such a statement carries nothing the scoping hook checks before filtering it.
+    """
+    return (
+        type(statement) is sa.Select
+        and not statement._execution_options
+        and statement._propagate_attrs.get("compile_state_plugin") == "orm"
+        and not getattr(statement._compile_options, "_for_refresh_state", False)
+    )
+
+
 #: Per identity token, the execution options of a load under it (bounded, see below).
 _loading_under: dict[t.Any, t.Any] = {}
 _TOKENS_KEPT = 4096

@@ -107,8 +107,9 @@ class TenantSession(_sqla.TokenChoosingSession):
         return super().get(entity, ident, **kwargs)
 
     def _execute_internal(self, statement: t.Any, params: t.Any = None, **kwargs: t.Any) -> t.Any:
-        """Every ORM execution; a SELECT already filtered for the current tenant (a reused
-        statement object, executed with no options) runs filtered without the hook."""
+        """Every ORM execution; a SELECT the hook would only filter (an ORM ``select()``
+        with no options of its own, or one filtered in this tenant before), executed with
+        no options, runs filtered under the tenant's token without the hook."""
         if (
             kwargs.get("_parent_execute_state") is None
             and not kwargs.get("_add_event")
@@ -116,10 +117,11 @@ class TenantSession(_sqla.TokenChoosingSession):
             and not self.execution_options
         ):
             tenant = scoping_tenant()
-            kept = None if tenant is None else _kept(statement)
-            if kept is not None and tenant in kept.by_tenant and self._only_scoping_listens():
-                # filtered in this tenant before; loads under its token without the hook
-                statement = kept.filtered
+            filtered = None
+            if tenant is not None and self._only_scoping_listens():
+                filtered = _filtered_in_advance(statement, tenant)
+            if filtered is not None:
+                statement = filtered
                 kwargs["execution_options"] = _sqla.loading_under_token(tenant)
                 kwargs["_parent_execute_state"] = _sqla.NO_MORE_LISTENERS
         return super()._execute_internal(statement, params, **kwargs)
@@ -529,13 +531,25 @@ def _filtered_for(statement: t.Any, tenant: str) -> t.Any:
     if selected is not None:
         return selected
     if kept is None:
-        kept = _Kept(_with_criteria(statement))
-        with suppress(TypeError):  # a statement that cannot be weakly referenced is not kept
-            _kept_selects[statement] = kept
+        kept = _keep(statement)
     if len(kept.by_tenant) >= _TENANTS_PER_STATEMENT:
         kept.by_tenant.clear()
     selected = kept.by_tenant[tenant] = kept.filtered.execution_options(identity_token=tenant)
     return selected
+
+
+def _filtered_in_advance(statement: t.Any, tenant: str) -> t.Any | None:
+    """The filtered form of ``statement``, where the hook would check nothing else of it in
+    ``tenant``: it was filtered in this tenant before, or it is an ORM ``select()`` that
+    names no identity token and is no refresh or lazy load (``_scope_select``'s checks)."""
+    kept = _kept(statement)
+    if kept is not None and tenant in kept.by_tenant:
+        return kept.filtered
+    if not _sqla.is_plain_orm_select(statement):
+        return None
+    if kept is None:
+        kept = _keep(statement)
+    return kept.filtered
 
 
 def _kept(statement: t.Any) -> _Kept | None:
@@ -546,6 +560,14 @@ def _kept(statement: t.Any) -> _Kept | None:
     except TypeError:  # a statement that cannot be weakly referenced is never kept
         return None
     return kept if kept is not None and kept.generation == REGISTRY.generation else None
+
+
+def _keep(statement: t.Any) -> _Kept:
+    """Filter ``statement`` and keep its filtered form for its next executions."""
+    kept = _Kept(_with_criteria(statement))
+    with suppress(TypeError):  # a statement that cannot be weakly referenced is not kept
+        _kept_selects[statement] = kept
+    return kept
 
 
 def _prepared_by_get(state: ORMExecuteState, tenant: str) -> bool:
