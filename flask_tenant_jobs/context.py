@@ -5,7 +5,7 @@ greenlet and asyncio task sees its own value. Everything else in the package
 reads it through :func:`get_tenant` and :func:`is_unscoped`; only the helpers
 here change it, always with a token so the previous value comes back.
 
-Every change also sets a fresh marker (restored with the tenant), so that code
+Each change sets a new :class:`Entered` as the variable's value, so that code
 undoing a change late (a generator closed by the garbage collector) can tell
 whether its change is still the current one: :func:`is_current`.
 """
@@ -16,23 +16,36 @@ import typing as t
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar, Token
 
-_tenant: ContextVar[str | None] = ContextVar("flask_tenant_jobs.tenant", default=None)
+
+class Entered:
+    """One change of the current tenant: the variable's value while it is current, and
+    the tokens that undo it (:func:`leave`).
+
+    One object per change, not a name and a separate marker, so that a request or a
+    task sets one context variable, not three.
+    """
+
+    __slots__ = ("name", "started", "token", "unscoped")
+
+    token: Token[Entered]
+    #: what :func:`start` turned off (``None``: scoping was on already, nothing set)
+    unscoped: Token[bool] | None
+
+    def __init__(self, name: str | None, started: bool = False) -> None:
+        self.name = name
+        self.started = started
+        self.unscoped = None
+
+
+#: The value before any change (no tenant); never changed itself.
+_NO_CHANGE: t.Final = Entered(None)
+_current: ContextVar[Entered] = ContextVar("flask_tenant_jobs.tenant", default=_NO_CHANGE)
 _unscoped: ContextVar[bool] = ContextVar("flask_tenant_jobs.unscoped", default=False)
-_marker: ContextVar[object] = ContextVar("flask_tenant_jobs.marker", default=None)
-
-
-class Entered(t.NamedTuple):
-    """What :func:`enter` or :func:`start` changed, for :func:`leave` to undo."""
-
-    tenant: Token[str | None]
-    marker: Token[object]
-    mark: object
-    unscoped: Token[bool] | None = None
 
 
 def get_tenant() -> str | None:
     """Return the current tenant name, or ``None``."""
-    return _tenant.get()
+    return _current.get().name
 
 
 def is_unscoped() -> bool:
@@ -42,28 +55,38 @@ def is_unscoped() -> bool:
 
 def enter(name: str | None) -> Entered:
     """Make ``name`` current and return what :func:`leave` needs to restore the previous."""
-    mark = object()
-    return Entered(_tenant.set(name), _marker.set(mark), mark)
+    entered = Entered(name)
+    entered.token = _current.set(entered)
+    return entered
 
 
 def start(name: str | None) -> Entered:
     """A request or task starts: ``name`` current and scoping on, whatever the caller had."""
-    mark = object()
-    return Entered(_tenant.set(name), _marker.set(mark), mark, _unscoped.set(False))
+    entered = Entered(name, started=True)
+    if _unscoped.get():
+        entered.unscoped = _unscoped.set(False)
+    entered.token = _current.set(entered)
+    return entered
 
 
 def leave(entered: Entered) -> None:
-    """Restore the tenant (and, after :func:`start`, the unscoped flag) of before."""
-    if entered.unscoped is not None:
-        _unscoped.reset(entered.unscoped)
-    _marker.reset(entered.marker)
-    _tenant.reset(entered.tenant)
+    """Restore the tenant (and, after :func:`start`, the unscoped flag) of before.
+
+    After :func:`start` with scoping on, scoping is on again afterwards, also if a
+    ``without_tenant()`` block was left open in between.
+    """
+    if entered.started:
+        if entered.unscoped is not None:
+            _unscoped.reset(entered.unscoped)
+        elif _unscoped.get():
+            _unscoped.set(False)
+    _current.reset(entered.token)
 
 
 def is_current(entered: Entered) -> bool:
     """Whether the tenant ``entered`` set is still current here, with nothing set since
     that was not undone (so that undoing it now changes no one else's tenant)."""
-    return _marker.get() is entered.mark
+    return _current.get() is entered
 
 
 def leave_if_current(entered: Entered) -> bool:
@@ -83,8 +106,7 @@ def leave_if_current(entered: Entered) -> bool:
 
 def clear() -> None:
     """Set no tenant in this context (the outer block's token still restores its own)."""
-    _tenant.set(None)
-    _marker.set(object())
+    _current.set(Entered(None))
 
 
 @contextmanager
@@ -122,12 +144,10 @@ def unscoped() -> t.Iterator[None]:
 @contextmanager
 def isolated() -> t.Iterator[None]:
     """Run the block, then restore the tenant and the unscoped flag, whatever it left set."""
-    tenant_token = _tenant.set(_tenant.get())
+    tenant_token = _current.set(_current.get())
     unscoped_token = _unscoped.set(_unscoped.get())
-    marker_token = _marker.set(_marker.get())
     try:
         yield
     finally:
-        _marker.reset(marker_token)
         _unscoped.reset(unscoped_token)
-        _tenant.reset(tenant_token)
+        _current.reset(tenant_token)

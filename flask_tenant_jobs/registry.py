@@ -119,8 +119,11 @@ class TenantRegistry:
         return True
 
     def _is_fresh(self) -> bool:
-        return time.monotonic() < self._expires and (
-            self._static or t.cast(ctypes.c_ulonglong, _refreshes).value == self._refreshes_seen
+        if self._static:  # a list in the configuration never goes stale
+            return True
+        return (
+            time.monotonic() < self._expires
+            and t.cast(ctypes.c_ulonglong, _refreshes).value == self._refreshes_seen
         )
 
     def _failure_is_recent(self) -> bool:

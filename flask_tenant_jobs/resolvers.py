@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import typing as t
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from flask import Flask, Request
 
@@ -27,6 +28,10 @@ if t.TYPE_CHECKING:
 
 #: The attribute of a request that holds its resolver's answer: (candidate, error).
 _ANSWER = "_tenant_jobs_candidate"
+#: Hosts whose subdomain label a resolver keeps (a miss only costs working it out again),
+#: and the longest host kept (a DNS name's length, with a port).
+_HOSTS_KEPT = 4096
+_LONGEST_HOST_KEPT = 260
 
 
 @dataclass(frozen=True)
@@ -97,7 +102,12 @@ class Resolver:
 
 def request_host(request: Request) -> str:
     """The request's host, lower-cased, without port or trailing dot ('' if unusable)."""
-    host = request.host.lower()
+    return bare_host(request.host)
+
+
+def bare_host(host: str) -> str:
+    """``host`` (as Werkzeug validated it) lower-cased, without port or trailing dot."""
+    host = host.lower()
     if host.startswith("["):  # an IPv6 literal is never a tenant host
         return host
     return host.rsplit(":", 1)[0].rstrip(".")
@@ -118,10 +128,20 @@ class SubdomainResolver(Resolver):
         self._base = settings.base_domain
         self._suffix = "." + settings.base_domain
         self._excluded_labels = settings.excluded_subdomains
+        self._kept_label_of = lru_cache(maxsize=_HOSTS_KEPT)(self._label_of)
 
     def read(self, request: Request) -> str | None:
-        """The host's label below the base domain; a foreign host is never a tenant name."""
-        host = request_host(request)
+        """The host's label below the base domain; a foreign host is never a tenant name.
+
+        Worked out once per host: all of a tenant's requests name the same one."""
+        host = request.host
+        if len(host) > _LONGEST_HOST_KEPT:
+            return self._label_of(host)
+        return self._kept_label_of(host)
+
+    def _label_of(self, host: str) -> str | None:
+        """The label of ``host`` (``request.host``) below the base domain, or '' (foreign)."""
+        host = bare_host(host)
         if host == self._base:
             return None
         if not host.endswith(self._suffix):

@@ -174,6 +174,21 @@ def test_host_matching_is_case_insensitive_and_ignores_the_port(site: Site, host
     assert response.json == {"tenant": "acme", "current": "acme"}
 
 
+def test_hosts_resolve_the_same_however_many_hosts_came_before(site: Site) -> None:
+    """Each host's label is worked out once and kept, for a bounded number of hosts: a
+    flood of other hosts (well-formed or overlong) changes no answer and keeps no more."""
+    assert site.get("/whoami", headers={"Host": "acme.example.test"}).json["tenant"] == "acme"
+    for i in range(5_000):
+        assert site.get("/whoami", headers={"Host": f"t{i}.example.test"}).status_code == 404
+    overlong = "a" * 300 + ".example.test"
+    assert site.get("/whoami", headers={"Host": overlong}).status_code == 404
+    assert site.get("/whoami", headers={"Host": "ACME.example.test"}).json["tenant"] == "acme"
+    assert site.get("/whoami", headers={"Host": "www.example.test"}).json["tenant"] is None
+    resolver = site.app.extensions["tenant_jobs"]._states[site.app].resolver
+    assert resolver._kept_label_of.cache_info().currsize <= 4096
+    assert_no_tenant_left()
+
+
 def test_the_base_domain_has_no_tenant(site: Site) -> None:
     response = site.get("http://example.test/whoami")
     assert response.status_code == 200
