@@ -35,6 +35,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from . import context, libpq
 from .errors import ConfigurationError
+from .registry import validate_name
 from .scoping.column import TenantScoped
 
 if t.TYPE_CHECKING:
@@ -74,8 +75,15 @@ class TenantSettings(libpq.TransactionSetting):
     unset = ("", "off")
 
     def wanted(self) -> libpq.Values:
-        """The setting values for now: the current tenant (or ``''``), and whether unscoped."""
-        return context.get_tenant() or "", "on" if context.is_unscoped() else "off"
+        """The setting values for now: the current tenant (or ``''``), and whether unscoped.
+
+        A tenant holding a NUL character (only ever set past validation) is refused:
+        PostgreSQL text cannot hold one, and libpq would cut the name off at it.
+        """
+        tenant = context.get_tenant() or ""
+        if "\x00" in tenant:
+            validate_name(tenant)
+        return tenant, "on" if context.is_unscoped() else "off"
 
 
 _settings = TenantSettings()

@@ -988,3 +988,32 @@ def test_a_select_built_per_call_is_filtered_past_the_hook_in_its_tenant(
         assert [order.label for order in db.session.scalars(populate)] == ["g1"]
     with tenant_jobs.switch("acme"):
         assert a1.label == "a1" and sa.inspect(a1).identity_token == "acme"
+
+
+@pytest.mark.parametrize("loader", [selectinload, subqueryload])
+@pytest.mark.parametrize("consumed_in", ["globex", "without_tenant"])
+@pytest.mark.parametrize("reused", [False, True])
+def test_loads_that_follow_a_selects_rows_keep_its_tenant(
+    tenant_jobs: TenantJobs, ids: Ids, loader: t.Any, consumed_in: str, reused: bool
+) -> None:
+    """Regression: a SELECT of a shared model run in acme, past the execute hook, whose
+    rows were read once the tenant had changed, ran its ``selectinload`` or
+    ``subqueryload`` of tenant rows in the new tenant (or unscoped) and filled acme's
+    shared object with globex's orders. The follow-up load inherits the SELECT's
+    tenant, and is refused in another tenant as the hook refuses it."""
+    statement = sa.select(Plan).options(loader(Plan.orders))
+    with tenant_jobs.switch("acme"):
+        if reused:  # kept and filtered in acme before
+            db.session.scalars(statement).all()
+            db.session.expunge_all()
+        result = db.session.scalars(statement)
+    if consumed_in == "globex":
+        later = tenant_jobs.switch("globex")
+    else:
+        later = tenant_jobs.without_tenant()
+    with later, refused(TenantMismatchError):
+        result.all()
+    db.session.expunge_all()
+    with tenant_jobs.switch("acme"):
+        plan = db.session.get(Plan, ids["basic"])
+        assert plan is not None and [order.label for order in plan.orders] == ["a1", "a2"]

@@ -507,6 +507,17 @@ def test_a_hostile_tenant_value_is_only_ever_a_value(jobs: TenantJobs, admin: sa
     assert len(every_row(admin)) == 3
 
 
+def test_a_tenant_holding_a_nul_character_reads_nothing(jobs: TenantJobs) -> None:
+    """Regression: past validation, ``acme\\x00`` reached PostgreSQL as ``acme`` (libpq
+    cuts text at a NUL), so SQL text read acme's rows. It is refused before any SQL."""
+    token = context.enter("acme\x00")  # past validation, as if a bug let it through
+    try:
+        with pytest.raises(InvalidTenantNameError), db.engine.connect() as connection:
+            connection.scalars(NOTES).all()
+    finally:
+        context.leave(token)
+
+
 def test_other_drivers_are_refused() -> None:
     """psycopg 3 only (libpq's pipeline mode); psycopg2 is not installed, so a stand-in."""
     engine = SimpleNamespace(

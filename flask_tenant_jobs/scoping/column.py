@@ -109,7 +109,12 @@ class TenantSession(_sqla.TokenChoosingSession):
     def _execute_internal(self, statement: t.Any, params: t.Any = None, **kwargs: t.Any) -> t.Any:
         """Every ORM execution; a SELECT the hook would only filter (an ORM ``select()``
         with no options of its own, or one filtered in this tenant before), executed with
-        no options, runs filtered under the tenant's token without the hook."""
+        no options, runs filtered under the tenant's token without the hook.
+
+        The token rides on the statement, as the hook puts it there: the loads that
+        follow a SELECT's rows (``selectinload``, ``subqueryload``, which may run once
+        the tenant has changed) inherit it, and the hook refuses them in another tenant.
+        """
         if (
             kwargs.get("_parent_execute_state") is None
             and not kwargs.get("_add_event")
@@ -122,7 +127,6 @@ class TenantSession(_sqla.TokenChoosingSession):
                 filtered = _filtered_in_advance(statement, tenant)
             if filtered is not None:
                 statement = filtered
-                kwargs["execution_options"] = _sqla.loading_under_token(tenant)
                 kwargs["_parent_execute_state"] = _sqla.NO_MORE_LISTENERS
         return super()._execute_internal(statement, params, **kwargs)
 
@@ -539,17 +543,14 @@ def _filtered_for(statement: t.Any, tenant: str) -> t.Any:
 
 
 def _filtered_in_advance(statement: t.Any, tenant: str) -> t.Any | None:
-    """The filtered form of ``statement``, where the hook would check nothing else of it in
-    ``tenant``: it was filtered in this tenant before, or it is an ORM ``select()`` that
-    names no identity token and is no refresh or lazy load (``_scope_select``'s checks)."""
+    """What the hook would make of ``statement`` in ``tenant``, where it would check
+    nothing else of it: it was filtered in this tenant before, or it is an ORM
+    ``select()`` that names no identity token and is no refresh or lazy load
+    (``_scope_select``'s checks)."""
     kept = _kept(statement)
-    if kept is not None and tenant in kept.by_tenant:
-        return kept.filtered
-    if not _sqla.is_plain_orm_select(statement):
-        return None
-    if kept is None:
-        kept = _keep(statement)
-    return kept.filtered
+    if (kept is not None and tenant in kept.by_tenant) or _sqla.is_plain_orm_select(statement):
+        return _filtered_for(statement, tenant)
+    return None
 
 
 def _kept(statement: t.Any) -> _Kept | None:
