@@ -530,15 +530,16 @@ def _filtered_for(statement: t.Any, tenant: str) -> t.Any:
     The token rides on the statement's execution options, so a statement reused
     in the same tenant (relationship loaders, kept statements) costs a lookup.
     """
-    kept = _kept(statement)
-    selected = None if kept is None else kept.by_tenant.get(tenant)
-    if selected is not None:
-        return selected
-    if kept is None:
-        kept = _keep(statement)
-    if len(kept.by_tenant) >= _TENANTS_PER_STATEMENT:
-        kept.by_tenant.clear()
-    selected = kept.by_tenant[tenant] = kept.filtered.execution_options(identity_token=tenant)
+    return _selected_in(_kept(statement) or _keep(statement), tenant)
+
+
+def _selected_in(kept: _Kept, tenant: str) -> t.Any:
+    """``kept``'s filtered SELECT with ``tenant``'s identity token, made once per tenant."""
+    selected = kept.by_tenant.get(tenant)
+    if selected is None:
+        if len(kept.by_tenant) >= _TENANTS_PER_STATEMENT:
+            kept.by_tenant.clear()
+        selected = kept.by_tenant[tenant] = kept.filtered.execution_options(identity_token=tenant)
     return selected
 
 
@@ -548,9 +549,10 @@ def _filtered_in_advance(statement: t.Any, tenant: str) -> t.Any | None:
     ``select()`` that names no identity token and is no refresh or lazy load
     (``_scope_select``'s checks)."""
     kept = _kept(statement)
-    if (kept is not None and tenant in kept.by_tenant) or _sqla.is_plain_orm_select(statement):
-        return _filtered_for(statement, tenant)
-    return None
+    selected = None if kept is None else kept.by_tenant.get(tenant)
+    if selected is not None or not _sqla.is_plain_orm_select(statement):
+        return selected
+    return _selected_in(kept or _keep(statement), tenant)
 
 
 def _kept(statement: t.Any) -> _Kept | None:
