@@ -372,10 +372,7 @@ class TenantJobs:
         """
         candidate = state.resolver(request._get_current_object())  # type: ignore[attr-defined]
         tenant = None if candidate is None else self._known_or_404(app, state, candidate)
-        if tenant is None or not signals.tenant_switched.receivers:
-            token = context.start(tenant)
-        else:
-            token = self._enter(tenant, starting=True)
+        token = context.start(None) if tenant is None else self._enter(tenant, starting=True)
         # one write for both names: each g.name = value is a call of g's __setattr__
         g._get_current_object().__dict__.update({"tenant": tenant, _REQUEST_TOKEN: token})
         if tenant is not None and signals.tenant_resolved.receivers:
