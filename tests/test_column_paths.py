@@ -990,6 +990,35 @@ def test_a_select_built_per_call_is_filtered_past_the_hook_in_its_tenant(
         assert a1.label == "a1" and sa.inspect(a1).identity_token == "acme"
 
 
+@pytest.mark.parametrize("past_the_hook", [True, False])
+def test_a_kept_statement_loads_its_objects_under_the_tenants_token(
+    tenant_jobs: TenantJobs, ids: Ids, past_the_hook: bool
+) -> None:
+    """A statement object executed again keys its objects by the current tenant's identity
+    token, past the execute hook as through it (another listener listening): each tenant's
+    ``get()`` finds its own objects in the identity map, and never another tenant's."""
+    kept = sa.select(Order).order_by(Order.label)
+
+    def note(state: t.Any) -> None:
+        pass
+
+    if not past_the_hook:
+        sa.event.listen(db.session, "do_orm_execute", note)
+    try:
+        for _ in range(2):
+            for tenant, labels in (("acme", ["a1", "a2"]), ("globex", ["g1"])):
+                with tenant_jobs.switch(tenant):
+                    orders = db.session.scalars(kept).all()
+                    assert [order.label for order in orders] == labels
+                    assert {sa.inspect(order).identity_token for order in orders} == {tenant}
+                    assert db.session.get(Order, sa.inspect(orders[0]).identity[0]) is orders[0]
+        with tenant_jobs.switch("globex"):
+            assert db.session.get(Order, ids["a1"]) is None
+    finally:
+        if not past_the_hook:
+            sa.event.remove(db.session, "do_orm_execute", note)
+
+
 @pytest.mark.parametrize("loader", [selectinload, subqueryload])
 @pytest.mark.parametrize("consumed_in", ["globex", "without_tenant"])
 @pytest.mark.parametrize("reused", [False, True])

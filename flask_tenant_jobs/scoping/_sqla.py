@@ -15,7 +15,9 @@ from copy import copy
 
 import sqlalchemy as sa
 from sqlalchemy.orm import ORMExecuteState, Session
+from sqlalchemy.orm.context import QueryContext
 from sqlalchemy.orm.state import InstanceState
+from sqlalchemy.util import immutabledict
 
 #: The strategy key of a ``with_expression()`` load element.
 _QUERY_EXPRESSION = (("query_expression", True),)
@@ -73,6 +75,27 @@ def is_plain_orm_select(statement: t.Any) -> bool:
         and statement._propagate_attrs.get("compile_state_plugin") == "orm"
         and not getattr(statement._compile_options, "_for_refresh_state", False)
     )
+
+
+#: Per identity token, the execution options of a load under it (bounded, see below).
+_loading_under: dict[t.Any, t.Any] = {}
+_TOKENS_KEPT = 4096
+
+
+def loading_under_token(token: t.Any) -> t.Mapping[str, t.Any]:
+    """Execution options that make an ORM load key its objects by ``token``.
+
+    The ORM's load options themselves (``_sa_orm_load_options``, what the
+    ``identity_token`` execution option is turned into at every execution), made
+    once per token: a kept statement then runs without that per-execution merge.
+    """
+    options = _loading_under.get(token)
+    if options is None:
+        if len(_loading_under) >= _TOKENS_KEPT:
+            _loading_under.clear()
+        load = QueryContext.default_load_options + {"_identity_token": token}
+        options = _loading_under[token] = immutabledict({"_sa_orm_load_options": load})
+    return options
 
 
 class _NoMoreListeners:

@@ -71,6 +71,10 @@ _PK_CHUNK = 500
 #: Where ``InstanceState.info`` keeps the tenant current when an object was added.
 _ADDED_IN = "flask_tenant_jobs.added_in"
 
+#: The execution option naming the tenant a kept filtered SELECT loads for; the loads
+#: that follow its rows (``selectinload``, ``subqueryload``) inherit it.
+_LOADED_IN = "flask_tenant_jobs_loaded_in"
+
 
 class TenantSession(_sqla.TokenChoosingSession):
     """Mixed into the session class of ``db``: identity-map lookups use the tenant's token.
@@ -111,9 +115,10 @@ class TenantSession(_sqla.TokenChoosingSession):
         with no options of its own, or one filtered in this tenant before), executed with
         no options, runs filtered under the tenant's token without the hook.
 
-        The token rides on the statement, as the hook puts it there: the loads that
-        follow a SELECT's rows (``selectinload``, ``subqueryload``, which may run once
-        the tenant has changed) inherit it, and the hook refuses them in another tenant.
+        The tenant rides on the statement (:data:`_LOADED_IN`): the loads that follow
+        a SELECT's rows (``selectinload``, ``subqueryload``, which may run once the
+        tenant has changed) inherit it, and the hook refuses them in another tenant.
+        The token is given as the ORM's load options, made once per tenant.
         """
         if (
             kwargs.get("_parent_execute_state") is None
@@ -127,6 +132,7 @@ class TenantSession(_sqla.TokenChoosingSession):
                 filtered = _filtered_in_advance(statement, tenant)
             if filtered is not None:
                 statement = filtered
+                kwargs["execution_options"] = _sqla.loading_under_token(tenant)
                 kwargs["_parent_execute_state"] = _sqla.NO_MORE_LISTENERS
         return super()._execute_internal(statement, params, **kwargs)
 
@@ -313,6 +319,7 @@ def _scope_select(state: ORMExecuteState, tenant: str) -> None:
         check_loaded_in_this_tenant(state.lazy_loaded_from)
     if not _prepared_by_get(state, tenant):
         state.statement = _filtered_for(state.statement, tenant)
+        state.update_execution_options(identity_token=tenant)
 
 
 def _scope_unfiltered_select(state: ORMExecuteState) -> None:
@@ -330,14 +337,16 @@ def _scope_unfiltered_select(state: ORMExecuteState) -> None:
 
 
 def _given_identity_token(state: ORMExecuteState) -> t.Any:
-    """The ``identity_token`` execution option given to the execution or the statement.
+    """The ``identity_token`` (or :data:`_LOADED_IN`) execution option given to the
+    execution or the statement.
 
     Read from both dictionaries: ``state.execution_options`` would merge them anew.
     """
-    token = state.local_execution_options.get("identity_token")
-    return token if token is not None else state.statement.get_execution_options().get(
-        "identity_token"
-    )
+    for options in (state.local_execution_options, state.statement.get_execution_options()):
+        token = options.get("identity_token", options.get(_LOADED_IN))
+        if token is not None:
+            return token
+    return None
 
 
 def _check_core_only(state: ORMExecuteState) -> None:
@@ -525,21 +534,21 @@ _TENANTS_PER_STATEMENT = 64
 
 
 def _filtered_for(statement: t.Any, tenant: str) -> t.Any:
-    """A filtered SELECT that loads objects under ``tenant``'s identity token.
+    """A filtered SELECT marked as loading for ``tenant`` (:data:`_LOADED_IN`).
 
-    The token rides on the statement's execution options, so a statement reused
-    in the same tenant (relationship loaders, kept statements) costs a lookup.
+    Kept per statement and tenant, so a statement reused in the same tenant
+    (relationship loaders, kept statements) costs a lookup.
     """
     return _selected_in(_kept(statement) or _keep(statement), tenant)
 
 
 def _selected_in(kept: _Kept, tenant: str) -> t.Any:
-    """``kept``'s filtered SELECT with ``tenant``'s identity token, made once per tenant."""
+    """``kept``'s filtered SELECT marked as loading for ``tenant``, made once per tenant."""
     selected = kept.by_tenant.get(tenant)
     if selected is None:
         if len(kept.by_tenant) >= _TENANTS_PER_STATEMENT:
             kept.by_tenant.clear()
-        selected = kept.by_tenant[tenant] = kept.filtered.execution_options(identity_token=tenant)
+        selected = kept.by_tenant[tenant] = kept.filtered.execution_options(**{_LOADED_IN: tenant})
     return selected
 
 
