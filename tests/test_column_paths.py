@@ -990,14 +990,18 @@ def test_a_select_built_per_call_is_filtered_past_the_hook_in_its_tenant(
         assert a1.label == "a1" and sa.inspect(a1).identity_token == "acme"
 
 
+@pytest.mark.parametrize("names_no_token", [False, True])
 @pytest.mark.parametrize("past_the_hook", [True, False])
 def test_a_kept_statement_loads_its_objects_under_the_tenants_token(
-    tenant_jobs: TenantJobs, ids: Ids, past_the_hook: bool
+    tenant_jobs: TenantJobs, ids: Ids, past_the_hook: bool, names_no_token: bool
 ) -> None:
     """A statement object executed again keys its objects by the current tenant's identity
     token, past the execute hook as through it (another listener listening): each tenant's
-    ``get()`` finds its own objects in the identity map, and never another tenant's."""
+    ``get()`` finds its own objects in the identity map, and never another tenant's.
+    Regression: a kept statement naming ``identity_token=None`` keyed them by no token."""
     kept = sa.select(Order).order_by(Order.label)
+    if names_no_token:
+        kept = kept.execution_options(identity_token=None)
 
     def note(state: t.Any) -> None:
         pass
@@ -1019,18 +1023,31 @@ def test_a_kept_statement_loads_its_objects_under_the_tenants_token(
             sa.event.remove(db.session, "do_orm_execute", note)
 
 
+@pytest.mark.parametrize("no_token_in", [None, "statement", "session"])
 @pytest.mark.parametrize("loader", [selectinload, subqueryload])
 @pytest.mark.parametrize("consumed_in", ["globex", "without_tenant"])
 @pytest.mark.parametrize("reused", [False, True])
 def test_loads_that_follow_a_selects_rows_keep_its_tenant(
-    tenant_jobs: TenantJobs, ids: Ids, loader: t.Any, consumed_in: str, reused: bool
+    tenant_jobs: TenantJobs,
+    ids: Ids,
+    loader: t.Any,
+    consumed_in: str,
+    reused: bool,
+    no_token_in: str | None,
 ) -> None:
     """Regression: a SELECT of a shared model run in acme, past the execute hook, whose
     rows were read once the tenant had changed, ran its ``selectinload`` or
     ``subqueryload`` of tenant rows in the new tenant (or unscoped) and filled acme's
     shared object with globex's orders. The follow-up load inherits the SELECT's
-    tenant, and is refused in another tenant as the hook refuses it."""
+    tenant, and is refused in another tenant as the hook refuses it; also where the
+    statement or the session names ``identity_token=None``, which the follow-up inherits
+    too (it hid the SELECT's tenant)."""
     statement = sa.select(Plan).options(loader(Plan.orders))
+    if no_token_in == "statement":
+        statement = statement.execution_options(identity_token=None)
+    elif no_token_in == "session":
+        session = db.session()
+        session.execution_options = session.execution_options.union({"identity_token": None})
     with tenant_jobs.switch("acme"):
         if reused:  # kept and filtered in acme before
             db.session.scalars(statement).all()

@@ -340,12 +340,14 @@ def _given_identity_token(state: ORMExecuteState) -> t.Any:
     """The ``identity_token`` (or :data:`_LOADED_IN`) execution option given to the
     execution or the statement.
 
-    Read from both dictionaries: ``state.execution_options`` would merge them anew.
+    Read from both dictionaries (``state.execution_options`` would merge them anew), and
+    past an ``identity_token=None``, which would hide the tenant a follow-up load inherits.
     """
     for options in (state.local_execution_options, state.statement.get_execution_options()):
-        token = options.get("identity_token", options.get(_LOADED_IN))
-        if token is not None:
-            return token
+        for key in ("identity_token", _LOADED_IN):
+            token = options.get(key)
+            if token is not None:
+                return token
     return None
 
 
@@ -548,8 +550,20 @@ def _selected_in(kept: _Kept, tenant: str) -> t.Any:
     if selected is None:
         if len(kept.by_tenant) >= _TENANTS_PER_STATEMENT:
             kept.by_tenant.clear()
-        selected = kept.by_tenant[tenant] = kept.filtered.execution_options(**{_LOADED_IN: tenant})
+        selected = kept.by_tenant[tenant] = kept.filtered.execution_options(
+            **_loading_options(kept.filtered, tenant)
+        )
     return selected
+
+
+def _loading_options(statement: t.Any, tenant: str) -> dict[str, str]:
+    """The execution options that mark ``statement``'s kept form as loading for ``tenant``;
+    a statement naming an ``identity_token`` of its own (``None`` included: it would win over
+    the load options the fast path gives) gets ``tenant``'s instead."""
+    options = {_LOADED_IN: tenant}
+    if "identity_token" in statement.get_execution_options():
+        options["identity_token"] = tenant
+    return options
 
 
 def _filtered_in_advance(statement: t.Any, tenant: str) -> t.Any | None:
