@@ -957,6 +957,35 @@ def test_a_reused_statement_stays_in_the_tenant_it_runs_in(tenant_jobs: TenantJo
         db.session.scalars(kept, execution_options={"identity_token": "globex"}).all()
 
 
+def test_a_statement_derived_from_a_kept_one_is_filtered_as_itself(
+    tenant_jobs: TenantJobs, ids: Ids
+) -> None:
+    """A statement keeps its filtered forms on itself; the statements derived from it
+    (``where()``, ``options()``, ``execution_options()``, ``params()``, an UPDATE's
+    ``where()``) are copies that must not inherit them, or they would run as their parent."""
+    kept = sa.select(Order.label).where(Order.label.like(sa.bindparam("pattern")))
+    update = sa.update(Order).values(status="held")
+    with tenant_jobs.switch("acme"):
+        for _ in range(2):
+            assert db.session.scalars(kept, {"pattern": "a%"}).all() == ["a1", "a2"]
+        derived = [
+            kept.where(Order.label == "a2"),
+            kept.execution_options(populate_existing=True).where(Order.label == "a2"),
+            kept.options(sa.orm.raiseload("*")).where(Order.label != "a1"),
+        ]
+        for statement in derived:
+            assert db.session.scalars(statement, {"pattern": "a%"}).all() == ["a2"]
+        assert db.session.scalars(kept.params(pattern="a2")).all() == ["a2"]
+        db.session.execute(update.where(Order.id == ids["a1"]))
+        db.session.execute(update.where(Order.id == ids["a2"]).values(status="done"))
+        statuses = dict(db.session.execute(sa.select(Order.label, Order.status)).all())
+        assert statuses == {"a1": "held", "a2": "done"}
+    with tenant_jobs.switch("globex"):
+        assert db.session.scalars(kept, {"pattern": "%"}).all() == ["g1"]
+        assert db.session.scalars(derived[0], {"pattern": "%"}).all() == []
+    db.session.rollback()
+
+
 def test_a_select_built_per_call_is_filtered_past_the_hook_in_its_tenant(
     tenant_jobs: TenantJobs, ids: Ids
 ) -> None:

@@ -77,6 +77,40 @@ def is_plain_orm_select(statement: t.Any) -> bool:
     )
 
 
+def with_added(
+    statement: t.Any, options: tuple[t.Any, ...], execution_options: t.Mapping[str, t.Any]
+) -> t.Any:
+    """A copy of ``statement`` with ``options`` added to its loader options and
+    ``execution_options`` to its execution options, in one copy.
+
+    ``options()`` then ``execution_options()`` would copy the statement twice; the copy
+    is made with ``_generate()`` and ``_with_options`` and ``_execution_options`` are set
+    on it, as those methods set them (``options`` are loader options already).
+    """
+    added = statement._generate()
+    added._with_options = statement._with_options + options
+    added._execution_options = statement._execution_options.union(execution_options)
+    return added
+
+
+def kept_on(statement: t.Any, key: str) -> t.Any:
+    """What :func:`keep_on` kept on ``statement`` under ``key``, or ``None``."""
+    return getattr(statement, "__dict__", {}).get(key)
+
+
+def keep_on(statement: t.Any, key: str, value: t.Any) -> None:
+    """Keep ``value`` on ``statement`` itself, for as long as the statement lives.
+
+    As a memoized attribute (``_set_memoized_attribute``): the copies SQLAlchemy makes
+    of a statement (``_generate()`` behind ``where()`` and the like, ``_clone()``) leave
+    those out, so a statement derived from this one never sees it. A lookup costs a
+    dictionary read, where a weak-keyed map would make a weak reference per lookup.
+    """
+    memoize = getattr(statement, "_set_memoized_attribute", None)
+    if memoize is not None:
+        memoize(key, value)
+
+
 #: Per identity token, the execution options of a load under it (bounded, see below).
 _loading_under: dict[t.Any, t.Any] = {}
 _TOKENS_KEPT = 4096

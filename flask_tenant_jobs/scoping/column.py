@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import typing as t
 from collections import defaultdict
-from contextlib import suppress
-from weakref import WeakKeyDictionary
 
 import sqlalchemy as sa
 from flask import Flask
@@ -481,7 +479,10 @@ def check_loaded_in_this_tenant(parent: InstanceState[t.Any]) -> None:
     )
 
 
-_filtered_statements: WeakKeyDictionary[t.Any, tuple[int, t.Any]] = WeakKeyDictionary()
+#: Where a statement keeps its filtered form (:func:`_filtered`).
+_FILTERED = "_flask_tenant_jobs_filtered"
+#: Where a SELECT keeps its filtered forms per tenant (:func:`_filtered_for`).
+_KEPT = "_flask_tenant_jobs_kept"
 
 
 def _filtered(statement: t.Any) -> t.Any:
@@ -490,20 +491,22 @@ def _filtered(statement: t.Any) -> t.Any:
     Reused statements (relationship loaders, statements kept by the application)
     are thus filtered once, not at every execution.
     """
-    with suppress(KeyError, TypeError):
-        generation, filtered = _filtered_statements[statement]
-        if generation == REGISTRY.generation:
-            return filtered
+    kept = _sqla.kept_on(statement, _FILTERED)
+    if kept is not None and kept[0] == REGISTRY.generation:
+        return kept[1]
     filtered = _with_criteria(statement)
-    with suppress(TypeError):  # a statement that cannot be weakly referenced is not kept
-        _filtered_statements[statement] = (REGISTRY.generation, filtered)
+    _sqla.keep_on(statement, _FILTERED, (REGISTRY.generation, filtered))
     return filtered
 
 
-def _with_criteria(statement: t.Any) -> t.Any:
-    """``statement`` with the tenant criteria (it may have them from ``get()`` or its parent)."""
-    if TENANT_CRITERIA not in _sqla.options_of(statement):
-        statement = statement.options(*REGISTRY.options)
+def _with_criteria(
+    statement: t.Any, execution_options: t.Mapping[str, t.Any] | None = None
+) -> t.Any:
+    """``statement`` with the tenant criteria (it may have them from ``get()`` or its parent)
+    and ``execution_options``, in one copy."""
+    criteria = () if TENANT_CRITERIA in _sqla.options_of(statement) else REGISTRY.options
+    if criteria or execution_options:
+        statement = _sqla.with_added(statement, criteria, execution_options or {})
     if statement.is_select:
         statement = scope_query_expressions(statement, _entity_tables)
     return statement
@@ -520,18 +523,16 @@ def _entity_tables(statement: t.Any) -> set[t.Any]:
 
 
 class _Kept:
-    """A statement's filtered SELECT, and its copies loading under recent tenants' tokens."""
+    """A SELECT's filtered forms, each loading for one of its recent tenants."""
 
-    __slots__ = ("by_tenant", "filtered", "generation")
+    __slots__ = ("by_tenant", "generation")
 
-    def __init__(self, filtered: t.Any) -> None:
+    def __init__(self) -> None:
         self.generation = REGISTRY.generation
-        self.filtered = filtered
         self.by_tenant: dict[str, t.Any] = {}
 
 
-#: Per statement, what :func:`_filtered_for` made of it (tenants per statement bounded).
-_kept_selects: WeakKeyDictionary[t.Any, _Kept] = WeakKeyDictionary()
+#: Filtered forms kept per statement, at most (the oldest tenants' dropped beyond).
 _TENANTS_PER_STATEMENT = 64
 
 
@@ -541,18 +542,18 @@ def _filtered_for(statement: t.Any, tenant: str) -> t.Any:
     Kept per statement and tenant, so a statement reused in the same tenant
     (relationship loaders, kept statements) costs a lookup.
     """
-    return _selected_in(_kept(statement) or _keep(statement), tenant)
+    return _selected_in(statement, _kept(statement) or _keep(statement), tenant)
 
 
-def _selected_in(kept: _Kept, tenant: str) -> t.Any:
-    """``kept``'s filtered SELECT marked as loading for ``tenant``, made once per tenant."""
+def _selected_in(statement: t.Any, kept: _Kept, tenant: str) -> t.Any:
+    """``statement`` filtered and marked as loading for ``tenant``, made once per tenant
+    and kept in ``kept``."""
     selected = kept.by_tenant.get(tenant)
     if selected is None:
         if len(kept.by_tenant) >= _TENANTS_PER_STATEMENT:
             kept.by_tenant.clear()
-        selected = kept.by_tenant[tenant] = kept.filtered.execution_options(
-            **_loading_options(kept.filtered, tenant)
-        )
+        selected = _with_criteria(statement, _loading_options(statement, tenant))
+        kept.by_tenant[tenant] = selected
     return selected
 
 
@@ -575,24 +576,20 @@ def _filtered_in_advance(statement: t.Any, tenant: str) -> t.Any | None:
     selected = None if kept is None else kept.by_tenant.get(tenant)
     if selected is not None or not _sqla.is_plain_orm_select(statement):
         return selected
-    return _selected_in(kept or _keep(statement), tenant)
+    return _selected_in(statement, kept or _keep(statement), tenant)
 
 
 def _kept(statement: t.Any) -> _Kept | None:
     """What :func:`_filtered_for` kept of ``statement``, if made since the last scoped model
     was mapped."""
-    try:  # get(), not []: most statements (built per call) are not kept, and cost no raise
-        kept = _kept_selects.get(statement)
-    except TypeError:  # a statement that cannot be weakly referenced is never kept
-        return None
+    kept: _Kept | None = _sqla.kept_on(statement, _KEPT)
     return kept if kept is not None and kept.generation == REGISTRY.generation else None
 
 
 def _keep(statement: t.Any) -> _Kept:
-    """Filter ``statement`` and keep its filtered form for its next executions."""
-    kept = _Kept(_with_criteria(statement))
-    with suppress(TypeError):  # a statement that cannot be weakly referenced is not kept
-        _kept_selects[statement] = kept
+    """A new place for ``statement``'s filtered forms, kept on it for its next executions."""
+    kept = _Kept()
+    _sqla.keep_on(statement, _KEPT, kept)
     return kept
 
 
