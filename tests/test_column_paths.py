@@ -11,7 +11,9 @@ plus one shared base row each).
 
 from __future__ import annotations
 
+import copy
 import gc
+import pickle
 import typing as t
 from contextlib import contextmanager
 
@@ -984,6 +986,24 @@ def test_a_statement_derived_from_a_kept_one_is_filtered_as_itself(
         assert db.session.scalars(kept, {"pattern": "%"}).all() == ["g1"]
         assert db.session.scalars(derived[0], {"pattern": "%"}).all() == []
     db.session.rollback()
+
+
+def test_a_statement_run_in_a_tenant_is_left_as_it_was(tenant_jobs: TenantJobs) -> None:
+    """The filtered forms of a statement are kept beside it, never in it: once run in a
+    tenant it still pickles and deep-copies outside any tenant, and a shallow copy changed
+    in place runs as itself. (Kept in the statement, they carried the tenant criteria,
+    whose lambda does not pickle and whose tenant parameter needs a tenant.)"""
+    shared = sa.select(Plan.__table__)
+    kept = sa.select(Order.label)
+    with tenant_jobs.switch("acme"):
+        db.session.execute(shared).all()
+        assert db.session.scalars(kept).all() == ["a1", "a2"]
+    assert str(pickle.loads(pickle.dumps(shared))) == str(shared)
+    assert str(copy.deepcopy(shared)) == str(shared)
+    changed = copy.copy(kept)
+    changed._where_criteria += (Order.label == "a2",)
+    with tenant_jobs.switch("acme"):
+        assert db.session.scalars(changed).all() == ["a2"]
 
 
 def test_a_select_built_per_call_is_filtered_past_the_hook_in_its_tenant(

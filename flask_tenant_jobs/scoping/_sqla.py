@@ -93,24 +93,6 @@ def with_added(
     return added
 
 
-def kept_on(statement: t.Any, key: str) -> t.Any:
-    """What :func:`keep_on` kept on ``statement`` under ``key``, or ``None``."""
-    return getattr(statement, "__dict__", {}).get(key)
-
-
-def keep_on(statement: t.Any, key: str, value: t.Any) -> None:
-    """Keep ``value`` on ``statement`` itself, for as long as the statement lives.
-
-    As a memoized attribute (``_set_memoized_attribute``): the copies SQLAlchemy makes
-    of a statement (``_generate()`` behind ``where()`` and the like, ``_clone()``) leave
-    those out, so a statement derived from this one never sees it. A lookup costs a
-    dictionary read, where a weak-keyed map would make a weak reference per lookup.
-    """
-    memoize = getattr(statement, "_set_memoized_attribute", None)
-    if memoize is not None:
-        memoize(key, value)
-
-
 #: Per identity token, the execution options of a load under it (bounded, see below).
 _loading_under: dict[t.Any, t.Any] = {}
 _TOKENS_KEPT = 4096

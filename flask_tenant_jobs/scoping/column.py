@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import typing as t
 from collections import defaultdict
+from contextlib import suppress
+from weakref import WeakKeyDictionary
 
 import sqlalchemy as sa
 from flask import Flask
@@ -479,10 +481,7 @@ def check_loaded_in_this_tenant(parent: InstanceState[t.Any]) -> None:
     )
 
 
-#: Where a statement keeps its filtered form (:func:`_filtered`).
-_FILTERED = "_flask_tenant_jobs_filtered"
-#: Where a SELECT keeps its filtered forms per tenant (:func:`_filtered_for`).
-_KEPT = "_flask_tenant_jobs_kept"
+_filtered_statements: WeakKeyDictionary[t.Any, tuple[int, t.Any]] = WeakKeyDictionary()
 
 
 def _filtered(statement: t.Any) -> t.Any:
@@ -491,11 +490,13 @@ def _filtered(statement: t.Any) -> t.Any:
     Reused statements (relationship loaders, statements kept by the application)
     are thus filtered once, not at every execution.
     """
-    kept = _sqla.kept_on(statement, _FILTERED)
-    if kept is not None and kept[0] == REGISTRY.generation:
-        return kept[1]
+    with suppress(KeyError, TypeError):
+        generation, filtered = _filtered_statements[statement]
+        if generation == REGISTRY.generation:
+            return filtered
     filtered = _with_criteria(statement)
-    _sqla.keep_on(statement, _FILTERED, (REGISTRY.generation, filtered))
+    with suppress(TypeError):  # a statement that cannot be weakly referenced is not kept
+        _filtered_statements[statement] = (REGISTRY.generation, filtered)
     return filtered
 
 
@@ -532,7 +533,8 @@ class _Kept:
         self.by_tenant: dict[str, t.Any] = {}
 
 
-#: Filtered forms kept per statement, at most (the oldest tenants' dropped beyond).
+#: Per statement, what :func:`_filtered_for` made of it (tenants per statement bounded).
+_kept_selects: WeakKeyDictionary[t.Any, _Kept] = WeakKeyDictionary()
 _TENANTS_PER_STATEMENT = 64
 
 
@@ -582,14 +584,18 @@ def _filtered_in_advance(statement: t.Any, tenant: str) -> t.Any | None:
 def _kept(statement: t.Any) -> _Kept | None:
     """What :func:`_filtered_for` kept of ``statement``, if made since the last scoped model
     was mapped."""
-    kept: _Kept | None = _sqla.kept_on(statement, _KEPT)
+    try:  # get(), not []: most statements (built per call) are not kept, and cost no raise
+        kept = _kept_selects.get(statement)
+    except TypeError:  # a statement that cannot be weakly referenced is never kept
+        return None
     return kept if kept is not None and kept.generation == REGISTRY.generation else None
 
 
 def _keep(statement: t.Any) -> _Kept:
-    """A new place for ``statement``'s filtered forms, kept on it for its next executions."""
+    """A new place for ``statement``'s filtered forms, kept for its next executions."""
     kept = _Kept()
-    _sqla.keep_on(statement, _KEPT, kept)
+    with suppress(TypeError):  # a statement that cannot be weakly referenced is not kept
+        _kept_selects[statement] = kept
     return kept
 
 
