@@ -47,6 +47,7 @@ from flask_tenant_jobs import (
     TenantMismatchError,
     TenantScoped,
 )
+from flask_tenant_jobs.scoping.column import UNSCOPED_TOKEN
 from flask_tenant_jobs.scoping.criteria import key_load
 
 from .core_app import make_app, tables
@@ -1004,6 +1005,33 @@ def test_a_statement_run_in_a_tenant_is_left_as_it_was(tenant_jobs: TenantJobs) 
     changed._where_criteria += (Order.label == "a2",)
     with tenant_jobs.switch("acme"):
         assert db.session.scalars(changed).all() == ["a2"]
+
+
+def test_objects_of_a_textual_from_statement_belong_to_their_tenant(
+    tenant_jobs: TenantJobs, ids: Ids
+) -> None:
+    """Regression: ``select(Order).from_statement(text(...))`` (SQL of the application's,
+    which no criteria reach) loaded its objects under no identity token, so another
+    tenant could lazy-load their relationships into them. They are keyed by the tenant
+    they were loaded in (the unscoped token in ``without_tenant()``), and another
+    tenant's token given to such a load is refused."""
+    textual = sa.select(Order).from_statement(
+        sa.text(f"SELECT * FROM {Order.__tablename__} WHERE label = :label")
+    )
+    with tenant_jobs.switch("acme"):
+        a1 = db.session.scalars(textual, {"label": "a1"}).one()
+        assert sa.inspect(a1).identity_token == "acme"
+        assert db.session.get(Order, ids["a1"]) is a1
+        with refused(TenantMismatchError):
+            db.session.scalars(
+                textual, {"label": "a1"}, execution_options={"identity_token": "globex"}
+            ).all()
+    with tenant_jobs.switch("globex"), refused(TenantMismatchError):
+        _ = a1.tags
+    db.session.expunge_all()
+    with tenant_jobs.without_tenant():
+        unscoped = db.session.scalars(textual, {"label": "a1"}).one()
+        assert sa.inspect(unscoped).identity_token == UNSCOPED_TOKEN
 
 
 def test_a_select_built_per_call_is_filtered_past_the_hook_in_its_tenant(

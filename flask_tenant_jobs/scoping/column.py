@@ -262,6 +262,8 @@ class ColumnStrategy:
 def scope_orm_execute(state: ORMExecuteState) -> None:
     """Filter an ORM statement to the current tenant, or refuse it with no tenant."""
     if not (state.is_select or state.is_update or state.is_delete or state.is_insert):
+        if state.is_from_statement:
+            _key_textual_load(state)
         return
     tenant = scoping_tenant()
     if tenant is not None:
@@ -288,6 +290,19 @@ def _scope_to_tenant(state: ORMExecuteState, tenant: str) -> None:
         _check_bulk_update(state, mapper, tenant)
     _check_core_only(state)
     state.statement = _filtered(state.statement)
+
+
+def _key_textual_load(state: ORMExecuteState) -> None:
+    """Key the objects of a ``from_statement()`` of ``text()`` (or of DML) by the tenant now.
+
+    Its SQL is the application's, which no criteria reach; its objects still belong to
+    the tenant they were loaded in, so they are never handed to another tenant (by
+    ``get()``) nor filled with another tenant's rows by a lazy load.
+    """
+    expected = _shared_token()
+    if expected is not None:
+        _checked_token("query", _given_identity_token(state), expected)
+        state.update_execution_options(identity_token=expected)
 
 
 def _scope_without_tenant(state: ORMExecuteState) -> None:
