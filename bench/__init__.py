@@ -15,6 +15,8 @@ import typing as t
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import sqlalchemy as sa
+
 Context = t.Callable[[], t.ContextManager[object]]
 #: Settings of every bench app with flask-tenant-jobs: the optional integrations that
 #: run per task or request (Prometheus metrics, the OpenTelemetry span attribute) off,
@@ -112,6 +114,14 @@ def format_table(rows: t.Sequence[Row]) -> str:
             f"| {row.ratio:.3f}x | {target} | {met} |"
         )
     return "\n".join(lines)
+
+
+def without_autovacuum(engine: t.Any, table: str) -> None:
+    """Keep PostgreSQL's autovacuum off ``table`` (a bench table filled just before): its
+    ANALYZE halfway through a row would change the query plan of one side's batches."""
+    if engine.dialect.name == "postgresql":
+        with engine.begin() as connection:
+            connection.execute(sa.text(f"ALTER TABLE {table} SET (autovacuum_enabled = false)"))
 
 
 def redis_reachable(url: str) -> bool:

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from flask_tenant_jobs import TenantJobs, TenantScoped
 
-from . import CORE_SETTINGS, Row, compare
+from . import CORE_SETTINGS, Row, compare, without_autovacuum
 
 TENANTS = [f"t{i:02d}" for i in range(10)]
 ROWS_PER_TENANT = 1000
@@ -75,11 +75,7 @@ def _app(db: SQLAlchemy, url: str, tenants: list[str] | None) -> Flask:
 def _fill(db: SQLAlchemy, model: type[t.Any]) -> None:
     db.drop_all()
     db.create_all()
-    if db.engine.dialect.name == "postgresql":  # no ANALYZE halfway through a side
-        with db.engine.begin() as connection:
-            connection.execute(
-                sa.text(f"ALTER TABLE {model.__tablename__} SET (autovacuum_enabled = false)")
-            )
+    without_autovacuum(db.engine, model.__tablename__)
     rows = [
         {"tenant_id": tenant, "bucket": i % BUCKETS, "name": f"{tenant}-{i}"}
         for tenant in TENANTS

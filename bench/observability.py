@@ -37,7 +37,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from flask_tenant_jobs import TenantJobs, TenantScoped, tenant_task
 
-from . import Row, compare
+from . import Row, compare, without_autovacuum
 from .core import POSTGRES_URL, postgres_reachable
 
 TENANTS = [f"t{i:02d}" for i in range(10)]
@@ -221,6 +221,7 @@ def _sql_rows(label: str, url: str, number: int) -> list[Row]:
     with plain.app_context():
         db.drop_all()
         db.create_all()
+        without_autovacuum(db.engine, Entry.__tablename__)
         with db.engine.begin() as connection:
             connection.execute(sa.insert(Entry.__table__), [
                 {"tenant_id": tenant, "bucket": i % 100}
