@@ -25,6 +25,7 @@ from flask import Flask
 from sentry_sdk.envelope import Envelope
 from sentry_sdk.integrations.celery import CeleryIntegration
 from sentry_sdk.integrations.flask import FlaskIntegration
+from sentry_sdk.integrations.logging import LoggingIntegration
 from sentry_sdk.transport import Transport
 
 from flask_tenant_jobs import current_tenant
@@ -66,7 +67,13 @@ def sentry(monkeypatch_module: pytest.MonkeyPatch) -> t.Iterator[None]:
     sentry_sdk.init(
         dsn="http://public@127.0.0.1:9/1",
         transport=CapturingTransport,
-        integrations=[FlaskIntegration(), CeleryIntegration()],
+        # error logs as events, as sentry-sdk 2 makes them by default (3 does not): the
+        # error of an errback run inside the failed task is only logged by Celery
+        integrations=[
+            FlaskIntegration(),
+            CeleryIntegration(),
+            LoggingIntegration(event_level=logging.ERROR),
+        ],
     )
     monkeypatch_module.setattr(consumer_module, "build_tracer", trace_module.build_tracer)
     try:
