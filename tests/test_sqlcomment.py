@@ -113,6 +113,23 @@ def test_orm_statements_carry_the_tenant(app: Flask, executed: list[str]) -> Non
     assert statements and all(statement.endswith(ACME) for statement in statements), executed
 
 
+def test_one_statement_carries_each_tenant_in_turn(app: Flask, executed: list[str]) -> None:
+    """The commented form of a statement is kept per tenant and statement: the same
+    statement run in acme, globex and with no tenant carries each one's comment, or none."""
+    statement = sa.select(sa.literal(1))
+    for tenant in ("acme", "globex", "acme", None, "globex"):
+        executed.clear()
+        if tenant is None:
+            db.session.execute(statement)
+            assert not any("/*" in s for s in executed), executed
+            continue
+        with tenant_jobs.switch(tenant):
+            db.session.execute(statement)
+        assert [s for s in _statements(executed) if "/*" in s] == [
+            _statements(executed)[0].split(" /*")[0] + f" /*tenant='{tenant}'*/"
+        ], executed
+
+
 def test_no_tenant_no_comment(app: Flask, executed: list[str]) -> None:
     with tenant_jobs.without_tenant():
         db.session.scalars(sa.select(Note)).all()

@@ -34,6 +34,9 @@ from .. import context
 KEY = "tenant"
 _PERCENT_PARAMSTYLES = frozenset({"format", "pyformat"})
 _MAX_CACHED_COMMENTS = 10_000
+#: Commented statements kept (per tenant and statement): the same string object each time,
+#: whose hash the drivers' statement caches then need not compute again.
+_MAX_CACHED_STATEMENTS = 2_000
 _commented_engines: WeakSet[Engine] = WeakSet()
 
 
@@ -83,27 +86,39 @@ def _commenting(run: t.Callable[..., None], comments: _Comments) -> t.Callable[.
     through ``run`` (the dialect's own method), or leaves it to SQLAlchemy with no tenant."""
 
     def execute(cursor: t.Any, statement: str, *rest: t.Any) -> bool:
-        comment = comments.current()
-        if comment is None:
+        commented = comments.on(statement)
+        if commented is None:
             return False
-        run(cursor, with_comment(statement, comment), *rest)
+        run(cursor, commented, *rest)
         return True
 
     return execute
 
 
 class _Comments:
-    """The comment of the current tenant, made once per tenant."""
+    """The comment of the current tenant, made once per tenant, and the statements with it."""
 
     def __init__(self, *, escape_percent: bool) -> None:
         self._escape_percent = escape_percent
         self._by_tenant: dict[str, str] = {}
+        self._statements: dict[tuple[str, str], str] = {}
 
-    def current(self) -> str | None:
-        """The comment for the current tenant, or ``None`` when no tenant is current."""
+    def on(self, statement: str) -> str | None:
+        """``statement`` with the current tenant's comment, or ``None`` with no tenant."""
         tenant = context.get_tenant()
         if tenant is None:
             return None
+        key = (tenant, statement)
+        commented = self._statements.get(key)
+        if commented is None:
+            if len(self._statements) >= _MAX_CACHED_STATEMENTS:
+                self._statements.clear()
+            commented = with_comment(statement, self._comment_for(tenant))
+            self._statements[key] = commented
+        return commented
+
+    def _comment_for(self, tenant: str) -> str:
+        """The comment for ``tenant``, made once."""
         comment = self._by_tenant.get(tenant)
         if comment is None:
             if len(self._by_tenant) >= _MAX_CACHED_COMMENTS:
