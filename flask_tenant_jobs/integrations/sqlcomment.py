@@ -33,7 +33,6 @@ from .. import context
 #: The sqlcommenter key.
 KEY = "tenant"
 _PERCENT_PARAMSTYLES = frozenset({"format", "pyformat"})
-_MAX_CACHED_COMMENTS = 10_000
 #: Commented statements kept (per tenant and statement): the same string object each time,
 #: whose hash the drivers' statement caches then need not compute again.
 _MAX_CACHED_STATEMENTS = 2_000
@@ -96,11 +95,10 @@ def _commenting(run: t.Callable[..., None], comments: _Comments) -> t.Callable[.
 
 
 class _Comments:
-    """The comment of the current tenant, made once per tenant, and the statements with it."""
+    """The statements run with the current tenant's comment, each made once per tenant."""
 
     def __init__(self, *, escape_percent: bool) -> None:
         self._escape_percent = escape_percent
-        self._by_tenant: dict[str, str] = {}
         self._statements: dict[tuple[str, str], str] = {}
 
     def on(self, statement: str) -> str | None:
@@ -113,18 +111,13 @@ class _Comments:
         if commented is None:
             if len(self._statements) >= _MAX_CACHED_STATEMENTS:
                 self._statements.clear()
-            commented = with_comment(statement, self._comment_for(tenant))
+            commented = with_comment(statement, self._comment(tenant))
             self._statements[key] = commented
         return commented
 
-    def _comment_for(self, tenant: str) -> str:
-        """The comment for ``tenant``, made once."""
-        comment = self._by_tenant.get(tenant)
-        if comment is None:
-            if len(self._by_tenant) >= _MAX_CACHED_COMMENTS:
-                self._by_tenant.clear()
-            comment = sql_comment(tenant)
-            if self._escape_percent:  # an encoded character is not a placeholder
-                comment = comment.replace("%", "%%")
-            self._by_tenant[tenant] = comment
+    def _comment(self, tenant: str) -> str:
+        """The comment for ``tenant``, escaped for the driver where it must be."""
+        comment = sql_comment(tenant)
+        if self._escape_percent:  # an encoded character is not a placeholder
+            comment = comment.replace("%", "%%")
         return comment
