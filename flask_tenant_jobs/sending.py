@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import typing as t
 from contextlib import nullcontext
+from functools import cache
 from weakref import WeakKeyDictionary
 
 from celery import Celery, Task
@@ -22,7 +23,7 @@ from celery.app import backends
 from celery.canvas import Signature
 from celery.utils import uuid
 from celery.utils.functional import maybe_list
-from flask import Flask, current_app, has_app_context
+from flask import Flask, has_app_context
 
 from . import context, limits, signals
 from .errors import ConfigurationError, NoTenantError
@@ -30,7 +31,12 @@ from .registry import validate_name
 from .results import tenant_backend_class
 from .settings import Settings
 from .signing import Signer, signature_header
-from .state import extension_of, find_extension
+from .state import current_tenant_app, extension_of
+
+if t.TYPE_CHECKING:
+    from .tasks import TenantTask
+
+    WrappedTask = t.Callable[[Celery, object, object], "tuple[TenantTask, object] | None"]
 
 DEFAULT_HEADER = "tenant_for_job"
 #: The ``broker_transport`` fair dispatch selects (see flask_tenant_jobs/fair/setup.py).
@@ -100,12 +106,11 @@ class TenantCelery(Celery):  # type: ignore[misc]
         holds its signature) carries the tenant that signature names, else the
         current one, like the tenant task itself. ``sent``: as in :func:`stamp_options`.
         """
-        from .tasks import TenantTask, wrapped_task  # tasks.py imports this module
-
-        task = self.tasks.get(name)
-        if isinstance(options.get("task_type"), TenantTask):
+        tenant_task_class, wrapped_task = _tasks_module_names()
+        if isinstance(options.get("task_type"), tenant_task_class):
             return options
-        if isinstance(task, TenantTask):
+        task = self.tasks.get(name)
+        if isinstance(task, tenant_task_class):
             return stamp_options(task, options, sent)
         wrapped = wrapped_task(self, name, kwargs)
         if wrapped is None:
@@ -115,6 +120,15 @@ class TenantCelery(Celery):  # type: ignore[misc]
         if tenant is not None and self.tenant_header not in headers:
             options = {**options, "headers": {**headers, self.tenant_header: tenant}}
         return stamp_options(inner, options, sent, sent_as=name)
+
+
+@cache
+def _tasks_module_names() -> tuple[type[TenantTask], WrappedTask]:
+    """``TenantTask`` and ``wrapped_task`` of :mod:`flask_tenant_jobs.tasks`, which imports
+    this module: imported on first use, once (an import statement per send is not free)."""
+    from .tasks import TenantTask, wrapped_task
+
+    return TenantTask, wrapped_task
 
 
 def make_celery(app: Flask, settings: Settings) -> TenantCelery:
@@ -149,8 +163,9 @@ def stamp_options(
     signal fires once). The caller's signatures are never changed: copies carry the
     tenant. Raises ``NoTenantError`` when there is no tenant to name.
     """
-    _require_tenant_celery(task)
-    header = header_name(task.app)
+    celery_app = task.app  # a property of Celery's Task: read once
+    _require_tenant_celery(task, celery_app)
+    header = header_name(celery_app)
     headers = dict(options.get("headers") or {})
     tenant = headers.get(header)
     if tenant is None:
@@ -158,10 +173,10 @@ def stamp_options(
         if tenant is None:
             raise NoTenantError(f"Sending the tenant task {task.name!r}", send_hint(header))
     else:
-        with app_context_of(task.app):
-            tenant = extension_of(flask_app_of(task.app)).validate(tenant)
+        with app_context_of(celery_app):
+            tenant = extension_of(flask_app_of(celery_app)).validate(tenant)
     headers[header] = tenant
-    signer = signer_of(task.app)
+    signer = signer_of(celery_app)
     if signer is not None:
         options = {**options, "task_id": options.get("task_id") or uuid()}
         headers[signature_header(header)] = signer.sign(
@@ -176,7 +191,7 @@ def stamp_options(
     }
     if sent and signals.task_enqueued.receivers:
         signals.task_enqueued.send(
-            flask_app_of(task.app), task=sent_as or task.name, tenant=tenant
+            flask_app_of(celery_app), task=sent_as or task.name, tenant=tenant
         )
     return {**options, **stamped, "headers": headers}
 
@@ -257,11 +272,9 @@ def find_flask_app(celery_app: Celery) -> Flask | None:
     """The Flask app of ``celery_app``: the one ``TenantJobs`` made it for; else the current
     app; else the app whose ``extensions["celery"]`` it is, or the only ``TenantJobs`` app
     (Flask's own Celery pattern, ``celery_init_app``). ``None`` when none or ambiguous."""
-    app = getattr(celery_app, "flask_app", None)
+    app = getattr(celery_app, "flask_app", None) or current_tenant_app()
     if app is not None:
         return t.cast(Flask, app)
-    if has_app_context() and find_extension() is not None:
-        return t.cast(Flask, current_app._get_current_object())  # type: ignore[attr-defined]
     apps = flask_apps()
     owners = [app for app in apps if app.extensions.get("celery") is celery_app]
     candidates = owners or apps
@@ -297,17 +310,14 @@ def app_context_of(celery_app: Celery) -> t.ContextManager[t.Any]:
     return nullcontext() if has_app_context() else flask_app_of(celery_app).app_context()
 
 
-def _require_tenant_celery(task: Task) -> None:
+def _require_tenant_celery(task: Task, celery_app: Celery) -> None:
     """Refuse to send or run a tenant task through a Celery app that no Flask app owns.
 
     Without ``app.config["CELERY"]`` (or Flask's own ``celery_init_app`` pattern, which
     sets ``app.extensions["celery"]``) the task would go to Celery's default app, which
     publishes to a broker on localhost, and no worker would restore its tenant.
     """
-    if has_app_context() and find_extension() is not None:
-        owner: Flask = current_app
-    else:
-        owner = flask_app_of(task.app)
+    owner = current_tenant_app() or flask_app_of(celery_app)
     if "celery" not in owner.extensions:
         raise ConfigurationError(
             f"The tenant task {task.name!r} has no Celery app to go through: set "

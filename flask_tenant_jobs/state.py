@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import typing as t
 
-from flask import Flask, current_app
+from flask import Flask, current_app, has_app_context
 
 from .errors import ConfigurationError
 
@@ -36,6 +36,15 @@ def find_extension(app: Flask | None = None) -> TenantJobs | None:
     """The ``TenantJobs`` of ``app`` (default: the current app), or ``None``."""
     extensions = (current_app if app is None else app).extensions
     return t.cast("TenantJobs | None", extensions.get(KEY))
+
+
+def current_tenant_app() -> Flask | None:
+    """The current Flask app when it uses ``TenantJobs``, else ``None`` (also with no app
+    context); one lookup of the current app, which is a proxy and not free."""
+    if not has_app_context():
+        return None
+    app = t.cast(Flask, current_app._get_current_object())  # type: ignore[attr-defined]
+    return app if KEY in app.extensions else None
 
 
 def extension_of(app: Flask | None = None) -> TenantJobs:

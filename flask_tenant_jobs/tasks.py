@@ -22,7 +22,7 @@ from celery import result as celery_result
 from celery.canvas import Signature
 from celery.result import allow_join_result
 
-from . import context, limits
+from . import context, limits, runs
 from .errors import ConfigurationError, NoTenantError
 from .results import TenantAsyncResult
 from .sending import (
@@ -41,12 +41,6 @@ CALL_HINT = (
     "call it inside 'tenant_jobs.switch(name)', or send it ('delay()', 'apply_async()', "
     "'map()', 'starmap()', 'chunks()'), which carries the current tenant to the worker."
 )
-#: Request attribute holding the tenant error the worker met when the task started.
-TENANT_ERROR = "_tenant_jobs_error"
-#: Request attribute the worker sets just before Celery's tracer calls the task: that
-#: call runs the body on the request the tracer pushed (see ``TenantTask.__call__``).
-TRACED_CALL = "_tenant_jobs_traced_call"
-
 
 class TenantTask(Task):  # type: ignore[misc]
     """Base class of tasks that run in the tenant they were sent from.
@@ -69,15 +63,15 @@ class TenantTask(Task):  # type: ignore[misc]
 
         Changed: the worker's call runs ``run()`` directly, as Celery does for tasks
         without a ``__call__``, instead of pushing the task and its request again."""
-        request = self.request
-        error = getattr(request, TENANT_ERROR, None)
-        if error is not None:
-            raise error
+        run = runs.current()
+        if run is not None and run.error is not None:
+            raise run.error  # this run's tenant (or its wrapper task's) was refused
         if context.get_tenant() is None:
-            raise _no_tenant_to_run(self)
-        if request.__dict__.pop(TRACED_CALL, False):
+            raise NoTenantError(f"Running the tenant task {self.name!r}", CALL_HINT)
+        if run is not None and run.call_pending and run.task is self:
             # the tracer's own call: it pushed this task and its request already, as it
             # does before calling ``run()`` of a task with no ``__call__`` of its own
+            run.call_pending = False
             return self.run(*args, **kwargs)
         return super().__call__(*args, **kwargs)
 
@@ -198,13 +192,3 @@ def _called_from_celery() -> bool:
     task or freezing a canvas), two frames up."""
     caller = sys._getframe(2).f_globals.get("__name__", "")
     return isinstance(caller, str) and caller.startswith("celery.")
-
-
-def _no_tenant_to_run(task: TenantTask) -> Exception:
-    """Why ``task``'s body may not run now: the error its wrapper task (``celery.map``...)
-    met restoring the tenant, else ``NoTenantError``."""
-    runner = task.app.current_worker_task
-    error = getattr(getattr(runner, "request", None), TENANT_ERROR, None)
-    if isinstance(error, Exception):
-        return error
-    return NoTenantError(f"Running the tenant task {task.name!r}", CALL_HINT)

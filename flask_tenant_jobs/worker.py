@@ -45,7 +45,7 @@ from celery.worker.control import control_command
 from flask import Flask
 from flask.ctx import AppContext
 
-from . import context, registry, signals
+from . import context, registry, runs, signals
 from .errors import (
     ConfigurationError,
     NoTenantError,
@@ -65,34 +65,26 @@ from .sending import (
 )
 from .signing import Signer, signature_header
 from .state import extension_of
-from .tasks import TENANT_ERROR, TRACED_CALL, TenantTask, wrapped_task
+from .tasks import TenantTask, wrapped_task
 
 if t.TYPE_CHECKING:
     from .extension import TenantJobs
 
-_RESTORE = "_tenant_jobs_restore"
 #: A worker meeting an unknown tenant reads the tenant source again, at most this often.
 MISS_RELOAD_SECONDS = 1.0
 #: The remote-control command that makes every worker read its tenant names again.
 REFRESH_COMMAND = "tenant_jobs_refresh"
 
 
-class _Restore(t.NamedTuple):
-    """What ``task_prerun`` set up for one task, for ``task_postrun`` to undo."""
-
-    app_context: AppContext
-    entered: context.Entered
-
-
 class _Unfinished(t.NamedTuple):
-    """A task's restore kept past ``task_postrun`` for Celery's second handler round."""
+    """A task's run kept past ``task_postrun`` for Celery's second handler round."""
 
     task: Task
-    restore: _Restore
+    run: runs.Run
     round_started: bool
 
 
-#: Per thread and greenlet: the restore kept for Celery's second round of handlers.
+#: Per thread and greenlet: the run kept for Celery's second round of handlers.
 _UNFINISHED: ContextVar[_Unfinished | None] = ContextVar(
     "flask_tenant_jobs.unfinished", default=None
 )
@@ -124,7 +116,11 @@ def header_of_request(request: t.Any, name: str) -> object:
 
 
 def _restore_tenant(
-    sender: Task | None = None, task: Task | None = None, kwargs: t.Any = None, **_: t.Any
+    sender: Task | None = None,
+    task_id: object = None,
+    task: Task | None = None,
+    kwargs: t.Any = None,
+    **_: t.Any,
 ) -> None:
     """Push the app context and enter the task's tenant (none for plain tasks)."""
     task = task or sender
@@ -137,52 +133,55 @@ def _restore_tenant(
     if not isinstance(celery_app, TenantCelery) and not is_tenant_task:
         return  # a plain task of a Celery app this library did not make: not ours
     flask_app = find_flask_app(celery_app)
-    request = task.request
     if flask_app is None:
-        setattr(request, TENANT_ERROR, _no_flask_app(celery_app))
+        runs.begin(runs.Run(task, task_id, error=_no_flask_app(celery_app)))
         return
     app_context = flask_app.app_context()
     app_context.push()
-    tenant = None
+    tenant = error = None
     if is_tenant_task:
         try:
-            tenant = _restorable_tenant(task, request, flask_app, wrapped)
-        except Exception as error:  # also a failing tenant source or database: Celery
-            setattr(request, TENANT_ERROR, error)  # would only log it and run the body
-    setattr(request, _RESTORE, _Restore(app_context, context.start(tenant)))
-    if isinstance(task, TenantTask):
-        setattr(request, TRACED_CALL, True)  # the tracer calls the task next
+            tenant = _restorable_tenant(task, task.request, flask_app, wrapped)
+        except Exception as raised:  # also a failing tenant source or database: Celery
+            error = raised  # would only log it and run the body
+    # the tracer calls a TenantTask next: that call runs the body (TenantTask.__call__)
+    call_pending = isinstance(task, TenantTask)
+    entered = context.start(tenant)
+    runs.begin(runs.Run(task, task_id, app_context, entered, error, call_pending))
     if tenant is not None and signals.task_tenant_restored.receivers:
         signals.task_tenant_restored.send(flask_app, task=task.name, tenant=tenant)
 
 
-def _reset_tenant(sender: Task | None = None, task: Task | None = None, **_: t.Any) -> None:
+def _reset_tenant(
+    sender: Task | None = None, task_id: object = None, task: Task | None = None, **_: t.Any
+) -> None:
     """Restore the previous tenant and pop the app context, whatever the task did.
 
     When an error is leaving Celery's tracer (a handler raised), Celery runs the
-    failure handlers again after this: the restore is kept for that round.
+    failure handlers again after this: the run is kept for that round.
     """
     task = task or sender
-    request = getattr(task, "request", None)
-    restore = getattr(request, _RESTORE, None)
-    if restore is None:
+    run = runs.current()
+    if run is None or run.task is not task or run.task_id != task_id:
         return
-    delattr(request, _RESTORE)
-    if _handlers_run_again(request):
-        _UNFINISHED.set(_Unfinished(t.cast(Task, task), restore, round_started=False))
+    runs.end(run)
+    if run.app_context is None:
         return
-    _undo(restore)
+    if _handlers_run_again(t.cast(Task, task)):
+        _UNFINISHED.set(_Unfinished(t.cast(Task, task), run, round_started=False))
+        return
+    _undo(run)
 
 
-def _handlers_run_again(request: t.Any) -> bool:
+def _handlers_run_again(task: Task) -> bool:
     """Whether Celery's tracer will run the failure handlers again after ``task_postrun``:
-    an error (not ``Reject``) is propagating out of its handlers, and the run (``request``)
+    an error (not ``Reject``) is propagating out of its handlers, and the run of ``task``
     is not eager (eager runs raise it to the caller instead)."""
     error = sys.exc_info()[1]
     return (
         isinstance(error, Exception)
         and not isinstance(error, (Reject, MemoryError))
-        and not getattr(request, "is_eager", False)
+        and not getattr(task.request, "is_eager", False)
     )
 
 
@@ -199,23 +198,24 @@ def _second_round_started(sender: Task | None = None, **_: t.Any) -> None:
 
 
 def _second_round_ended(sender: Task | None = None, **_: t.Any) -> None:
-    """``task_failure``: the second handler round is over; undo the kept restore."""
+    """``task_failure``: the second handler round is over; undo the kept run."""
     unfinished = _UNFINISHED.get()
     if unfinished is not None and unfinished.task is sender and unfinished.round_started:
         _finish_unfinished()
 
 
 def _finish_unfinished() -> None:
-    """Undo a restore kept for a second handler round, if there is one."""
+    """Undo a run kept for a second handler round, if there is one."""
     unfinished = _UNFINISHED.get()
     if unfinished is not None:
         _UNFINISHED.set(None)
-        _undo(unfinished.restore)
+        _undo(unfinished.run)
 
 
-def _undo(restore: _Restore) -> None:
-    context.leave(restore.entered)
-    restore.app_context.pop()
+def _undo(run: runs.Run) -> None:
+    """Leave the run's tenant and pop its app context."""
+    context.leave(t.cast(context.Entered, run.entered))
+    t.cast(AppContext, run.app_context).pop()
 
 
 def _no_flask_app(celery_app: Celery) -> ConfigurationError:
