@@ -107,6 +107,17 @@ def observe_task(self: Task, label: t.Any = None) -> dict[str, t.Any]:
 
 
 @tenant_task(bind=True)
+def observe_around_a_nested_run(self: Task, other_tenant: str) -> dict[str, t.Any]:
+    """Run ``observe_task`` in place in ``other_tenant`` (``apply()``: a run inside this
+    run) and call it directly, then observe again: what this task sees before and after."""
+    before = observe(self, "before")
+    nested = observe_task.apply(("nested",), headers={"tenant_for_job": other_tenant}).result
+    called = observe_task("called")
+    return {"before": before, "nested": nested, "called": called,
+            "after": observe(self, "after"), "app_context": has_app_context()}
+
+
+@tenant_task(bind=True)
 def write_seen(self: Task, label: str) -> dict[str, t.Any]:
     """Write a row in the task's tenant and report every tenant_id it can read back."""
     db.session.add(Seen(label=label, believed=current_tenant()))

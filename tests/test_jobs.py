@@ -52,6 +52,7 @@ from flask_tenant_jobs import (
     TenantJobs,
     TenantNotFoundError,
     current_tenant,
+    runs,
 )
 from flask_tenant_jobs import worker as worker_module
 from flask_tenant_jobs.context import is_unscoped
@@ -77,6 +78,7 @@ from .jobs_app import (
     ignore,
     leak_unscoped,
     log_tenant,
+    observe_around_a_nested_run,
     observe_task,
     plain_observe,
     plain_scoping,
@@ -236,6 +238,7 @@ def jobs_mode(
             task is not None
             and task.app is celery_app
             and (threading.current_thread() is not threading.main_thread())
+            and runs.current() is None  # not a run inside another task's (see its test)
         ):
             jobs.worker_after.append((task.name, current_tenant(), has_app_context()))
 
@@ -1316,6 +1319,24 @@ def test_failure_handlers_after_a_raising_on_retry_keep_the_tenant(jobs: Jobs) -
     expected = ["on_retry"] if jobs.eager else ["on_retry", "on_failure"]
     assert [kind for kind, _, _ in RAISING_HANDLER_CALLS][: len(expected)] == expected
     assert {(tenant, ctx) for _, tenant, ctx in RAISING_HANDLER_CALLS} == {("initech", True)}
+
+
+# -- runs inside runs ------------------------------------------------------------------------
+
+
+def test_a_run_in_place_inside_a_task_gives_the_task_its_tenant_back(jobs: Jobs) -> None:
+    """A tenant task run with ``apply()`` inside another task's body is a run of its own,
+    in its own tenant; when it ends, the outer task has its tenant, request and app
+    context back, and a direct call of a tenant task runs in the outer task's tenant."""
+    with jobs.ext.switch("acme"):
+        seen = wait(observe_around_a_nested_run.delay("globex"))
+    assert seen["before"] == {"task": "observe_around_a_nested_run", "tenant": "acme",
+                              "header": "acme", "label": "before"}
+    assert (seen["nested"]["tenant"], seen["nested"]["header"]) == ("globex", "globex")
+    assert (seen["called"]["tenant"], seen["called"]["label"]) == ("acme", "called")
+    assert seen["after"] == {**seen["before"], "label": "after"}
+    assert seen["app_context"] is True
+    assert_next_plain_task_sees_no_tenant(jobs)
 
 
 # -- the unscoped flag ends with its task ---------------------------------------------------
