@@ -1339,6 +1339,22 @@ def test_a_run_in_place_inside_a_task_gives_the_task_its_tenant_back(jobs: Jobs)
     assert_next_plain_task_sees_no_tenant(jobs)
 
 
+def test_message_headers_cannot_reach_the_workers_own_state(jobs: Jobs) -> None:
+    """Celery makes every message header an attribute of the task's request, where the
+    worker used to keep a run's state (the tenant error, the restore, the tracer's
+    call): headers named like those made a tenant task fail with a ``TypeError`` and a
+    plain task's ``task_postrun`` raise. The run's state lives elsewhere now."""
+    forged = {"_tenant_jobs_error": "forged", "_tenant_jobs_traced_call": True,
+              "_tenant_jobs_restore": ["forged"]}
+    with jobs.ext.switch("acme"):
+        seen = wait(deliver_unchecked(jobs, "tests.jobs_app.observe_task", ("forged",),
+                                      headers={**forged, HEADER: "acme"}))
+    assert_observed(seen, "acme", "forged")
+    plain = wait(plain_observe.apply_async(("forged",), headers=forged))
+    assert_observed(plain, None, "forged")
+    assert_next_plain_task_sees_no_tenant(jobs)
+
+
 # -- the unscoped flag ends with its task ---------------------------------------------------
 
 
