@@ -19,6 +19,7 @@ from flask import Flask
 from sqlalchemy import event
 
 from flask_tenant_jobs import context
+from flask_tenant_jobs.integrations import sqlcomment
 from flask_tenant_jobs.integrations.sqlcomment import sql_comment, with_comment
 
 from . import observability_app
@@ -387,3 +388,18 @@ def test_schema_strategy(schema_app: Flask) -> None:
     statements = [s for s in RECORDED if s not in set_paths]
     assert set_paths and not any("/*" in s for s in set_paths), set_paths
     assert statements and all(s.endswith("'*/") for s in statements), statements
+
+
+def test_the_commented_statements_kept_are_bounded() -> None:
+    """Each tenant's commented statements are kept (the same string object at each
+    execution), at most ``_MAX_CACHED_STATEMENTS`` in all, whatever SQL an app runs."""
+    comments = sqlcomment._Comments(escape_percent=False)
+    limit = sqlcomment._MAX_CACHED_STATEMENTS
+    first = comments.commented("acme", "SELECT 0")
+    assert comments.kept["acme"]["SELECT 0"] is first
+    for i in range(limit + 10):
+        comments.commented("acme" if i % 2 else "globex", f"SELECT {i}")
+        assert sum(len(kept) for kept in comments.kept.values()) <= limit
+    assert comments.kept["globex"][f"SELECT {limit + 8}"] == (
+        f"SELECT {limit + 8}" + sql_comment("globex")
+    )

@@ -83,36 +83,43 @@ def _listen(engine: Engine) -> None:
 def _commenting(run: t.Callable[..., None], comments: _Comments) -> t.Callable[..., bool]:
     """A ``do_execute*`` hook that runs the statement with the current tenant's comment
     through ``run`` (the dialect's own method), or leaves it to SQLAlchemy with no tenant."""
+    kept = comments.kept
 
     def execute(cursor: t.Any, statement: str, *rest: t.Any) -> bool:
-        commented = comments.on(statement)
-        if commented is None:
+        tenant = context.get_tenant()
+        if tenant is None:
             return False
-        run(cursor, commented, *rest)
+        # the commented statement of before, the same string object: inline, since this
+        # runs for every statement (a call here costs a tenth of the comment's price)
+        commented = kept.get(tenant, _NONE_KEPT).get(statement)
+        run(cursor, commented or comments.commented(tenant, statement), *rest)
         return True
 
     return execute
 
 
+#: What ``_Comments.kept`` holds for a tenant none of whose statements ran yet.
+_NONE_KEPT: t.Final[dict[str, str]] = {}
+
+
 class _Comments:
-    """The statements run with the current tenant's comment, each made once per tenant."""
+    """The statements run with each tenant's comment, each made once per tenant."""
 
     def __init__(self, *, escape_percent: bool) -> None:
         self._escape_percent = escape_percent
-        self._statements: dict[tuple[str, str], str] = {}
+        #: tenant -> statement -> the statement with that tenant's comment
+        self.kept: dict[str, dict[str, str]] = {}
+        self._count = 0
 
-    def on(self, statement: str) -> str | None:
-        """``statement`` with the current tenant's comment, or ``None`` with no tenant."""
-        tenant = context.get_tenant()
-        if tenant is None:
-            return None
-        key = (tenant, statement)
-        commented = self._statements.get(key)
-        if commented is None:
-            if len(self._statements) >= _MAX_CACHED_STATEMENTS:
-                self._statements.clear()
-            commented = with_comment(statement, self._comment(tenant))
-            self._statements[key] = commented
+    def commented(self, tenant: str, statement: str) -> str:
+        """``statement`` with ``tenant``'s comment, made now and kept (at most
+        ``_MAX_CACHED_STATEMENTS`` in all: all are forgotten when that is reached)."""
+        if self._count >= _MAX_CACHED_STATEMENTS:
+            self.kept.clear()
+            self._count = 0
+        commented = with_comment(statement, self._comment(tenant))
+        self.kept.setdefault(tenant, {})[statement] = commented
+        self._count += 1
         return commented
 
     def _comment(self, tenant: str) -> str:
