@@ -160,15 +160,15 @@ def _reset_tenant(
     When an error is leaving Celery's tracer (a handler raised), Celery runs the
     failure handlers again after this: the run is kept for that round.
     """
-    task = task or sender
     run = runs.current()
-    if run is None or run.task is not task or run.task_id != task_id:
+    if run is None or run.task is not (task or sender) or run.task_id != task_id:
         return
     runs.end(run)
     if run.app_context is None:
         return
-    if _handlers_run_again(t.cast(Task, task)):
-        _UNFINISHED.set(_Unfinished(t.cast(Task, task), run, round_started=False))
+    ran = t.cast(Task, run.task)
+    if _handlers_run_again(ran):
+        _UNFINISHED.set(_Unfinished(ran, run, round_started=False))
         return
     _undo(run)
 
@@ -232,8 +232,9 @@ def _restorable_tenant(
 ) -> str:
     """The tenant of ``task``'s ``request``, its signature checked (signing on) and the name
     validated; raises ``TenantSignatureError``, ``NoTenantError`` or ``TenantNotFoundError``."""
-    header = header_name(task.app)
-    signer = signer_of(task.app)
+    celery_app = task.app  # a property of Celery's Task: read once
+    header = header_name(celery_app)
+    signer = signer_of(celery_app)
     raw = tenant_of_request(request, header)
     if raw is not None and signer is not None:
         signature = header_of_request(request, signature_header(header))
